@@ -1,0 +1,276 @@
+"""Read and write Hugging Face safetensors checkpoints.
+
+A checkpoint directory holds ``config.json``, one ``model.safetensors`` or
+several ``model-0000i-of-0000N.safetensors`` shards with a
+``model.safetensors.index.json`` (``metadata.total_size`` + ``weight_map``),
+and side files (tokenizer, chat template, ``generation_config.json``).
+
+Only safetensors are read: nothing here unpickles anything. Tensors are read
+lazily through ``safetensors.safe_open``, one shard at a time. Outputs are
+written into a temporary sibling directory and renamed into place at the end
+(:func:`atomic_output_dir`), so a failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or adapter file is missing, truncated, inconsistent or not safetensors."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Header facts of one stored tensor: its shard file, dtype and shape."""
+
+    shard: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse the JSON header of a safetensors file without reading tensor data.
+
+    Returns:
+        The header dict (tensor name -> {"dtype", "shape", "data_offsets"}, plus
+        ``__metadata__``).
+
+    Raises:
+        CheckpointError: the file is not safetensors (e.g. a pickle), its header
+            is malformed, or it is shorter than the header says (truncated).
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or n > min(size - 8, 100_000_000):
+            raise CheckpointError(
+                f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file; "
+                "pickle .bin/.pt files are refused, convert them to safetensors)"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated: the header declares {8 + n + end} bytes, the file has {size}")
+    return header
+
+
+def tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    """Name -> :class:`TensorInfo` for every tensor of one safetensors file (header only)."""
+    out = {}
+    for name, v in read_safetensors_header(path).items():
+        if name == "__metadata__":
+            continue
+        if v["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {v['dtype']}")
+        out[name] = TensorInfo(path.name, _ST_DTYPES[v["dtype"]], tuple(v["shape"]))
+    return out
+
+
+def open_safetensors(path: Path):
+    """``safe_open`` with a clear error for non-safetensors and truncated files."""
+    read_safetensors_header(path)
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot open as safetensors: {e}") from e
+
+
+class Checkpoint:
+    """A Hugging Face safetensors checkpoint directory, read lazily.
+
+    Attributes:
+        path: the directory.
+        config: the parsed ``config.json``.
+        shards: shard file names in index order (one name for a single file).
+        tensors: tensor name -> :class:`TensorInfo` from the shard headers.
+        sharded: True when an index file is present.
+
+    Raises:
+        CheckpointError: no config.json, no safetensors weights (e.g. only
+            pickle ``pytorch_model.bin``), an index naming missing shards or
+            tensors absent from them, or a malformed shard.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        cfg = self.path / "config.json"
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: checkpoint directory not found")
+        if not cfg.is_file():
+            raise CheckpointError(f"{self.path}: no config.json; expected a Hugging Face checkpoint directory")
+        try:
+            self.config: dict = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg}: not valid JSON: {e}") from e
+        index = self.path / INDEX_FILE
+        self.index: dict | None = None
+        if index.is_file():
+            try:
+                self.index = json.loads(index.read_text())
+                weight_map: dict[str, str] = self.index["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: malformed index (expected a JSON object with 'weight_map'): {e}") from e
+            self.shards = list(dict.fromkeys(weight_map.values()))
+        elif (self.path / SINGLE_FILE).is_file():
+            weight_map = {}
+            self.shards = [SINGLE_FILE]
+        else:
+            found = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+            hint = f" (found {found}: pickle files are not read; convert them to safetensors)" if found else ""
+            raise CheckpointError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        self.sharded = self.index is not None
+        self.tensors: dict[str, TensorInfo] = {}
+        for shard in self.shards:
+            p = self.path / shard
+            if not p.is_file():
+                raise CheckpointError(f"{index}: names shard {shard}, which is not in {self.path}")
+            self.tensors.update(tensor_infos(p))
+        missing = [k for k, s in weight_map.items() if k not in self.tensors or self.tensors[k].shard != s]
+        if missing:
+            raise CheckpointError(f"{index}: {len(missing)} tensors of the weight_map are not in their shard, e.g. {missing[:3]}")
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """``tie_word_embeddings`` of the config (transformers' default: True)."""
+        return bool(self.config.get("tie_word_embeddings", True))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the floating-point weights (the most common one by element count)."""
+        counts: dict[torch.dtype, int] = {}
+        for t in self.tensors.values():
+            if t.dtype.is_floating_point:
+                n = 1
+                for d in t.shape:
+                    n *= d
+                counts[t.dtype] = counts.get(t.dtype, 0) + n
+        if not counts:
+            raise CheckpointError(f"{self.path}: no floating-point tensors")
+        return max(counts, key=counts.get)
+
+    def shard_tensors(self, shard: str) -> list[str]:
+        """Names of the tensors stored in one shard, in file order."""
+        return [k for k, v in self.tensors.items() if v.shard == shard]
+
+    def read_shard(self, shard: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) for one shard, lazily through ``safe_open``."""
+        with open_safetensors(self.path / shard) as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor by name (opens only its shard)."""
+        with open_safetensors(self.path / self.tensors[name].shard) as f:
+            return f.get_tensor(name)
+
+    def side_files(self) -> list[Path]:
+        """Non-weight files to copy into a derived checkpoint (tokenizer, templates, generation config, ...)."""
+        skip = {INDEX_FILE, "config.json", "d2serve_merge.json"}
+        return sorted(
+            p for p in self.path.iterdir() if p.is_file() and p.name not in skip and not p.name.endswith(_WEIGHT_SUFFIXES)
+        )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
+    """Set both ``torch_dtype`` (transformers < 5) and ``dtype`` (transformers >= 5) in a config dict."""
+    name = str(dtype).removeprefix("torch.")
+    config["torch_dtype"] = name
+    config["dtype"] = name
+
+
+def prepare_output_dir(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse an output directory that is non-empty (without ``overwrite``) or that is one of the inputs.
+
+    Raises:
+        FileExistsError: ``out`` exists, is not empty, and ``overwrite`` is False.
+        ValueError: ``out`` is (or contains, or lies inside) an input directory.
+    """
+    out_r = out.resolve()
+    for inp in inputs:
+        inp_r = Path(inp).resolve()
+        if out_r == inp_r or inp_r in out_r.parents or out_r in inp_r.parents:
+            raise ValueError(f"output {out} overlaps the input {inp}; inputs are never modified, choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out``; rename it to ``out`` on success, delete it on error.
+
+    Raises:
+        FileExistsError: ``out`` is non-empty and ``overwrite`` is False (checked
+            before any work and again before the final rename).
+    """
+    out = Path(out)
+    prepare_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite and (not out.is_dir() or any(out.iterdir())):
+                raise FileExistsError(f"{out} appeared while writing; pass --overwrite to replace it")
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON with indentation and a trailing newline."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
