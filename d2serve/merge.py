@@ -1,0 +1,247 @@
+"""The streaming merge engine: base shards x adapter method -> merged HF checkpoint + manifest.
+
+The engine reads the base one safetensors shard at a time, replaces each
+adapted weight with ``method.merged_weight`` (looked up in the registry; the
+engine knows no formula) computed in float64, checks it is finite, casts it
+once to the output dtype, and writes the shard under the same name. Peak memory
+is about one shard (in and out) plus the adapter, never the whole model.
+
+The output is a complete HF checkpoint written into a temporary directory and
+renamed into place at the end: config (no ``quantization_config``, ``dtype``
+matching the tensors), the same shard layout and a consistent index, every
+side file of the base (tokenizer, chat template, generation_config), and a
+manifest ``d2serve_merge.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from d2serve import __version__
+from d2serve.adapters.io import Adapter, load_adapter, match_to_base
+from d2serve.adapters.methods import MergeMathError, get_method, row_norm
+from d2serve.checkpoint import (
+    DTYPE_NAMES,
+    INDEX_FILE,
+    Checkpoint,
+    atomic_output_dir,
+    prepare_output_dir,
+    set_config_dtype,
+    sha256_file,
+    write_json,
+)
+
+MANIFEST_NAME = "d2serve_merge.json"
+MAGNITUDE_RTOL = 2e-3
+
+
+class WrongBaseError(ValueError):
+    """The adapter's ``d2_magnitude`` fingerprint does not match the base weights given."""
+
+
+@dataclass
+class MergeResult:
+    """Outcome of :func:`merge`.
+
+    Attributes:
+        out: the merged checkpoint directory.
+        manifest: the content of ``d2serve_merge.json``.
+        seconds: wall time of the merge, in seconds.
+        peak_rss_bytes: peak resident set size of this process so far, in bytes
+            (``getrusage``; run the merge in a fresh process to measure it alone).
+    """
+
+    out: Path
+    manifest: dict
+    seconds: float
+    peak_rss_bytes: int
+
+
+def resolve_dtype(dtype: str, base: Checkpoint) -> torch.dtype:
+    """``auto`` -> the base's weight dtype; else one of float32, bfloat16, float16.
+
+    Raises:
+        ValueError: unknown dtype name.
+    """
+    if dtype == "auto":
+        return base.dtype
+    if dtype not in DTYPE_NAMES or dtype == "float64":
+        raise ValueError(f"--dtype {dtype!r} not supported; expected auto, float32, bfloat16 or float16")
+    return DTYPE_NAMES[dtype]
+
+
+def _cast_checked(name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast a finite float64/float32 tensor once to ``dtype``; refuse values that overflow it."""
+    if not torch.isfinite(w).all():
+        raise MergeMathError(f"merged tensor {name} has {int((~torch.isfinite(w)).sum())} NaN/Inf value(s)")
+    out = w.to(dtype)
+    if not torch.isfinite(out).all():
+        big = float(w.abs().max())
+        raise MergeMathError(
+            f"merged tensor {name} overflows {dtype} (max |value| {big:.4g} > {torch.finfo(dtype).max:.4g}); "
+            "choose --dtype bfloat16 or float32"
+        )
+    return out
+
+
+def _layer_stats(w0: torch.Tensor, merged64: torch.Tensor, out: torch.Tensor, dw: torch.Tensor, scale) -> dict:
+    w0_64 = w0.double()
+    changed = merged64 != w0_64
+    same_after_cast = out == w0.to(out.dtype)
+    n_changed = int(changed.sum())
+    err = (out.double() - merged64).abs()
+    return {
+        "shape": list(w0.shape),
+        "delta_norm_ratio": float(torch.linalg.norm(dw) / torch.linalg.norm(w0_64)),
+        "scale_min": float(scale.min()) if scale is not None else None,
+        "scale_max": float(scale.max()) if scale is not None else None,
+        "frac_unchanged_by_cast": float((same_after_cast & changed).sum() / max(n_changed, 1)),
+        "cast_max_abs_err": float(err.max()),
+        "cast_max_rel_err": float(err.max() / merged64.abs().max()),
+    }
+
+
+def _check_fingerprint(module: str, w0: torch.Tensor, magnitude: torch.Tensor, base: Path, rtol: float) -> None:
+    norms = row_norm(w0.double())
+    rel = ((norms - magnitude.double()).abs() / norms.clamp_min(1e-30)).max()
+    if float(rel) > rtol:
+        raise WrongBaseError(
+            f"{module}: the adapter's d2_magnitude (||W0|| per output row of its training base) differs from "
+            f"the rows of {base} by up to {float(rel):.3g} relative (tolerance {rtol:g}): the adapter was trained "
+            "on a different base model"
+        )
+
+
+def merge(
+    *,
+    base: str | Path,
+    adapter: str | Path | Adapter,
+    out: str | Path,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    progress: bool = False,
+    magnitude_rtol: float = MAGNITUDE_RTOL,
+) -> MergeResult:
+    """Merge an adapter into a base checkpoint, streaming one shard at a time.
+
+    Args:
+        base: HF safetensors checkpoint directory (never modified).
+        adapter: adapter directory or a loaded :class:`Adapter` (never modified).
+        out: output directory; must be empty or absent unless ``overwrite``.
+        dtype: output dtype: ``auto`` (the base's), ``float32``, ``bfloat16`` or ``float16``.
+            All merge math runs in float64; the result is cast once.
+        overwrite: replace a non-empty ``out``.
+        progress: show a rich progress bar over the tensors.
+        magnitude_rtol: relative tolerance of the ``d2_magnitude`` base fingerprint.
+
+    Returns:
+        :class:`MergeResult`.
+
+    Raises:
+        CheckpointError: unreadable/truncated base or adapter files.
+        AdapterConfigError, AdapterError: invalid adapter or one that does not fit the base.
+        WrongBaseError: ``d2_magnitude`` does not match the base.
+        MergeMathError: NaN/Inf, a zero-norm row, or an overflow of the output dtype.
+        FileExistsError: ``out`` is non-empty and ``overwrite`` is False.
+        ValueError: ``out`` overlaps an input, or an unknown dtype.
+    """
+    t0 = time.perf_counter()
+    ckpt = Checkpoint(base)
+    adp = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    out = Path(out)
+    prepare_output_dir(out, overwrite, inputs=tuple(p for p in (ckpt.path, adp.path) if p is not None))
+    out_dtype = resolve_dtype(dtype, ckpt)
+    w0_names = match_to_base(adp, ckpt)  # module -> base tensor holding W0
+    method = get_method(adp.method)
+    by_tensor: dict[str, list[str]] = {}
+    for module, tname in w0_names.items():
+        by_tensor.setdefault(tname, []).append(module)
+    untie = ckpt.tied_embeddings and "lm_head" in adp.layers and "lm_head.weight" not in ckpt.tensors
+
+    layer_stats: dict[str, dict] = {}
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    n_tensors = len(ckpt.tensors)
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("merging", total=n_tensors)
+    try:
+        with atomic_output_dir(out, overwrite) as tmp:
+            for shard in ckpt.shards:
+                tensors: dict[str, torch.Tensor] = {}
+                for name, w in ckpt.read_shard(shard):
+                    for module in by_tensor.get(name, []):
+                        f = adp.layers[module]
+                        target = "lm_head.weight" if (module == "lm_head" and name != "lm_head.weight") else name
+                        if f.magnitude is not None:
+                            _check_fingerprint(module, w, f.magnitude, ckpt.path, magnitude_rtol)
+                        merged64 = method.merged_weight(w, f, torch.float64)
+                        cast = _cast_checked(target, merged64, out_dtype)
+                        dw = method.delta(f, torch.float64)
+                        scale = method.row_scale(w, dw, f) if method.row_scale else None
+                        layer_stats[module] = _layer_stats(w, merged64, cast, dw, scale)
+                        tensors[target] = cast
+                    if name in adp.modules_to_save:
+                        tensors[name] = _cast_checked(name, adp.modules_to_save[name].double(), out_dtype)
+                    if name not in tensors:
+                        tensors[name] = w.to(out_dtype) if w.dtype.is_floating_point else w
+                    if bar:
+                        bar.advance(task)
+                for name, t in tensors.items():
+                    weight_map[name] = shard
+                    total_size += t.numel() * t.element_size()
+                save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+                del tensors
+            if ckpt.sharded:
+                index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+                write_json(tmp / INDEX_FILE, index)
+            config = dict(ckpt.config)
+            config.pop("quantization_config", None)
+            set_config_dtype(config, out_dtype)
+            if untie:
+                config["tie_word_embeddings"] = False
+            write_json(tmp / "config.json", config)
+            for p in ckpt.side_files():
+                shutil.copy2(p, tmp / p.name)
+            seconds = time.perf_counter() - t0
+            manifest = {
+                "d2serve_version": __version__,
+                "method": adp.method,
+                "base": str(ckpt.path),
+                "adapter": str(adp.path) if adp.path else None,
+                "adapter_config": adp.config.to_json_dict(),
+                "output_dtype": str(out_dtype).removeprefix("torch."),
+                "compute_dtype": "float64",
+                "untied_embeddings": untie,
+                "sha256": {
+                    "adapter": {p.name: sha256_file(p) for p in adp.files},
+                    "base_shards": {s: sha256_file(ckpt.path / s) for s in ckpt.shards},
+                },
+                "num_layers_merged": len(layer_stats),
+                "layers": layer_stats,
+                "merge_seconds": round(seconds, 3),
+            }
+            write_json(tmp / MANIFEST_NAME, manifest)
+    finally:
+        if bar:
+            bar.stop()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return MergeResult(out, manifest, time.perf_counter() - t0, peak)
+
+
+def read_manifest(merged: str | Path) -> dict:
+    """Read ``d2serve_merge.json`` of a merged checkpoint (an empty dict when absent)."""
+    p = Path(merged) / MANIFEST_NAME
+    return json.loads(p.read_text()) if p.is_file() else {}

@@ -1,0 +1,214 @@
+"""Train a D2-LoRA adapter on a causal LM from prompt/answer JSONL records (loss on the answer tokens).
+
+Writes the adapter in format v1 (with ``d2_magnitude``), a probe file
+``d2serve_probe.safetensors`` (fixed token ids and the trained unmerged
+model's float32 logits on them, so a merge can later be checked against the
+trainer's own outputs) and ``d2serve_train.json`` (settings and loss curve).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from d2serve import __version__
+from d2serve.adapters.config import parse_config
+from d2serve.adapters.io import write_adapter_files
+from d2serve.checkpoint import atomic_output_dir, prepare_output_dir
+from d2serve.layers import inject_d2lora
+from d2serve.models import load_hf_model, load_tokenizer
+from d2serve.probe import PROBE_NAME
+
+TRAIN_LOG_NAME = "d2serve_train.json"
+DEFAULT_DATA = Path(__file__).parent / "data" / "boolq_train.jsonl"
+
+
+@dataclass
+class TrainSettings:
+    """Trainer settings (all recorded in ``d2serve_train.json``).
+
+    r, lora_alpha, tau, target_modules: the adapter config. max_steps: optimiser
+    steps; batch_size: records per step; max_length: tokens per record (prompt
+    truncated from the left, the answer kept); lr: AdamW learning rate;
+    seed: RNG seed of data order and initialisation; probe_records /
+    probe_tokens: size of the probe.
+    """
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    tau: float = 0.5
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    max_steps: int = 20
+    batch_size: int = 4
+    max_length: int = 192
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    probe_records: int = 2
+    probe_tokens: int = 32
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`: output dir, per-step losses (nats/token), wall time in seconds."""
+
+    out: Path
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Read prompt/answer records from JSONL.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a line is not JSON or lacks string fields ``prompt`` and ``answer`` (names file and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: training data not found")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON: {e}") from e
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("answer"), str)):
+            raise ValueError(f"{path}:{i}: expected an object with string fields 'prompt' and 'answer'")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no records")
+    return rows
+
+
+def encode(tok, row: dict, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 on prompt tokens) of one record; the prompt is cut from the left."""
+    prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+    answer = tok(row["answer"], add_special_tokens=False)["input_ids"]
+    if tok.eos_token_id is not None:
+        answer = answer + [tok.eos_token_id]
+    answer = answer[:max_length]
+    prompt = prompt[-(max_length - len(answer)) :] if max_length > len(answer) else []
+    return prompt + answer, [-100] * len(prompt) + answer
+
+
+def _batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    n = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), n), dtype=torch.long)
+    for i, (x, y) in enumerate(encoded):  # right padding
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train(
+    *,
+    base: str | Path,
+    out: str | Path,
+    data: str | Path = DEFAULT_DATA,
+    settings: TrainSettings | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> TrainResult:
+    """Train a D2-LoRA adapter on ``base`` (float32, CPU) and write it to ``out``.
+
+    At step 0, B+ = B- = 0 so dW = 0 and the model equals the base. Loss: mean
+    cross-entropy over answer tokens (shifted, as transformers computes it).
+
+    Args:
+        base: HF checkpoint directory of the base model.
+        out: adapter directory to write (atomic).
+        data: JSONL of {"prompt", "answer"} records.
+        settings: :class:`TrainSettings`.
+        overwrite: replace a non-empty ``out``.
+        progress: show a rich progress bar.
+
+    Raises:
+        FileNotFoundError / ValueError: bad data file or settings.
+        FileExistsError: ``out`` is non-empty and ``overwrite`` is False.
+    """
+    s = settings or TrainSettings()
+    config = parse_config(
+        {"peft_type": "D2LORA", "r": s.r, "lora_alpha": s.lora_alpha, "tau": s.tau,
+         "target_modules": list(s.target_modules), "base_model_name_or_path": str(base)},
+        source="train settings",
+    )
+    if s.max_steps < 1 or s.batch_size < 1 or s.max_length < 8 or not s.lr > 0:
+        raise ValueError(f"train settings out of range: max_steps={s.max_steps}, batch_size={s.batch_size}, "
+                         f"max_length={s.max_length}, lr={s.lr} (need >=1, >=1, >=8, >0)")
+    rows = read_records(data)
+    prepare_output_dir(Path(out), overwrite, inputs=(Path(base),))
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)
+    tok = load_tokenizer(base)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = load_hf_model(base, torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = inject_d2lora(model, config, seed=s.seed)
+    params = [p for layer in layers.values() for p in layer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    rng = random.Random(s.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("training", total=s.max_steps)
+    try:
+        for step in range(s.max_steps):
+            if len(order) < s.batch_size:
+                fresh = list(range(len(rows)))
+                rng.shuffle(fresh)
+                order += fresh
+            idx, order = order[: s.batch_size], order[s.batch_size :]
+            batch = _batch([encode(tok, rows[i], s.max_length) for i in idx], pad_id)
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if bar:
+                bar.update(task, advance=1, description=f"training (loss {losses[-1]:.3f})")
+    finally:
+        if bar:
+            bar.stop()
+    model.eval()
+    probe = _probe(model, tok, rows, s)
+    factors = {name: layer.factors(name) for name, layer in layers.items()}
+    seconds = time.perf_counter() - t0
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_adapter_files(tmp, config, factors)
+        save_file(probe, str(tmp / PROBE_NAME), metadata={"format": "pt", "dtype": "float32", "mode": "unmerged"})
+        log = {"d2serve_version": __version__, "base": str(base), "data": str(data), "records": len(rows),
+               "settings": asdict(s), "losses": losses, "train_seconds": round(seconds, 3)}
+        (tmp / TRAIN_LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
+    return TrainResult(Path(out), losses, seconds)
+
+
+@torch.no_grad()
+def _probe(model, tok, rows: list[dict], s: TrainSettings) -> dict[str, torch.Tensor]:
+    """Fixed token ids (probe_records, probe_tokens) and the unmerged float32 logits on them."""
+    seqs = []
+    for row in rows[: s.probe_records]:
+        ids = tok(row["prompt"] + row["answer"], add_special_tokens=False)["input_ids"]
+        seqs.append(ids[-s.probe_tokens :])
+    n = min(len(x) for x in seqs)
+    input_ids = torch.tensor([x[-n:] for x in seqs], dtype=torch.long)
+    logits = model(input_ids=input_ids).logits.float()
+    return {"input_ids": input_ids, "logits": logits.contiguous()}

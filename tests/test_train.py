@@ -1,0 +1,92 @@
+"""The trainer and the training-time layer: dW = 0 at step 0, a real adapter after training, probe = merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from d2serve.adapters.config import parse_config
+from d2serve.adapters.io import load_adapter
+from d2serve.layers import D2LoRALinear, inject_d2lora
+from d2serve.merge import merge
+from d2serve.models import load_hf_model, load_unmerged_model
+from d2serve.probe import probe_agreement, read_probe
+from d2serve.train import TrainSettings, read_records, train
+
+
+def test_fresh_layers_start_at_the_base_and_branches_differ(tiny_llama_dir):
+    model = load_hf_model(tiny_llama_dir)
+    ids = torch.randint(0, 290, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    cfg = parse_config({"peft_type": "D2LORA", "r": 4, "lora_alpha": 8, "tau": 0.3, "target_modules": ["q_proj", "v_proj"]})
+    layers = inject_d2lora(model, cfg, seed=0)
+    assert len(layers) == 4 and all(isinstance(v, D2LoRALinear) for v in layers.values())
+    layer = layers["model.layers.0.self_attn.q_proj"]
+    assert torch.count_nonzero(layer.lora_B_plus.weight) == 0 and torch.count_nonzero(layer.lora_B_minus.weight) == 0
+    assert not torch.allclose(layer.lora_A_plus.weight, layer.lora_A_minus.weight)
+    assert torch.allclose(layer.d2_magnitude, layer.base_layer.weight.norm(dim=1))
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(before, after, atol=1e-6)  # s = m/||W0|| = 1 and dW = 0
+
+
+def test_layer_forward_matches_the_formula_in_float64():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 5, bias=True).double()
+    layer = D2LoRALinear(lin, r=2, scale=1.7, tau=0.4)
+    with torch.no_grad():
+        for n in ("lora_B_plus", "lora_B_minus"):
+            getattr(layer, n).weight.normal_()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    w0, b = lin.weight, lin.bias
+    dw = 1.7 * (layer.lora_B_plus.weight @ layer.lora_A_plus.weight - 0.4 * layer.lora_B_minus.weight @ layer.lora_A_minus.weight)
+    s = w0.norm(dim=1) / (w0 + dw).norm(dim=1)
+    expected = s * (x @ w0.T + x @ dw.T) + x @ dw.T + b
+    assert torch.allclose(layer(x), expected, atol=1e-12)
+    layer.cache_scale()
+    assert torch.allclose(layer(x), expected, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    data = d / "data.jsonl"
+    rows = [{"prompt": "Question: is the sky blue?\nAnswer:", "answer": " yes"},
+            {"prompt": "Question: is fire cold?\nAnswer:", "answer": " no"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    s = TrainSettings(r=4, lora_alpha=8, tau=0.6, max_steps=12, batch_size=2, lr=1e-2, max_length=32,
+                      target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"), probe_records=2)
+    return train(base=tiny_llama_dir, out=d / "adapter", data=data, settings=s)
+
+
+def test_training_learns_and_writes_format_v1(trained, tiny_llama_dir):
+    assert trained.losses[-1] < 0.5 * trained.losses[0]
+    adp = load_adapter(trained.out)
+    assert adp.method == "d2lora" and adp.config.tau == 0.6 and len(adp.layers) == 10
+    f = adp.layers["model.layers.1.mlp.down_proj"]
+    assert f.magnitude is not None and torch.count_nonzero(f.tensors["lora_B_minus"]) > 0
+    w0 = load_hf_model(tiny_llama_dir).model.layers[1].mlp.down_proj.weight
+    assert torch.allclose(f.magnitude, w0.norm(dim=1), rtol=1e-6)
+    log = json.loads((trained.out / "d2serve_train.json").read_text())
+    assert log["settings"]["r"] == 4 and len(log["losses"]) == 12
+
+
+def test_probe_matches_unmerged_and_merged(trained, tiny_llama_dir, tmp_path):
+    probe = read_probe(trained.out)
+    unmerged = probe_agreement(load_unmerged_model(tiny_llama_dir, trained.out), probe)
+    assert unmerged["max_abs_logit_diff"] < 1e-5 and unmerged["top1_agreement"] == 1.0
+    merge(base=tiny_llama_dir, adapter=trained.out, out=tmp_path / "m", dtype="float32")
+    merged = probe_agreement(load_hf_model(tmp_path / "m"), probe)
+    assert merged["max_abs_logit_diff"] < 1e-4 and merged["top1_agreement"] == 1.0
+    base = probe_agreement(load_hf_model(tiny_llama_dir), probe)
+    assert base["max_abs_logit_diff"] > 1e-2  # the probe does see the adapter
+
+
+def test_bad_training_data_names_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: expected an object with string fields"):
+        read_records(p)
