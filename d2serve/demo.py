@@ -9,9 +9,10 @@ unmerged logit agreement on the trainer's probe.
 from __future__ import annotations
 
 import json
-import resource
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,10 +57,10 @@ class DemoResult:
         for dt in self.merge_seconds:
             p = self.probe[dt]
             rows += [
-                (f"merge time [{dt}]", f"{self.merge_seconds[dt]:.2f} s"),
-                (f"merge peak RSS [{dt}]", f"{self.merge_peak_rss_bytes[dt] / 2**20:.0f} MiB"),
-                (f"max rel err vs fp64 [{dt}]", f"{self.max_rel_err_vs_fp64[dt]:.3g}"),
-                (f"probe merged vs unmerged [{dt}]",
+                (f"merge time ({dt})", f"{self.merge_seconds[dt]:.2f} s"),
+                (f"merge peak RSS ({dt})", f"{self.merge_peak_rss_bytes[dt] / 2**20:.0f} MiB"),
+                (f"max rel err vs fp64 ({dt})", f"{self.max_rel_err_vs_fp64[dt]:.3g}"),
+                (f"probe merged vs unmerged ({dt})",
                  f"top-1 agreement {p['top1_agreement']:.4f}, max |dlogit| {p['max_abs_logit_diff']:.3g}, "
                  f"mean KL {p['mean_kl']:.3g} nats ({p['n_positions']} positions)"),
             ]
@@ -87,16 +88,18 @@ def max_rel_error(base: Path, adapter: Path, merged: Path) -> float:
 
 
 def _merge_subprocess(base: Path, adapter: Path, out: Path, dtype: str) -> tuple[float, int]:
-    """Run `d2serve merge` in a fresh process; return (seconds from its manifest, its peak RSS in bytes)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run `d2serve merge` in a fresh process; return (seconds from its manifest, its own peak RSS in bytes)."""
     cmd = [sys.executable, "-m", "d2serve.cli", "merge", "--base", str(base), "--adapter", str(adapter),
            "--out", str(out), "--dtype", dtype, "--overwrite"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"merge failed ({proc.returncode}): {proc.stderr.strip()}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not the max over all children
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            err.seek(0)
+            raise RuntimeError(f"merge failed (exit {code}): {err.read().strip()}")
     seconds = json.loads((out / "d2serve_merge.json").read_text())["merge_seconds"]
-    return seconds, max(peak, before) * 1024
+    return seconds, usage.ru_maxrss * 1024
 
 
 def run_demo(workdir: str | Path, *, max_steps: int = 20, dtype: str = "bfloat16",

@@ -187,9 +187,9 @@ def merge(
                         target = "lm_head.weight" if (module == "lm_head" and name != "lm_head.weight") else name
                         if f.magnitude is not None:
                             _check_fingerprint(module, w, f.magnitude, ckpt.path, magnitude_rtol)
-                        merged64 = method.merged_weight(w, f, torch.float64)
-                        cast = _cast_checked(target, merged64, out_dtype)
                         dw = method.delta(f, torch.float64)
+                        merged64 = method.merged_weight(w, f, torch.float64, dw=dw)
+                        cast = _cast_checked(target, merged64, out_dtype)
                         scale = method.row_scale(w, dw, f) if method.row_scale else None
                         layer_stats[module] = _layer_stats(w, merged64, cast, dw, scale)
                         tensors[target] = cast

@@ -92,17 +92,24 @@ def lora_delta(f: LayerFactors, dtype: torch.dtype = torch.float64) -> torch.Ten
     return f.scale * (_f(f, "lora_B", dtype) @ _f(f, "lora_A", dtype))
 
 
-def lora_merged(w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """W_hat = W0 + scale * B @ A; W0 (out, in) of any float dtype; result in ``dtype``."""
-    return w0.to(dtype) + lora_delta(f, dtype)
+def lora_merged(
+    w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W_hat = W0 + scale * B @ A; W0 (out, in) of any float dtype; result in ``dtype``.
+
+    ``dw``: the precomputed ``lora_delta(f, dtype)``, to avoid computing it twice.
+    """
+    return w0.to(dtype) + (lora_delta(f, dtype) if dw is None else dw)
 
 
 # ---- dora -------------------------------------------------------------------------------------
 
 
-def dora_merged(w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def dora_merged(
+    w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None
+) -> torch.Tensor:
     """W_hat = diag(magnitude / ||W0 + dW||)(W0 + dW), magnitude = ``lora_magnitude_vector`` (out,)."""
-    w = w0.to(dtype) + lora_delta(f, dtype)
+    w = w0.to(dtype) + (lora_delta(f, dtype) if dw is None else dw)
     return _rescale(w, _f(f, "lora_magnitude_vector", dtype), f.module)
 
 
@@ -123,19 +130,22 @@ def d2lora_scale(w0: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
     return row_norm(w0) / norm
 
 
-def d2lora_merged(w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def d2lora_merged(
+    w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None
+) -> torch.Tensor:
     """W_hat = diag(m / ||W0 + dW||)(W0 + dW) + dW with m = ||W0|| per output row.
 
     Args:
         w0: (out_features, in_features) base weight as stored by nn.Linear, any float dtype.
         f: the layer's factors (``lora_A_plus``, ``lora_B_plus``, ``lora_A_minus``, ``lora_B_minus``).
         dtype: compute dtype (float64 by default; the caller casts the result once).
+        dw: the precomputed ``d2lora_delta(f, dtype)``, to avoid computing it twice.
 
     Raises:
         MergeMathError: a row of W0 + dW has zero norm.
     """
     w0 = w0.to(dtype)
-    dw = d2lora_delta(f, dtype)
+    dw = d2lora_delta(f, dtype) if dw is None else dw
     return _rescale(w0 + dw, row_norm(w0), f.module) + dw
 
 
