@@ -1,0 +1,100 @@
+"""Greedy generation comparison under explicit settings.
+
+Decoding is an explicit loop (argmax of the last logits, KV cache, stop at
+the tokenizer's EOS or after ``max_new_tokens``): greedy, no repetition
+penalty, no sampling, and nothing is taken from ``generation_config.json``,
+so both models decode under exactly the same rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "Explain in one sentence why the sky is blue.",
+    "Write a Python function that returns the square of a number.",
+    "List three common symptoms of the flu.",
+    "Once upon a time, in a small village,",
+    "Question: What is 12 plus 7?\nAnswer:",
+)
+
+
+@torch.inference_mode()
+def greedy_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+    """Greedy continuation of ``input_ids`` (int64 (1, T)); returns the new token ids (EOS included if produced)."""
+    out = model(input_ids=input_ids, use_cache=True)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        new.append(nxt)
+        if nxt in eos_ids:
+            break
+        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    return new
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """Token ids (1, T) of ``prompt``; with ``chat`` the tokenizer's chat template wraps it as a user turn."""
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    return torch.tensor([ids], dtype=torch.long)
+
+
+@dataclass
+class GenerationComparison:
+    """Greedy outputs of A (unmerged) and B (merged) for one prompt.
+
+    Attributes:
+        prompt: the prompt text.
+        identical: the two token sequences are equal.
+        first_divergence: index (0-based, among new tokens) of the first differing token; None if identical.
+        n_tokens_a / n_tokens_b: new tokens produced.
+        text_a / text_b: decoded new tokens.
+    """
+
+    prompt: str
+    identical: bool
+    first_divergence: int | None
+    n_tokens_a: int
+    n_tokens_b: int
+    text_a: str
+    text_b: str
+
+    def to_json(self) -> dict:
+        """JSON-ready dict (A = unmerged, B = merged)."""
+        d = asdict(self)
+        return {"prompt": d["prompt"], "identical": d["identical"], "first_divergence": d["first_divergence"],
+                "n_tokens_unmerged": d["n_tokens_a"], "n_tokens_merged": d["n_tokens_b"],
+                "text_unmerged": d["text_a"], "text_merged": d["text_b"]}
+
+
+def compare_generation(model_a, model_b, tokenizer, prompts, max_new_tokens: int = 32,
+                       chat: bool | None = None) -> list[GenerationComparison]:
+    """Greedy-decode every prompt with both models and locate the first divergence.
+
+    Args:
+        chat: wrap prompts with the chat template; None -> only if the tokenizer has one.
+    """
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    results = []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt, chat)
+        a = greedy_tokens(model_a, ids, max_new_tokens, eos_ids)
+        b = greedy_tokens(model_b, ids, max_new_tokens, eos_ids)
+        div = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if div is None and len(a) != len(b):
+            div = min(len(a), len(b))
+        results.append(GenerationComparison(prompt, a == b, div, len(a), len(b),
+                                            tokenizer.decode(a, skip_special_tokens=True),
+                                            tokenizer.decode(b, skip_special_tokens=True)))
+    return results

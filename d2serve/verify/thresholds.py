@@ -1,0 +1,73 @@
+"""Pass/fail thresholds of ``d2serve verify`` and the rules that turn measurements into failure messages.
+
+Defaults (overridable with ``--threshold key=value``):
+
+* ``weight_tol_ulps`` = 1.0 and ``weight_fp32_slack`` = 64: per-element weight
+  tolerance (see :mod:`d2serve.verify.weights`); any element beyond it fails
+  the layer. A correct float64 merge cast once is within 0.5 ulp.
+* ``max_mean_kl`` = 0.01 nats: mean KL(unmerged || merged) per position, on every text.
+* ``min_top1_agreement`` = 0.95: fraction of positions with the same argmax token.
+* ``max_acc_gap_pp`` = 1.0 with ``alpha`` = 0.05: a task fails only when
+  |merged - unmerged| accuracy exceeds 1 pp AND the exact McNemar test
+  rejects "no difference" at level alpha (a gap that noise explains does not fail).
+  The D2-LoRA paper reports 0.03 pp average and 0.7 pp worst gap.
+* ``min_generation_identical`` = 0.0: fraction of prompts whose greedy output
+  must be identical (reported, not gated, by default: bf16 rounding may change
+  a near-tie token late in a long output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """See the module docstring for the meaning and defaults of each field."""
+
+    weight_tol_ulps: float = 1.0
+    weight_fp32_slack: float = 64.0
+    max_mean_kl: float = 0.01
+    min_top1_agreement: float = 0.95
+    max_acc_gap_pp: float = 1.0
+    alpha: float = 0.05
+    min_generation_identical: float = 0.0
+
+    def to_json(self) -> dict:
+        """The thresholds as a dict."""
+        return asdict(self)
+
+
+def parse_thresholds(overrides: dict[str, float] | list[str] | None, base: Thresholds | None = None) -> Thresholds:
+    """Apply overrides given as a dict or as ``key=value`` strings.
+
+    Raises:
+        ValueError: unknown key (the message lists the known ones) or a non-numeric / negative value.
+    """
+    base = base or Thresholds()
+    if not overrides:
+        return base
+    if isinstance(overrides, Thresholds):
+        return overrides
+    items: dict[str, object] = {}
+    if isinstance(overrides, dict):
+        items = dict(overrides)
+    else:
+        for s in overrides:
+            if "=" not in s:
+                raise ValueError(f"threshold {s!r}: expected key=value, e.g. max_mean_kl=0.005")
+            k, v = s.split("=", 1)
+            items[k.strip()] = v.strip()
+    known = {f.name for f in fields(Thresholds)}
+    out = {}
+    for k, v in items.items():
+        if k not in known:
+            raise ValueError(f"unknown threshold {k!r}; known: {sorted(known)}")
+        try:
+            fv = float(v)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"threshold {k}={v!r}: expected a number") from e
+        if fv < 0:
+            raise ValueError(f"threshold {k}={fv}: must be >= 0")
+        out[k] = fv
+    return replace(base, **out)

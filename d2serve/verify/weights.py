@@ -1,0 +1,207 @@
+"""Per-layer weight check: each merged tensor against a float64 recomputation of the merge formula.
+
+For every adapted layer, the reference is ``method.merged_weight(W0, factors,
+dtype=float64)`` with W0 read from the base checkpoint. The merged tensor
+(stored in bf16/fp16/fp32) can only match the reference up to rounding, so the
+per-element tolerance is
+
+    tol = tol_ulps * ulp_d(|ref|) + fp32_slack * eps_fp32 * (|W0| + |ref - W0|)
+
+where ``ulp_d`` is the spacing of the merged dtype at the reference value
+(a correct round-to-nearest cast is within 0.5 ulp) and the second term admits
+merges computed in float32 instead of float64. ``err_over_tol`` > 1 anywhere
+means the tensor is not a rounding of the right formula (projection left out,
+a branch left out, wrong tau, ...).
+
+Also reported: max abs error; relative error ||merged - ref||_F / ||ref||_F;
+the fraction of elements where the cast lost the update (merged equals
+cast(W0) although ref differs from W0); and tensors that the adapter does not
+touch but that differ from the (cast) base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from d2serve.adapters.io import Adapter, match_to_base
+from d2serve.adapters.methods import get_method
+from d2serve.checkpoint import Checkpoint
+
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+class WeightLayoutError(ValueError):
+    """The merged checkpoint lacks an adapted tensor or stores it with another shape."""
+
+
+@dataclass
+class LayerError:
+    """Merge error of one adapted layer (all errors in the units of the weights, computed in float64).
+
+    Attributes:
+        module: module path, e.g. ``model.layers.0.self_attn.q_proj``.
+        tensor: merged tensor name.
+        shape: (out_features, in_features).
+        dtype: merged tensor dtype name.
+        max_abs_err: max |merged - ref|.
+        rel_err: ||merged - ref||_F / ||ref||_F.
+        max_err_over_tol: max over elements of |merged - ref| / tol (> 1: not a rounding of the formula).
+        n_out_of_tol: elements with |merged - ref| > tol.
+        update_rel_norm: ||ref - W0||_F / ||W0||_F, the size of the merge update.
+        frac_update_lost: fraction of elements with ref != W0 but merged == cast(W0).
+        worst_index: (row, col) of the element with the largest err/tol.
+    """
+
+    module: str
+    tensor: str
+    shape: tuple[int, int]
+    dtype: str
+    max_abs_err: float
+    rel_err: float
+    max_err_over_tol: float
+    n_out_of_tol: int
+    update_rel_norm: float
+    frac_update_lost: float
+    worst_index: tuple[int, int]
+
+    @property
+    def passed(self) -> bool:
+        """True when every element is within tolerance."""
+        return self.n_out_of_tol == 0
+
+    def to_json(self) -> dict:
+        """JSON-ready dict (stable keys)."""
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["worst_index"] = list(self.worst_index)
+        d["passed"] = self.passed
+        return d
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` at |x| (float64 result, same shape): 2^(floor(log2|x|)) * eps, floored at the smallest normal."""
+    fi = torch.finfo(dtype)
+    ax = x.abs().to(torch.float64).clamp_min(fi.tiny)
+    _, e = torch.frexp(ax)  # ax = m * 2^e with m in [0.5, 1)
+    return torch.ldexp(torch.full_like(ax, fi.eps), (e - 1).to(torch.int32))
+
+
+def layer_error(module: str, tensor: str, w0: torch.Tensor, ref: torch.Tensor, merged: torch.Tensor,
+                tol_ulps: float, fp32_slack: float) -> LayerError:
+    """Compare one merged weight with its float64 reference.
+
+    Args:
+        w0: base weight (out, in), stored dtype.
+        ref: float64 reference merged weight (out, in).
+        merged: stored merged weight (out, in), any float dtype.
+        tol_ulps / fp32_slack: tolerance parameters (module docstring).
+    """
+    w0d = w0.to(torch.float64)
+    m = merged.to(torch.float64)
+    err = (m - ref).abs()
+    tol = tol_ulps * ulp(ref, merged.dtype) + fp32_slack * _EPS32 * (w0d.abs() + (ref - w0d).abs())
+    ratio = err / tol
+    flat = int(ratio.argmax())
+    changed = ref != w0d
+    lost = changed & (merged == w0.to(merged.dtype))
+    ref_norm = float(torch.linalg.vector_norm(ref))
+    w0_norm = float(torch.linalg.vector_norm(w0d))
+    return LayerError(
+        module=module,
+        tensor=tensor,
+        shape=tuple(int(s) for s in ref.shape),
+        dtype=str(merged.dtype).removeprefix("torch."),
+        max_abs_err=float(err.max()),
+        rel_err=float(torch.linalg.vector_norm(m - ref)) / ref_norm if ref_norm else float(err.max()),
+        max_err_over_tol=float(ratio.max()),
+        n_out_of_tol=int((err > tol).sum()),
+        update_rel_norm=float(torch.linalg.vector_norm(ref - w0d)) / w0_norm if w0_norm else float("inf"),
+        frac_update_lost=float(lost.sum()) / max(int(changed.sum()), 1),
+        worst_index=(flat // ref.shape[1], flat % ref.shape[1]),
+    )
+
+
+@dataclass
+class WeightReport:
+    """Result of :func:`check_weights`.
+
+    Attributes:
+        layers: one :class:`LayerError` per adapted layer, in adapter order.
+        untouched_changed: names of non-adapted tensors whose merged value differs from cast(base).
+        missing_in_merged: non-adapted base tensors absent from the merged checkpoint.
+        merged_dtype: dtype name of the merged adapted weights.
+    """
+
+    layers: list[LayerError]
+    untouched_changed: list[str]
+    missing_in_merged: list[str]
+    merged_dtype: str
+
+    def worst(self, k: int = 5) -> list[LayerError]:
+        """The ``k`` layers with the largest ``max_err_over_tol``."""
+        return sorted(self.layers, key=lambda e: e.max_err_over_tol, reverse=True)[:k]
+
+    def to_json(self, k: int = 5) -> dict:
+        """JSON-ready summary and per-layer table (stable keys)."""
+        lay = self.layers
+        return {
+            "n_layers": len(lay),
+            "merged_dtype": self.merged_dtype,
+            "n_layers_failed": sum(not e.passed for e in lay),
+            "max_err_over_tol": max((e.max_err_over_tol for e in lay), default=0.0),
+            "max_abs_err": max((e.max_abs_err for e in lay), default=0.0),
+            "max_rel_err": max((e.rel_err for e in lay), default=0.0),
+            "mean_frac_update_lost": sum(e.frac_update_lost for e in lay) / len(lay) if lay else 0.0,
+            "max_frac_update_lost": max((e.frac_update_lost for e in lay), default=0.0),
+            "worst_layers": [e.module for e in self.worst(k)],
+            "untouched_changed": self.untouched_changed,
+            "missing_in_merged": self.missing_in_merged,
+            "layers": [e.to_json() for e in lay],
+        }
+
+
+def check_weights(base: str, adapter: Adapter, merged: str, *, tol_ulps: float = 1.0,
+                  fp32_slack: float = 64.0) -> WeightReport:
+    """Check every adapted weight of ``merged`` against a float64 recomputation, and the other tensors against base.
+
+    Args:
+        base / merged: HF checkpoint directories.
+        adapter: the loaded adapter.
+        tol_ulps / fp32_slack: tolerance parameters (module docstring).
+
+    Raises:
+        AdapterError: the adapter does not fit the base.
+        WeightLayoutError: an adapted tensor is missing from ``merged`` or has another shape.
+    """
+    base_ck, merged_ck = Checkpoint(base), Checkpoint(merged)
+    names = match_to_base(adapter, base_ck)
+    method = get_method(adapter.method)
+    layers = []
+    for module, factors in adapter.layers.items():
+        base_name = names[module]
+        mname = f"{module}.weight" if f"{module}.weight" in merged_ck.tensors else base_name
+        if mname not in merged_ck.tensors:
+            raise WeightLayoutError(f"{merged_ck.path}: adapted tensor {module}.weight is missing from the merged checkpoint")
+        w0 = base_ck.get_tensor(base_name)
+        merged_t = merged_ck.get_tensor(mname)
+        if tuple(merged_t.shape) != tuple(w0.shape):
+            raise WeightLayoutError(
+                f"{merged_ck.path}: tensor {mname} has shape {tuple(merged_t.shape)}, base {base_name} has {tuple(w0.shape)}"
+            )
+        ref = method.merged_weight(w0, factors, dtype=torch.float64)
+        layers.append(layer_error(module, mname, w0, ref, merged_t, tol_ulps, fp32_slack))
+    adapted = {f"{m}.weight" for m in adapter.layers} | set(adapter.modules_to_save)
+    changed, missing = [], []
+    for name in base_ck.tensors:
+        if name in adapted:
+            continue
+        if name not in merged_ck.tensors:
+            missing.append(name)
+            continue
+        b, m = base_ck.get_tensor(name), merged_ck.get_tensor(name)
+        if b.shape != m.shape or not torch.equal(b.to(m.dtype), m):
+            changed.append(name)
+    dtype = layers[0].dtype if layers else str(merged_ck.dtype).removeprefix("torch.")
+    return WeightReport(layers, changed, missing, dtype)
