@@ -52,11 +52,13 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Header facts of one stored tensor: its shard file, dtype and shape."""
+    """Header facts of one stored tensor: its shard file, dtype, shape and byte range [begin, end) in the file."""
 
     shard: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    begin: int = 0
+    end: int = 0
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -96,13 +98,115 @@ def read_safetensors_header(path: Path) -> dict:
 def tensor_infos(path: Path) -> dict[str, TensorInfo]:
     """Name -> :class:`TensorInfo` for every tensor of one safetensors file (header only)."""
     out = {}
-    for name, v in read_safetensors_header(path).items():
+    header = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+    for name, v in header.items():
         if name == "__metadata__":
             continue
         if v["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {v['dtype']}")
-        out[name] = TensorInfo(path.name, _ST_DTYPES[v["dtype"]], tuple(v["shape"]))
+        begin, end = (data_start + int(o) for o in v["data_offsets"])
+        info = TensorInfo(path.name, _ST_DTYPES[v["dtype"]], tuple(v["shape"]), begin, end)
+        if end - begin != _nbytes(info.dtype, info.shape):
+            raise CheckpointError(f"{path}: tensor {name} spans {end - begin} bytes, its dtype and shape need "
+                                  f"{_nbytes(info.dtype, info.shape)}")
+        out[name] = info
     return out
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor with a plain positioned read (no mmap), so only this tensor is resident.
+
+    Raises:
+        CheckpointError: the file ends before the tensor's byte range.
+    """
+    n = info.end - info.begin
+    buf = bytearray(n)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(info.begin)
+        got = f.readinto(buf)
+    if got != n:
+        raise CheckpointError(f"{path}: truncated while reading a {n}-byte tensor at offset {info.begin}")
+    if n == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class ShardWriter:
+    """Write one safetensors file tensor by tensor: the header first, then each tensor's bytes as it comes.
+
+    Peak memory is one tensor, not one shard (``safetensors.save_file`` needs the
+    whole dict in memory). The layout is what ``safetensors`` itself writes and
+    reads: an 8-byte little-endian header length, a JSON header padded with
+    spaces to a multiple of 8 bytes, then the data, tensors ordered by element
+    size (largest first) so every tensor starts aligned.
+
+    Args:
+        path: file to create.
+        specs: (name, dtype, shape) of every tensor the file will hold.
+        metadata: ``__metadata__`` strings (e.g. ``{"format": "pt"}``).
+
+    Use :attr:`order` for the order in which :meth:`write` must be called.
+
+    Raises:
+        CheckpointError: a tensor written out of order or with another dtype/shape,
+            or :meth:`close` before every tensor was written.
+    """
+
+    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+        self.path = path
+        ordered = sorted(specs, key=lambda s: -s[1].itemsize)  # stable: keeps the given order within a size
+        header: dict = {"__metadata__": dict(metadata)}
+        offset = 0
+        for name, dtype, shape in ordered:
+            n = _nbytes(dtype, tuple(shape))
+            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.order = [s[0] for s in ordered]
+        self._specs = {s[0]: (s[1], tuple(s[2])) for s in ordered}
+        self._next = 0
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor (must be ``order[i]`` with the declared dtype and shape)."""
+        if self._next >= len(self.order) or self.order[self._next] != name:
+            raise CheckpointError(f"{self.path}: tensor {name} written out of order")
+        dtype, shape = self._specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{self.path}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {shape}")
+        t = tensor.detach().contiguous().cpu()
+        if t.numel():
+            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        """Flush and close; refuse a file with tensors missing."""
+        self._f.close()
+        if self._next != len(self.order):
+            raise CheckpointError(f"{self.path}: {len(self.order) - self._next} declared tensors were never written")
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
 
 
 def open_safetensors(path: Path):
@@ -191,16 +295,14 @@ class Checkpoint:
         """Names of the tensors stored in one shard, in file order."""
         return [k for k, v in self.tensors.items() if v.shard == shard]
 
-    def read_shard(self, shard: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) for one shard, lazily through ``safe_open``."""
-        with open_safetensors(self.path / shard) as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-
     def get_tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor by name (opens only its shard)."""
-        with open_safetensors(self.path / self.tensors[name].shard) as f:
-            return f.get_tensor(name)
+        """Read one tensor by name with a positioned read of its byte range (only it becomes resident).
+
+        Raises:
+            KeyError: no such tensor. CheckpointError: the shard is truncated.
+        """
+        info = self.tensors[name]
+        return read_tensor(self.path / info.shard, info)
 
     def side_files(self) -> list[Path]:
         """Non-weight files to copy into a derived checkpoint (tokenizer, templates, generation config, ...)."""

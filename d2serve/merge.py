@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from d2serve import __version__
 from d2serve.adapters.io import Adapter, load_adapter, match_to_base
@@ -32,6 +31,7 @@ from d2serve.checkpoint import (
     DTYPE_NAMES,
     INDEX_FILE,
     Checkpoint,
+    ShardWriter,
     atomic_output_dir,
     prepare_output_dir,
     set_config_dtype,
@@ -161,49 +161,56 @@ def merge(
     out_dtype = resolve_dtype(dtype, ckpt)
     w0_names = match_to_base(adp, ckpt)  # module -> base tensor holding W0
     method = get_method(adp.method)
-    by_tensor: dict[str, list[str]] = {}
-    for module, tname in w0_names.items():
-        by_tensor.setdefault(tname, []).append(module)
     untie = ckpt.tied_embeddings and "lm_head" in adp.layers and "lm_head.weight" not in ckpt.tensors
 
     layer_stats: dict[str, dict] = {}
     weight_map: dict[str, str] = {}
     total_size = 0
-    n_tensors = len(ckpt.tensors)
+    # out tensor name -> (base tensor holding its input, adapted module or None), grouped by shard
+    plan: dict[str, dict[str, tuple[str, str | None]]] = {s: {} for s in ckpt.shards}
+    for name, info in ckpt.tensors.items():
+        plan[info.shard][name] = (name, None)
+    for module, src in w0_names.items():
+        target = f"{module}.weight"
+        plan[ckpt.tensors[src].shard][target] = (src, module)  # untied lm_head: a new tensor beside the embedding
     bar = None
     if progress:
         from rich.progress import Progress
 
         bar = Progress(transient=True)
         bar.start()
-        task = bar.add_task("merging", total=n_tensors)
+        task = bar.add_task("merging", total=sum(len(v) for v in plan.values()))
     try:
         with atomic_output_dir(out, overwrite) as tmp:
-            for shard in ckpt.shards:
-                tensors: dict[str, torch.Tensor] = {}
-                for name, w in ckpt.read_shard(shard):
-                    for module in by_tensor.get(name, []):
-                        f = adp.layers[module]
-                        target = "lm_head.weight" if (module == "lm_head" and name != "lm_head.weight") else name
-                        if f.magnitude is not None:
-                            _check_fingerprint(module, w, f.magnitude, ckpt.path, magnitude_rtol)
-                        dw = method.delta(f, torch.float64)
-                        merged64 = method.merged_weight(w, f, torch.float64, dw=dw)
-                        cast = _cast_checked(target, merged64, out_dtype)
-                        scale = method.row_scale(w, dw, f) if method.row_scale else None
-                        layer_stats[module] = _layer_stats(w, merged64, cast, dw, scale)
-                        tensors[target] = cast
-                    if name in adp.modules_to_save:
-                        tensors[name] = _cast_checked(name, adp.modules_to_save[name].double(), out_dtype)
-                    if name not in tensors:
-                        tensors[name] = w.to(out_dtype) if w.dtype.is_floating_point else w
-                    if bar:
-                        bar.advance(task)
-                for name, t in tensors.items():
-                    weight_map[name] = shard
-                    total_size += t.numel() * t.element_size()
-                save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
-                del tensors
+            for shard, outputs in plan.items():
+                specs = []
+                for target, (src, _) in outputs.items():
+                    info = ckpt.tensors[src]
+                    specs.append((target, out_dtype if info.dtype.is_floating_point else info.dtype, info.shape))
+                with ShardWriter(tmp / shard, specs, {"format": "pt"}) as writer:
+                    for target in writer.order:
+                        src, module = outputs[target]
+                        w = ckpt.get_tensor(src)
+                        if module is not None:
+                            f = adp.layers[module]
+                            if f.magnitude is not None:
+                                _check_fingerprint(module, w, f.magnitude, ckpt.path, magnitude_rtol)
+                            w64 = w.double()
+                            dw = method.delta(f, torch.float64)
+                            merged64 = method.merged_weight(w64, f, torch.float64, dw=dw)
+                            t = _cast_checked(target, merged64, out_dtype)
+                            scale = method.row_scale(w64, dw, f) if method.row_scale else None
+                            layer_stats[module] = _layer_stats(w, merged64, t, dw, scale)
+                        elif target in adp.modules_to_save:
+                            t = _cast_checked(target, adp.modules_to_save[target].double(), out_dtype)
+                        else:
+                            t = w.to(out_dtype) if w.dtype.is_floating_point else w
+                        writer.write(target, t)
+                        weight_map[target] = shard
+                        total_size += t.numel() * t.element_size()
+                        del w, t
+                        if bar:
+                            bar.advance(task)
             if ckpt.sharded:
                 index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
                 write_json(tmp / INDEX_FILE, index)

@@ -1,0 +1,318 @@
+"""``bench(...)``: run the arms x workloads with identical settings and write the report.
+
+Order of work: build arms -> record each arm's settings and refuse (or label) a comparison
+whose arms differ in more than the adapter mode -> evaluation-throughput workload ->
+generation sweep -> report. Within each repeat every arm is measured back to back (the arm
+order rotates per repeat), so ratios are pair-wise within one run. bench.json is rewritten
+after every completed measurement, so Ctrl-C leaves the completed results saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .arms import ARM_NAMES, plan_arms
+from .backends import get_backend
+from .comparability import check_comparable
+from .environment import environment
+from .ratios import combine_ratios, pairwise_ratios
+from .report import SCHEMA_VERSION, write_bench_json, write_report
+from .timing import summarize
+from .workloads import (
+    DEFAULT_EVAL_DATA,
+    FULL_PLAN,
+    QUICK_PLAN,
+    BenchPlan,
+    load_mc_items,
+    token_hash,
+    tokenize_mc,
+)
+
+WORKLOADS = ("eval", "generation")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _rotated(arms: list[str], r: int) -> list[str]:
+    k = r % len(arms)
+    return arms[k:] + arms[:k]
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        yield lambda desc: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+    ) as p:
+        task = p.add_task("bench", total=total)
+
+        def step(desc: str):
+            p.update(task, advance=1, description=desc)
+
+        yield step
+
+
+def bench(
+    *,
+    base: str | Path,
+    report: str | Path,
+    adapter: str | Path | None = None,
+    merged: str | Path | None = None,
+    backend: str = "hf",
+    arms: tuple[str, ...] | None = None,
+    quick: bool = False,
+    plan: BenchPlan | None = None,
+    workloads: tuple[str, ...] = WORKLOADS,
+    threads: int | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    eval_data: str | Path | None = None,
+    strict: bool = True,
+    progress: bool = True,
+    settings_override: dict[str, dict] | None = None,
+) -> dict:
+    """Benchmark base / merged / unmerged arms and write bench.json, bench.md and plots to ``report``.
+
+    Args:
+        base, adapter, merged: the base checkpoint, the adapter dir and the merged checkpoint.
+        report: output directory (created; bench.json/bench.md/PNGs overwritten).
+        backend: ``"hf"`` (all arms), ``"vllm"`` or ``"onnx"`` (base and merged only).
+        arms: subset of ``ARM_NAMES``; default all arms the inputs and backend allow.
+        quick: the reduced sweep (~1 minute on SmolLM2, 2 CPU threads).
+        plan: explicit sweep (overrides ``quick``).
+        workloads: subset of ``("eval", "generation")``.
+        threads: torch intra-op threads (default: the physical core count), fixed and recorded.
+        dtype: compute dtype of every arm: float32, bfloat16 or float16.
+        eval_data: multiple-choice jsonl (ARC or BoolQ) for the eval-throughput workload.
+        strict: refuse non-comparable arms (raise); False labels the report NOT COMPARABLE instead.
+        settings_override: test hook: extra settings merged into an arm's settings dict.
+
+    Returns:
+        The results dict written to bench.json (``status`` is "complete" or "interrupted").
+
+    Raises:
+        ArmError / ValueError: bad inputs (missing dirs, unknown arm/backend/workload/dtype).
+        NotComparableError: ``strict`` and the arms differ in more than the adapter mode.
+        KeyboardInterrupt: re-raised after saving the completed measurements.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported; expected one of {', '.join(_DTYPES)}")
+    bad = set(workloads) - set(WORKLOADS)
+    if bad or not workloads:
+        raise ValueError(f"unknown workload(s) {sorted(bad)}; expected a subset of {WORKLOADS}")
+    plan = plan or (QUICK_PLAN if quick else FULL_PLAN)
+    report = Path(report)
+    import psutil
+
+    threads = threads or psutil.cpu_count(logical=False) or 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    backend_cls = get_backend(backend)
+    if arms is None:
+        arms = tuple(
+            a
+            for a in ARM_NAMES
+            if a in backend_cls.arms_supported
+            and (a != "merged" or merged is not None)
+            and (not a.startswith("unmerged") or adapter is not None)
+        )
+    unsupported = [a for a in arms if a not in backend_cls.arms_supported]
+    if unsupported:
+        raise ValueError(
+            f"backend {backend!r} cannot run arm(s) {unsupported}; it supports {list(backend_cls.arms_supported)}"
+        )
+    specs = plan_arms(base=Path(base), adapter=adapter and Path(adapter), merged=merged and Path(merged), arms=arms)
+    be = backend_cls(dtype=_DTYPES[dtype], device=device, tokenizer_dir=Path(base))
+
+    try:
+        results: dict = {
+            "schema_version": SCHEMA_VERSION,
+            "status": "running",
+            "backend": backend,
+            "inputs": {"base": str(base), "adapter": adapter and str(adapter), "merged": merged and str(merged)},
+            "plan": asdict(plan) | {"quick": quick},
+            "environment": environment(threads),
+            "arms": {},
+            "comparability": {},
+            "workloads": {},
+        }
+        eval_path = Path(eval_data) if eval_data else DEFAULT_EVAL_DATA
+        requests, items = None, []
+        if "eval" in workloads and not getattr(be, "supports_eval", True):
+            results["skipped"] = {"eval": f"the {backend} backend does not run the eval-throughput workload"}
+        elif "eval" in workloads:
+            items = load_mc_items(eval_path, limit=plan.eval_examples)
+            requests = tokenize_mc(items, be.tokenizer)
+        cases = plan.generation_cases() if "generation" in workloads else []
+
+        common = be.settings() | {
+            "eval_examples": plan.eval_examples if requests else None,
+            "eval_batch": plan.eval_batch if requests else None,
+            "eval_data_hash": token_hash([r.tokens for r in requests]) if requests else None,
+            "batches": list(plan.batches) if cases else None,
+            "prompt_lens": list(plan.prompt_lens) if cases else None,
+            "max_new_tokens": plan.max_new_tokens if cases else None,
+            "prompt_hash": token_hash([be.prompts(c) for c in cases]) if cases else None,
+            "warmup": plan.warmup,
+            "repeats": plan.repeats,
+            "greedy": True,
+            "ignore_eos": True,
+        }
+        for spec in specs:
+            facts = be.load(spec)
+            s = dict(common) | facts | {
+                "arm": spec.name,
+                "adapter_mode": spec.adapter_mode,
+                "model_dir": str(spec.model_dir),
+                "adapter_dir": spec.adapter_dir and str(spec.adapter_dir),
+            }
+            s |= (settings_override or {}).get(spec.name, {})
+            results["arms"][spec.name] = s
+        diffs = check_comparable({n: s for n, s in results["arms"].items()}, strict=strict)
+        results["comparability"] = {
+            "comparable": all(d.comparable for d in diffs),
+            "diffs": [d.render() for d in diffs if not d.comparable],
+        }
+
+        names = [s.name for s in specs]
+        total = 0
+        if requests:
+            total += len(names) * (plan.warmup + plan.repeats)
+        total += len(cases) * len(names) * (plan.warmup + plan.repeats)
+
+        def save():
+            write_bench_json(report, results)
+
+        try:
+            with _progress(progress, total) as step:
+                results["environment"]["load_avg_1m_start"] = _loadavg()
+                if requests:
+                    wl = results["workloads"]["eval_throughput"] = {}  # filled in place: partial saves see it
+                    _run_eval(wl, be, names, requests, [it.gold for it in items], plan, eval_path, step, save)
+                if cases:
+                    wl = results["workloads"]["generation"] = {}
+                    _run_generation(wl, be, names, cases, plan, step, save)
+            results["status"] = "complete"
+        except KeyboardInterrupt:
+            results["status"] = "interrupted"
+            write_report(report, results)
+            raise
+        finally:
+            results["environment"]["load_avg_1m_end"] = _loadavg()
+        write_report(report, results)
+        return results
+    finally:
+        if hasattr(be, "close"):
+            be.close()  # stop vLLM workers / delete ONNX exports even on errors
+
+
+def _loadavg() -> float | None:
+    """1-minute system load average (other processes competing for the CPU skew timings)."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _run_eval(wl: dict, be, names, requests, golds: list[int], plan: BenchPlan, path: Path, step, save) -> dict:
+    """Fill ``wl`` (the eval_throughput workload record) repeat by repeat, calling ``save`` after each."""
+    n_ex = max(r.example for r in requests) + 1
+    wl |= {
+        "metric": "examples_per_s",
+        "dataset": path.name,
+        "examples": n_ex,
+        "sequences": len(requests),
+        "batch": plan.eval_batch,
+        "arms": {},
+    }
+    per_repeat: dict[str, list[float]] = {n: [] for n in names}
+    preds: dict[str, list[int]] = {}
+    for n in names:
+        for _ in range(plan.warmup):
+            out = be.eval_once(n, requests, plan.eval_batch)
+            preds[n] = out["pred"]
+            step(f"eval warm-up {n}")
+    for r in range(plan.repeats):
+        for n in _rotated(names, r):
+            out = be.eval_once(n, requests, plan.eval_batch)
+            preds[n] = out["pred"]
+            per_repeat[n].append(out["examples"] / out["seconds"])
+            step(f"eval repeat {r + 1} {n}")
+        wl["arms"] = {
+            n: {"examples_per_s": summarize(v), "samples": {"examples_per_s": v}} for n, v in per_repeat.items()
+        }
+        wl["ratios"] = pairwise_ratios(per_repeat, "examples_per_s")
+        save()
+    for n in names:
+        if n in preds:
+            wl["arms"][n]["accuracy"] = sum(int(p == g) for p, g in zip(preds[n], golds)) / n_ex
+    return wl
+
+
+def _run_generation(wl: dict, be, names, cases, plan: BenchPlan, step, save) -> dict:
+    """Fill ``wl`` (the generation workload record) case by case and repeat by repeat, saving after each."""
+    wl |= {"metric": "tokens_per_s", "max_new_tokens": plan.max_new_tokens, "cases": {}, "kv_cache": {}}
+    for n in names:
+        wl["kv_cache"][n] = be.kv_cache_check(n, cases[-1])
+    for case in cases:
+        samples = {n: {"ttft_ms": [], "e2e_ms": [], "tpot_ms": [], "itl_ms": []} for n in names}
+        for n in names:
+            for _ in range(plan.warmup):
+                be.generate_once(n, case)
+                step(f"{case.key} warm-up {n}")
+        c: dict = {"batch": case.batch, "prompt_len": case.prompt_len, "max_new_tokens": case.max_new_tokens}
+        for r in range(plan.repeats):
+            for n in _rotated(names, r):
+                out = be.generate_once(n, case)
+                if out["new_tokens"] != case.max_new_tokens:
+                    raise RuntimeError(
+                        f"arm {n} generated {out['new_tokens']} tokens, expected exactly {case.max_new_tokens}"
+                    )
+                s = samples[n]
+                s["ttft_ms"].append(out["ttft_s"] * 1e3)
+                s["e2e_ms"].append(out["e2e_s"] * 1e3)
+                s["tpot_ms"].append((out["e2e_s"] - out["ttft_s"]) / max(case.max_new_tokens - 1, 1) * 1e3)
+                s["itl_ms"].extend(x * 1e3 for x in out["itl_s"])
+                step(f"{case.key} repeat {r + 1} {n}")
+            c["arms"] = {n: _gen_summary(samples[n], case) for n in names if samples[n]["e2e_ms"]}
+            c["ratios"] = pairwise_ratios(
+                {n: c["arms"][n]["samples"]["tokens_per_s"] for n in c["arms"]}, "tokens_per_s"
+            )
+            c["ratios_by_metric"] = {
+                m: pairwise_ratios({n: c["arms"][n]["samples"][m] for n in c["arms"]}, m)
+                for m in ("prefill_tokens_per_s", "decode_tokens_per_s")
+            }
+            wl["cases"][case.key] = c
+            wl["ratios"] = combine_ratios([x["ratios"] for x in wl["cases"].values()], "tokens_per_s")
+            save()
+    return wl
+
+
+def _gen_summary(s: dict, case) -> dict:
+    b, L, N = case.batch, case.prompt_len, case.max_new_tokens
+    tps = [b * N / (e / 1e3) for e in s["e2e_ms"]]
+    prefill = [b * L / (t / 1e3) for t in s["ttft_ms"]]
+    decode = [b * (N - 1) / ((e - t) / 1e3) for e, t in zip(s["e2e_ms"], s["ttft_ms"]) if e > t and N > 1]
+    samples = {
+        "ttft_ms": s["ttft_ms"],
+        "e2e_ms": s["e2e_ms"],
+        "tpot_ms": s["tpot_ms"],
+        "itl_ms": s["itl_ms"],
+        "tokens_per_s": tps,
+        "prefill_tokens_per_s": prefill,
+        "decode_tokens_per_s": decode,
+    }
+    out = {k: summarize(v) for k, v in samples.items() if v}
+    out["samples"] = samples
+    return out

