@@ -16,7 +16,6 @@ manifest ``d2serve_merge.json``.
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 from d2serve import __version__
 from d2serve.adapters.io import Adapter, load_adapter, match_to_base
 from d2serve.adapters.methods import MergeMathError, get_method, row_norm
+from d2serve.sysinfo import peak_rss_bytes
 from d2serve.checkpoint import (
     DTYPE_NAMES,
     INDEX_FILE,
@@ -56,7 +56,7 @@ class MergeResult:
         manifest: the content of ``d2serve_merge.json``.
         seconds: wall time of the merge, in seconds.
         peak_rss_bytes: peak resident set size of this process so far, in bytes
-            (``getrusage``; run the merge in a fresh process to measure it alone).
+            (VmHWM; run the merge in a fresh process to measure it alone, as ``d2serve merge`` does).
     """
 
     out: Path
@@ -239,13 +239,13 @@ def merge(
                 "num_layers_merged": len(layer_stats),
                 "layers": layer_stats,
                 "merge_seconds": round(seconds, 3),
+                "peak_rss_bytes": peak_rss_bytes(),
             }
             write_json(tmp / MANIFEST_NAME, manifest)
     finally:
         if bar:
             bar.stop()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return MergeResult(out, manifest, time.perf_counter() - t0, peak)
+    return MergeResult(out, manifest, time.perf_counter() - t0, peak_rss_bytes())
 
 
 def read_manifest(merged: str | Path) -> dict:

@@ -8,25 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from d2serve.sysinfo import peak_rss_bytes
+
 KINDS = ("d2serve_merge", "plain_load_save", "full_model_load_save")
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak RSS in bytes: VmHWM from /proc/self/status (reset at exec, unlike ru_maxrss,
-    which a forked child inherits from its parent), else ``getrusage`` (Linux reports KiB)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _child(job: dict) -> dict:
@@ -34,7 +23,7 @@ def _child(job: dict) -> dict:
     import torch  # noqa: F401  - imported before the baseline RSS so every kind pays the same import cost
 
     base, out = Path(job["base"]), Path(job["out"])
-    rss_before = _peak_rss_bytes()
+    rss_before = peak_rss_bytes()
     t0 = time.perf_counter()
     if job["kind"] == "d2serve_merge":
         from d2serve.merge import merge
@@ -54,7 +43,7 @@ def _child(job: dict) -> dict:
     else:
         raise ValueError(f"unknown job kind {job['kind']!r}; expected one of {KINDS}")
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_rss_bytes": _peak_rss_bytes(), "rss_after_imports_bytes": rss_before}
+    return {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "rss_after_imports_bytes": rss_before}
 
 
 def run_job(

@@ -61,7 +61,7 @@ def render_markdown(results: dict) -> str:
         lines += [f"**Status: {results.get('status')}** (partial results)", ""]
     lines += [
         f"- CPU: {env.get('cpu_model')} ({env.get('logical_cpus')} logical CPUs), torch threads {env.get('torch_threads')}",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
         f"- date: {env.get('date')}, git: {env.get('git_sha')}",
         f"- system load average (1 min) at start/end: {_fmt(env.get('load_avg_1m_start'))} / "
         f"{_fmt(env.get('load_avg_1m_end'))} (above {env.get('logical_cpus')} means other processes competed "

@@ -1,0 +1,23 @@
+"""Process facts used in reports: peak resident memory."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS in bytes.
+
+    VmHWM from /proc/self/status (the kernel's RSS high-water mark of the current
+    address space, reset at exec), else ``getrusage`` (Linux reports KiB). Unlike
+    ``ru_maxrss``, VmHWM is not inherited from a parent that forked this process,
+    so a fresh child reports only its own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
