@@ -132,3 +132,37 @@ def test_threshold_override_turns_bf16_into_failure(setup):
                  **{**FAST, "tasks": "none"}, thresholds=["max_mean_kl=0"])
     assert not rep.passed
     assert any(f.startswith("logits[wikitext2]: mean KL") for f in rep.failures)
+
+
+def test_generation_comparison_matches_transformers_generate_and_ignores_eos(tiny_llama_dir):
+    """Greedy tokens equal HF generate's (EOS suppressed) and the first divergence is located exactly."""
+    import copy
+
+    from d2serve.models import load_hf_model, load_tokenizer
+    from d2serve.verify.generation import compare_generation, encode_prompt
+
+    tok = load_tokenizer(tiny_llama_dir)
+    a = load_hf_model(tiny_llama_dir)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.model.layers[1].mlp.down_proj.weight.mul_(1.05)
+    prompts = ["The quick brown fox", "Question: is fire cold?"]
+    res = compare_generation(a, b, tok, prompts, max_new_tokens=12, chat=False)
+
+    def hf(model, prompt):
+        ids = encode_prompt(tok, prompt, chat=False)
+        out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, repetition_penalty=None,
+                             suppress_tokens=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+        return out[0, ids.shape[1]:].tolist()
+
+    n_diverged = 0
+    for r, prompt in zip(res, prompts):
+        ra, rb = hf(a, prompt), hf(b, prompt)
+        assert r.n_tokens_a == r.n_tokens_b == 12
+        expected = next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None)
+        if tok.eos_token_id not in ra + rb:  # HF's suppressed EOS can only differ where greedy picked EOS
+            assert r.first_divergence == expected
+        n_diverged += r.first_divergence is not None
+    assert n_diverged >= 1  # the perturbation is visible: the comparison is not vacuous
+    same = compare_generation(a, a, tok, prompts, max_new_tokens=12, chat=False)
+    assert all(r.identical and r.n_tokens_a == 12 for r in same)

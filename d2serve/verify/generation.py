@@ -1,9 +1,11 @@
 """Greedy generation comparison under explicit settings.
 
-Decoding is an explicit loop (argmax of the last logits, KV cache, stop at
-the tokenizer's EOS or after ``max_new_tokens``): greedy, no repetition
-penalty, no sampling, and nothing is taken from ``generation_config.json``,
-so both models decode under exactly the same rule.
+Decoding is an explicit loop (argmax of the last logits, KV cache): greedy,
+no repetition penalty, no sampling, and nothing is taken from
+``generation_config.json``, so both models decode under exactly the same rule.
+By default EOS is ignored and exactly ``max_new_tokens`` tokens are compared,
+so a model that answers with an immediate EOS (common after task fine-tuning)
+still gets a non-vacuous comparison; the decoded text is cut at the first EOS.
 """
 
 from __future__ import annotations
@@ -76,25 +78,30 @@ class GenerationComparison:
 
 
 def compare_generation(model_a, model_b, tokenizer, prompts, max_new_tokens: int = 32,
-                       chat: bool | None = None) -> list[GenerationComparison]:
+                       chat: bool | None = None, ignore_eos: bool = True) -> list[GenerationComparison]:
     """Greedy-decode every prompt with both models and locate the first divergence.
 
     Args:
         chat: wrap prompts with the chat template; None -> only if the tokenizer has one.
+        ignore_eos: decode exactly ``max_new_tokens`` tokens past any EOS (default), else stop at EOS.
     """
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    stop_ids = set() if ignore_eos else eos_ids
+
+    def text(toks: list[int]) -> str:
+        cut = next((i for i, t in enumerate(toks) if t in eos_ids), len(toks))
+        return tokenizer.decode(toks[:cut], skip_special_tokens=True)
+
     results = []
     for prompt in prompts:
         ids = encode_prompt(tokenizer, prompt, chat)
-        a = greedy_tokens(model_a, ids, max_new_tokens, eos_ids)
-        b = greedy_tokens(model_b, ids, max_new_tokens, eos_ids)
+        a = greedy_tokens(model_a, ids, max_new_tokens, stop_ids)
+        b = greedy_tokens(model_b, ids, max_new_tokens, stop_ids)
         div = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if div is None and len(a) != len(b):
             div = min(len(a), len(b))
-        results.append(GenerationComparison(prompt, a == b, div, len(a), len(b),
-                                            tokenizer.decode(a, skip_special_tokens=True),
-                                            tokenizer.decode(b, skip_special_tokens=True)))
+        results.append(GenerationComparison(prompt, a == b, div, len(a), len(b), text(a), text(b)))
     return results
