@@ -197,3 +197,60 @@ def test_real_peft_lora_adapter_on_smollm2_matches_peft(smollm2_dir, shared_dir,
     assert worst < 1e-6
     assert not torch.equal(ours.get_tensor("model.layers.3.self_attn.q_proj.weight"),
                            Checkpoint(smollm2_dir).get_tensor("model.layers.3.self_attn.q_proj.weight").float())
+
+
+def test_rank_and_alpha_patterns_merge_like_peft(tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+
+    ad = _peft_adapter(tiny_llama_dir, tmp_path / "peft", rank_pattern={"k_proj": 2}, alpha_pattern={"down_proj": 3})
+    cfg = load_adapter(ad).config
+    assert cfg.rank_for("model.layers.0.self_attn.k_proj") == 2 and cfg.scale_for("model.layers.1.mlp.down_proj") == 0.75
+    merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "m", dtype="float32")
+    ours = load_file(str(tmp_path / "m" / "model.safetensors"))
+    peft_sd = PeftModel.from_pretrained(load_hf_model(tiny_llama_dir), str(ad)).merge_and_unload().state_dict()
+    for k, v in ours.items():
+        assert torch.allclose(v, peft_sd[k], rtol=0, atol=2e-6), k
+
+
+def test_learned_tau_overrides_config(tiny_llama_dir, d2_adapter, tmp_path):
+    from safetensors.torch import save_file
+
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_bytes((d2_adapter / "adapter_config.json").read_bytes())
+    t = load_file(str(d2_adapter / "adapter_model.safetensors"))
+    p = "base_model.model.model.layers.1.self_attn.v_proj"
+    t[f"{p}.d2_tau"] = torch.tensor(-0.25)
+    save_file(t, str(ad / "adapter_model.safetensors"), metadata={"format": "pt"})
+    merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "m", dtype="float32")
+    merged = load_file(str(tmp_path / "m" / "model.safetensors"))
+    base = load_file(str(tiny_llama_dir / "model.safetensors"))
+    f = {n: t[f"{p}.{n}.weight"] for n in ("lora_A_plus", "lora_B_plus", "lora_A_minus", "lora_B_minus")}
+    name = "model.layers.1.self_attn.v_proj.weight"
+    ref = reference_d2lora(base[name], f, 1.5, -0.25)
+    assert ((merged[name].double() - ref).abs().max() / ref.abs().max()) < RTOL_FP32
+    assert ((merged[name].double() - reference_d2lora(base[name], f, 1.5, 0.7)).abs().max() / ref.abs().max()) > 1e-3
+    with torch.no_grad():  # the unmerged layer uses the learned tau too
+        ids = torch.randint(0, 290, (1, 7), generator=torch.Generator().manual_seed(2))
+        diff = (load_hf_model(tmp_path / "m")(ids).logits - load_unmerged_model(tiny_llama_dir, ad)(ids).logits).abs().max()
+    assert diff < LOGITS_ATOL_FP32
+
+
+def test_modules_to_save_replace_base_tensors(tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = load_hf_model(tiny_llama_dir)
+    pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                          init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n or "lora_B" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    merge(base=tiny_llama_dir, adapter=tmp_path / "peft", out=tmp_path / "m", dtype="float32")
+    ours = load_file(str(tmp_path / "m" / "model.safetensors"))
+    ref = PeftModel.from_pretrained(load_hf_model(tiny_llama_dir), str(tmp_path / "peft")).merge_and_unload().state_dict()
+    base = load_file(str(tiny_llama_dir / "model.safetensors"))
+    assert not torch.equal(ours["lm_head.weight"], base["lm_head.weight"])
+    for k, v in ours.items():
+        assert torch.allclose(v, ref[k], rtol=0, atol=2e-6), k
