@@ -89,9 +89,35 @@ def read_safetensors_header(path: Path) -> dict:
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated: the header declares {8 + n + end} bytes, the file has {size}")
+    ranges = []
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (
+            isinstance(v, dict)
+            and isinstance(v.get("dtype"), str)
+            and isinstance(v.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v["shape"])
+            and isinstance(v.get("data_offsets"), list)
+            and len(v["data_offsets"]) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in v["data_offsets"])
+            and 0 <= v["data_offsets"][0] <= v["data_offsets"][1]
+        )
+        if not ok:
+            raise CheckpointError(
+                f"{path}: malformed header entry for tensor {name!r}: expected {{'dtype': str, 'shape': [int >= 0], "
+                f"'data_offsets': [begin, end] with 0 <= begin <= end}}, got {str(v)[:200]}"
+            )
+        ranges.append((v["data_offsets"][0], v["data_offsets"][1], name))
+    ranges.sort()
+    pos = 0
+    for begin, end, name in ranges:  # the data section must be tiled exactly, as safetensors itself requires
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else f"leaves a gap of {begin - pos} bytes"
+            raise CheckpointError(f"{path}: malformed header: tensor {name!r} at byte {begin} {what}")
+        pos = end
+    if 8 + n + pos > size:
+        raise CheckpointError(f"{path}: truncated: the header declares {8 + n + pos} bytes, the file has {size}")
     return header
 
 
@@ -243,16 +269,20 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no config.json; expected a Hugging Face checkpoint directory")
         try:
             self.config: dict = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg}: not valid JSON: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg}: not valid UTF-8 JSON: {e}") from e
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{cfg}: expected a JSON object, got {type(self.config).__name__}")
         index = self.path / INDEX_FILE
         self.index: dict | None = None
         if index.is_file():
             try:
                 self.index = json.loads(index.read_text())
                 weight_map: dict[str, str] = self.index["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: malformed index (expected a JSON object with 'weight_map'): {e}") from e
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) and v for v in weight_map.values())):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names (strings)")
             self.shards = list(dict.fromkeys(weight_map.values()))
         elif (self.path / SINGLE_FILE).is_file():
             weight_map = {}
@@ -267,7 +297,14 @@ class Checkpoint:
             p = self.path / shard
             if not p.is_file():
                 raise CheckpointError(f"{index}: names shard {shard}, which is not in {self.path}")
-            self.tensors.update(tensor_infos(p))
+            infos = tensor_infos(p)
+            dup = sorted(set(infos) & set(self.tensors))
+            if dup:
+                raise CheckpointError(
+                    f"{self.path}: tensor {dup[0]} is stored in both {self.tensors[dup[0]].shard} and {shard} "
+                    f"({len(dup)} duplicated); a checkpoint holds each tensor once"
+                )
+            self.tensors.update(infos)
         missing = [k for k, s in weight_map.items() if k not in self.tensors or self.tensors[k].shard != s]
         if missing:
             raise CheckpointError(f"{index}: {len(missing)} tensors of the weight_map are not in their shard, e.g. {missing[:3]}")
@@ -335,9 +372,14 @@ def prepare_output_dir(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()
         FileExistsError: ``out`` exists, is not empty, and ``overwrite`` is False.
         ValueError: ``out`` is (or contains, or lies inside) an input directory.
     """
-    out_r = out.resolve()
-    for inp in inputs:
-        inp_r = Path(inp).resolve()
+    try:
+        out_r = out.resolve()
+        resolved = [Path(inp).resolve() for inp in inputs]
+    except (RuntimeError, OSError) as e:  # symlink loops
+        raise ValueError(f"cannot resolve the output path {out}: {e}") from e
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is a file, not a directory; choose another output directory")
+    for inp, inp_r in zip(inputs, resolved):
         if out_r == inp_r or inp_r in out_r.parents or out_r in inp_r.parents:
             raise ValueError(f"output {out} overlaps the input {inp}; inputs are never modified, choose another --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

@@ -28,7 +28,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from d2serve.merge import WrongBaseError
 
     return (AdapterConfigError, AdapterError, MergeMathError, CheckpointError, WrongBaseError,
-            FileExistsError, FileNotFoundError, ValueError, KeyError)
+            OSError, ValueError, KeyError)
 
 
 def _mib(n: int) -> str:
@@ -137,6 +137,9 @@ def train_cmd(
     except _input_errors() as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
+    except FloatingPointError as e:
+        err_console.print(f"[red]training failed:[/red] {e}")
+        raise typer.Exit(1) from e
     console.print(f"trained {max_steps} steps in {res.seconds:.1f} s: loss {res.losses[0]:.3f} -> "
                   f"{sum(res.losses[-5:]) / len(res.losses[-5:]):.3f} (mean of last 5); adapter in {out}")
 

@@ -89,10 +89,16 @@ def read_records(path: str | Path) -> list[dict]:
     return rows
 
 
-def encode(tok, row: dict, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 on prompt tokens) of one record; the prompt is cut from the left."""
+def encode(tok, row: dict, max_length: int, where: str = "record") -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 on prompt tokens) of one record; the prompt is cut from the left.
+
+    Raises:
+        ValueError: the answer has no tokens (nothing to learn), naming ``where``.
+    """
     prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"]
     answer = tok(row["answer"], add_special_tokens=False)["input_ids"]
+    if not answer:
+        raise ValueError(f"{where}: field 'answer' is empty after tokenization; every record needs answer tokens")
     if tok.eos_token_id is not None:
         answer = answer + [tok.eos_token_id]
     answer = answer[:max_length]
@@ -144,7 +150,7 @@ def train(
          "target_modules": list(s.target_modules), "base_model_name_or_path": str(base)},
         source="train settings",
     )
-    if s.max_steps < 1 or s.batch_size < 1 or s.max_length < 8 or not s.lr > 0:
+    if s.max_steps < 1 or s.batch_size < 1 or s.max_length < 8 or not 0 < s.lr < float("inf"):
         raise ValueError(f"train settings out of range: max_steps={s.max_steps}, batch_size={s.batch_size}, "
                          f"max_length={s.max_length}, lr={s.lr} (need >=1, >=1, >=8, >0)")
     rows = read_records(data)
@@ -153,6 +159,7 @@ def train(
     torch.manual_seed(s.seed)
     tok = load_tokenizer(base)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    encoded = [encode(tok, r, s.max_length, where=f"{data}: record {i + 1}") for i, r in enumerate(rows)]
     model = load_hf_model(base, torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -177,8 +184,12 @@ def train(
                 rng.shuffle(fresh)
                 order += fresh
             idx, order = order[: s.batch_size], order[s.batch_size :]
-            batch = _batch([encode(tok, rows[i], s.max_length) for i in idx], pad_id)
+            batch = _batch([encoded[i] for i in idx], pad_id)
             loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training diverged at step {step}: loss {loss.item()} (lr={s.lr}); nothing was written to {out}"
+                )
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

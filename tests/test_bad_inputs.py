@@ -211,3 +211,87 @@ def test_cli_exit_code_2_and_message(tiny_llama_dir, adapter, tmp_path):
     assert res.exit_code == 2
     assert "missing required field 'tau'" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def _rewrite_header(path: Path, fn) -> None:
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    fn(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h.__setitem__("model.layers.0.self_attn.q_proj.weight", 5), r"malformed header entry for tensor 'model\.layers\.0\.self_attn\.q_proj\.weight'"),
+    (lambda h: h["model.layers.0.mlp.down_proj.weight"].__setitem__("shape", [-64, -96]), r"malformed header entry"),
+    (lambda h: h["model.layers.0.mlp.up_proj.weight"].__setitem__("data_offsets", h["model.layers.0.mlp.gate_proj.weight"]["data_offsets"]), r"overlaps the previous tensor"),
+], ids=["entry-not-object", "negative-shape", "overlapping-ranges"])
+def test_malformed_base_header(tiny_llama_dir, adapter, tmp_path, edit, match):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    _rewrite_header(base / "model.safetensors", edit)
+    expect_refused(base, adapter, tmp_path / "out", CheckpointError, match)
+
+
+def test_duplicated_tensor_across_shards_and_bad_index(tiny_llama_dir, adapter, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(base, max_shard_size="100KB")
+    shards = sorted(base.glob("model-*.safetensors"))
+    first = load_file(str(shards[0]))
+    last = load_file(str(shards[-1]))
+    name = next(iter(last))
+    first[name] = torch.zeros_like(last[name])
+    save_file(first, str(shards[0]), metadata={"format": "pt"})
+    expect_refused(base, adapter, tmp_path / "out", CheckpointError, rf"tensor {name} is stored in both")
+    (base / "model.safetensors.index.json").write_text('{"weight_map": {"a": 5}}')
+    expect_refused(base, adapter, tmp_path / "out", CheckpointError, r"'weight_map' must map tensor names")
+
+
+def test_invalid_pattern_regex_and_unselected_layers(tiny_llama_dir, adapter, tmp_path):
+    edit_config(adapter, lambda c: c.__setitem__("rank_pattern", {"q_proj(": 4}))
+    expect_refused(tiny_llama_dir, adapter, tmp_path / "out", AdapterConfigError, r"rank_pattern' key 'q_proj\(' is not a valid regex")
+    edit_config(adapter, lambda c: (c.__setitem__("rank_pattern", {}), c.__setitem__("target_modules", ["q_proj"])))
+    expect_refused(tiny_llama_dir, adapter, tmp_path / "out", AdapterError, r"6 adapter layers are not selected by target_modules")
+
+
+def test_one_dimensional_factor(tiny_llama_dir, adapter, tmp_path):
+    edit_tensors(adapter, lambda t: t.__setitem__(f"{P}.lora_A_plus.weight", t[f"{P}.lora_A_plus.weight"].reshape(-1)))
+    expect_refused(tiny_llama_dir, adapter, tmp_path / "out", AdapterError, r"factors must be 2-D matrices, got lora_A_plus \(256,\)")
+
+
+def test_bf16_stored_fingerprint_is_not_a_false_wrong_base(tiny_llama_dir, adapter, tmp_path):
+    edit_tensors(adapter, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    merge(base=tiny_llama_dir, adapter=adapter, out=tmp_path / "out")
+
+
+def test_output_path_that_is_a_file_or_a_symlink_loop(tiny_llama_dir, adapter, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(FileExistsError, match="is a file, not a directory"):
+        merge(base=tiny_llama_dir, adapter=adapter, out=f, overwrite=True)
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    with pytest.raises(ValueError, match="cannot resolve the output path"):
+        merge(base=tiny_llama_dir, adapter=adapter, out=tmp_path / "loopA")
+
+
+def test_diverging_training_writes_nothing(tiny_llama_dir, tmp_path):
+    from d2serve.train import TrainSettings, train
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Question: is fire cold?", "answer": " no"}) + "\n")
+    with pytest.raises(FloatingPointError, match="training diverged"):
+        train(base=tiny_llama_dir, out=tmp_path / "ad", data=data,
+              settings=TrainSettings(r=2, max_steps=3, batch_size=1, lr=1e30, max_length=16))
+    assert not (tmp_path / "ad").exists()
+    with pytest.raises(ValueError, match=r"lr=inf"):
+        train(base=tiny_llama_dir, out=tmp_path / "ad", data=data, settings=TrainSettings(lr=float("inf")))
+    data.write_text(json.dumps({"prompt": "", "answer": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl: record 1: field 'answer' is empty"):
+        train(base=tiny_llama_dir, out=tmp_path / "ad", data=data, settings=TrainSettings(r=2, max_steps=1))

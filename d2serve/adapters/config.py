@@ -220,15 +220,24 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> AdapterConfig
     for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
         pat = raw.get(name) or {}
         if not isinstance(pat, dict) or not all(
-            isinstance(v, kind) and not isinstance(v, bool) and v > 0 for v in pat.values()
+            isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in pat.values()
         ):
             problems.append(f"field '{name}' must map module patterns to positive numbers, got {pat!r}")
+            continue
+        for key in pat:
+            try:
+                re.compile(key)
+            except re.error as e:
+                problems.append(f"field '{name}' key {key!r} is not a valid regex: {e}")
     mts = raw.get("modules_to_save") or []
     if not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
         problems.append(f"field 'modules_to_save' must be a list of module names, got {mts!r}")
     for flag in ("use_rslora", "use_dora"):
         if flag in raw and raw[flag] is not None and not isinstance(raw[flag], bool):
             problems.append(f"field '{flag}' must be true or false, got {raw[flag]!r}")
+    bm = raw.get("base_model_name_or_path")
+    if bm is not None and not isinstance(bm, str):
+        problems.append(f"field 'base_model_name_or_path' must be a string, got {bm!r}")
     if peft_type == "D2LORA" and raw.get("use_dora"):
         problems.append("field 'use_dora' is not valid for peft_type D2LORA")
 

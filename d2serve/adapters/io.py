@@ -183,6 +183,9 @@ def load_adapter(path: str | Path) -> Adapter:
 def _check_shapes(module: str, t: dict[str, torch.Tensor], r: int, method: str) -> list[str]:
     problems = []
     pairs = [("lora_A_plus", "lora_B_plus"), ("lora_A_minus", "lora_B_minus")] if method == "d2lora" else [("lora_A", "lora_B")]
+    not_2d = [f"{n} {tuple(t[n].shape)}" for pair in pairs for n in pair if t[n].dim() != 2]
+    if not_2d:
+        return [f"module {module}: factors must be 2-D matrices, got {', '.join(not_2d)}"]
     a0, b0 = t[pairs[0][0]], t[pairs[0][1]]
     for a_name, b_name in pairs:
         a, b = t[a_name], t[b_name]
@@ -251,6 +254,12 @@ def match_to_base(adapter: Adapter, base: Checkpoint) -> dict[str, str]:
         problems.append(
             f"matched {len(adapter.layers) - len(unmatched)} of {len(adapter.layers)} adapter layers to base modules; "
             f"unmatched: " + "; ".join(lines)
+        )
+    unselected = [m for m in adapter.layers if not adapter.config.targets(m)]
+    if unselected:
+        problems.append(
+            f"{len(unselected)} adapter layers are not selected by target_modules {adapter.config.target_modules!r} "
+            f"(PEFT would ignore their tensors), e.g. {unselected[:3]}"
         )
     targeted = [m for m in linear if adapter.config.targets(m) and m != "model.embed_tokens"]
     starving = [m for m in targeted if m not in adapter.layers]

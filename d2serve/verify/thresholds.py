@@ -67,7 +67,7 @@ def parse_thresholds(overrides: dict[str, float] | list[str] | None, base: Thres
             fv = float(v)
         except (TypeError, ValueError) as e:
             raise ValueError(f"threshold {k}={v!r}: expected a number") from e
-        if fv < 0:
-            raise ValueError(f"threshold {k}={fv}: must be >= 0")
+        if not fv >= 0 or fv == float("inf"):
+            raise ValueError(f"threshold {k}={v}: must be a finite number >= 0")
         out[k] = fv
     return replace(base, **out)
