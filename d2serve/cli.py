@@ -133,7 +133,8 @@ def train_cmd(
                       max_length=max_length, lr=lr, seed=seed,
                       target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
     try:
-        res = train(base=base, out=out, data=data or DEFAULT_DATA, settings=s, overwrite=overwrite, progress=True)
+        res = train(base=base, out=out, data=data or DEFAULT_DATA, settings=s, overwrite=overwrite,
+                    log=lambda m: console.print(m))
     except _input_errors() as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e

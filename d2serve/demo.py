@@ -108,7 +108,7 @@ def run_demo(workdir: str | Path, *, max_steps: int = 20, dtype: str = "bfloat16
         log(f"[1/4] writing SmolLM2-135M-Instruct (bfloat16) to {base}")
         write_smollm2(base, "bfloat16", overwrite=True)
     log(f"[2/4] training D2-LoRA for {max_steps} steps on the bundled BoolQ sample")
-    t = train(base=base, out=adapter, settings=TrainSettings(max_steps=max_steps), overwrite=True, progress=True)
+    t = train(base=base, out=adapter, settings=TrainSettings(max_steps=max_steps), overwrite=True, log=log)
     res.train_seconds, res.final_loss = t.seconds, sum(t.losses[-5:]) / len(t.losses[-5:])
     ckpt = Checkpoint(base)
     res.largest_shard_bytes = max((base / s).stat().st_size for s in ckpt.shards)

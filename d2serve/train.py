@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,7 @@ def train(
     settings: TrainSettings | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train a D2-LoRA adapter on ``base`` (float32, CPU) and write it to ``out``.
 
@@ -139,6 +141,8 @@ def train(
         settings: :class:`TrainSettings`.
         overwrite: replace a non-empty ``out``.
         progress: show a rich progress bar.
+        log: called with a "step k/N: loss ..., s/step" line about every tenth step
+            (progress that survives redirected output).
 
     Raises:
         FileNotFoundError / ValueError: bad data file or settings.
@@ -194,6 +198,10 @@ def train(
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            every = max(1, s.max_steps // 10)
+            if log and ((step + 1) % every == 0 or step + 1 == s.max_steps):
+                per_step = (time.perf_counter() - t0) / (step + 1)
+                log(f"  step {step + 1}/{s.max_steps}: loss {losses[-1]:.4f} ({per_step:.1f} s/step)")
             if bar:
                 bar.update(task, advance=1, description=f"training (loss {losses[-1]:.3f})")
     finally:

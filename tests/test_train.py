@@ -90,3 +90,21 @@ def test_bad_training_data_names_file_and_line(tmp_path):
     p.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"d\.jsonl:2: expected an object with string fields"):
         read_records(p)
+
+
+@pytest.mark.real
+def test_demo_end_to_end_on_smollm2(smollm2_dir, tmp_path):
+    """The main job (README's first command) on the real SmolLM2, shortened to 2 training steps."""
+    import shutil
+
+    from d2serve.demo import run_demo
+
+    shutil.copytree(smollm2_dir, tmp_path / "base")  # reused by the demo instead of rebuilding from the GGUF
+    lines: list[str] = []
+    res = run_demo(tmp_path, max_steps=2, log=lines.append)
+    assert res.passed and any("step 2/2" in m for m in lines)
+    assert res.max_rel_err_vs_fp64["float32"] < 1e-6 and res.layers_beyond_rounding == {"float32": 0, "bfloat16": 0}
+    assert res.probe["float32"]["top1_agreement"] == 1.0 and res.probe["float32"]["max_abs_logit_diff"] < 1e-3
+    assert 0 < res.probe["bfloat16"]["mean_kl"] < 1e-2
+    assert res.merge_peak_rss_bytes["bfloat16"] < 3 * res.largest_shard_bytes
+    assert json.loads((tmp_path / "demo.json").read_text())["passed"] is True

@@ -22,6 +22,8 @@ from .environment import environment
 from .ratios import combine_ratios, pairwise_ratios
 from .report import SCHEMA_VERSION, write_bench_json, write_report
 from .timing import summarize
+from d2serve.verify.data import resolve_data_dir
+
 from .workloads import (
     DEFAULT_EVAL_DATA,
     FULL_PLAN,
@@ -145,7 +147,7 @@ def bench(
             "comparability": {},
             "workloads": {},
         }
-        eval_path = Path(eval_data) if eval_data else DEFAULT_EVAL_DATA
+        eval_path = Path(eval_data) if eval_data else resolve_data_dir() / DEFAULT_EVAL_DATA
         requests, items = None, []
         if "eval" in workloads and not getattr(be, "supports_eval", True):
             results["skipped"] = {"eval": f"the {backend} backend does not run the eval-throughput workload"}

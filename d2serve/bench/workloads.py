@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_EVAL_DATA = Path("/work/shared/data/ARC-Easy/ARC-Easy-Test.jsonl")
+DEFAULT_EVAL_DATA = Path("ARC-Easy/ARC-Easy-Test.jsonl")  # relative to the evaluation data folder
 
 # Neutral filler for generation prompts; content does not matter with fixed output lengths.
 _PROMPT_TEXT = (
