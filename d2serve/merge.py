@@ -92,21 +92,59 @@ def _cast_checked(name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return out
 
 
-def _layer_stats(w0: torch.Tensor, merged64: torch.Tensor, out: torch.Tensor, dw: torch.Tensor, scale) -> dict:
-    w0_64 = w0.double()
-    changed = merged64 != w0_64
-    same_after_cast = out == w0.to(out.dtype)
-    n_changed = int(changed.sum())
-    err = (out.double() - merged64).abs()
-    return {
-        "shape": list(w0.shape),
-        "delta_norm_ratio": float(torch.linalg.norm(dw) / torch.linalg.norm(w0_64)),
-        "scale_min": float(scale.min()) if scale is not None else None,
-        "scale_max": float(scale.max()) if scale is not None else None,
-        "frac_unchanged_by_cast": float((same_after_cast & changed).sum() / max(n_changed, 1)),
-        "cast_max_abs_err": float(err.max()),
-        "cast_max_rel_err": float(err.max() / merged64.abs().max()),
-    }
+class _LayerStats:
+    """Per-layer merge statistics accumulated over row blocks (all from float64 values)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = list(shape)
+        self.dw_sq = self.w0_sq = 0.0
+        self.scale_min, self.scale_max = float("inf"), float("-inf")
+        self.n_changed = self.n_lost = 0
+        self.max_err = self.max_abs = 0.0
+
+    def add(self, w0: torch.Tensor, merged64: torch.Tensor, out: torch.Tensor, dw: torch.Tensor, scale) -> None:
+        """Account one row block: W0 (stored dtype), W_hat (float64), its cast, dW (float64), row scale or None."""
+        self.dw_sq += float(dw.pow(2).sum())
+        self.w0_sq += float(w0.double().pow(2).sum())
+        if scale is not None:
+            self.scale_min, self.scale_max = min(self.scale_min, float(scale.min())), max(self.scale_max, float(scale.max()))
+        changed = merged64 != w0
+        self.n_changed += int(changed.sum())
+        self.n_lost += int((changed & (out == w0.to(out.dtype))).sum())
+        self.max_err = max(self.max_err, float((out.double() - merged64).abs().max()))
+        self.max_abs = max(self.max_abs, float(merged64.abs().max()))
+
+    def to_json(self) -> dict:
+        """The manifest entry of the layer."""
+        return {
+            "shape": self.shape,
+            "delta_norm_ratio": (self.dw_sq / self.w0_sq) ** 0.5 if self.w0_sq else float("inf"),
+            "scale_min": self.scale_min if self.scale_min != float("inf") else None,
+            "scale_max": self.scale_max if self.scale_max != float("-inf") else None,
+            "frac_unchanged_by_cast": self.n_lost / max(self.n_changed, 1),
+            "cast_max_abs_err": self.max_err,
+            "cast_max_rel_err": self.max_err / self.max_abs if self.max_abs else 0.0,
+        }
+
+
+ROW_BLOCK_ELEMENTS = 1 << 18  # float64 temporaries of ~2 MiB per row block: memory flat, cache friendly
+
+
+def _merge_layer(target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """Merge one (out, in) weight in row blocks (every formula is row-wise); return its cast and its stats."""
+    out = torch.empty(w.shape, dtype=out_dtype)
+    stats = _LayerStats(w.shape)
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], rows):
+        end = min(start + rows, w.shape[0])
+        fb = f.row_block(start, end, method.row_factors)
+        w64 = w[start:end].double()
+        dw = method.delta(fb, torch.float64)
+        merged64 = method.merged_weight(w64, fb, torch.float64, dw=dw)
+        cast = _cast_checked(target, merged64, out_dtype)
+        stats.add(w64, merged64, cast, dw, method.row_scale(w64, dw, fb) if method.row_scale else None)
+        out[start:end] = cast
+    return out, stats.to_json()
 
 
 def _check_fingerprint(module: str, w0: torch.Tensor, magnitude: torch.Tensor, base: Path, rtol: float) -> None:
@@ -196,12 +234,7 @@ def merge(
                             f = adp.layers[module]
                             if f.magnitude is not None:
                                 _check_fingerprint(module, w, f.magnitude, ckpt.path, magnitude_rtol)
-                            w64 = w.double()
-                            dw = method.delta(f, torch.float64)
-                            merged64 = method.merged_weight(w64, f, torch.float64, dw=dw)
-                            t = _cast_checked(target, merged64, out_dtype)
-                            scale = method.row_scale(w64, dw, f) if method.row_scale else None
-                            layer_stats[module] = _layer_stats(w, merged64, t, dw, scale)
+                            t, layer_stats[module] = _merge_layer(target, w, f, method, out_dtype)
                         elif target in adp.modules_to_save:
                             t = _cast_checked(target, adp.modules_to_save[target].double(), out_dtype)
                         else:

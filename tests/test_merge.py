@@ -254,3 +254,19 @@ def test_modules_to_save_replace_base_tensors(tiny_llama_dir, tmp_path):
     assert not torch.equal(ours["lm_head.weight"], base["lm_head.weight"])
     for k, v in ours.items():
         assert torch.allclose(v, ref[k], rtol=0, atol=2e-6), k
+
+
+@pytest.mark.parametrize("method", ["d2lora", "dora"])
+def test_row_block_merge_equals_whole_tensor_merge(tiny_llama_dir, tmp_path, monkeypatch, method):
+    """Merging in row blocks (1-3 rows here) gives the same bytes and statistics as one block per tensor."""
+    import d2serve.merge as merge_mod
+
+    ad = random_adapter(tiny_llama_dir, tmp_path / "ad", method=method, target_modules=ALL_LINEAR, std=0.2, seed=9)
+    whole = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "whole", dtype="bfloat16")
+    monkeypatch.setattr(merge_mod, "ROW_BLOCK_ELEMENTS", 150)  # 2 rows of 64 inputs, 1 row of 96
+    blocks = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "blocks", dtype="bfloat16")
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "blocks" / "model.safetensors").read_bytes()
+    for module, st in whole.manifest["layers"].items():
+        other = blocks.manifest["layers"][module]
+        for key, v in st.items():
+            assert v == pytest.approx(other[key], rel=1e-9), (module, key)

@@ -56,6 +56,16 @@ class LayerFactors:
     magnitude: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
+    def row_block(self, start: int, end: int, row_factors: tuple[str, ...]) -> LayerFactors:
+        """The factors of output rows [start, end): ``row_factors`` and ``magnitude`` sliced, A factors shared.
+
+        Every formula here is row-wise (row i of W_hat depends on row i of W0, of the B
+        factors and of the magnitudes only), so merging row blocks gives the same values.
+        """
+        tensors = {n: (t[start:end] if n in row_factors else t) for n, t in self.tensors.items()}
+        mag = self.magnitude[start:end] if self.magnitude is not None else None
+        return LayerFactors(self.module, tensors, self.scale, self.tau, mag, self.extra)
+
     @property
     def rank(self) -> int:
         """Rank r of the factors (rows of ``lora_A`` / ``lora_A_plus``)."""
@@ -160,6 +170,8 @@ class Method:
 
     ``row_scale(W0, dW, factors)`` returns the per-output-row rescaling (out,)
     the method applies (None for plain LoRA); used only for merge statistics.
+    ``row_factors`` names the factors indexed by output row (B factors,
+    magnitudes), so the engine can merge a weight in row blocks.
     """
 
     name: str
@@ -167,17 +179,20 @@ class Method:
     delta: Callable[[LayerFactors, torch.dtype], torch.Tensor]
     merged_weight: Callable[..., torch.Tensor]
     row_scale: Callable[[torch.Tensor, torch.Tensor, LayerFactors], torch.Tensor] | None = None
+    row_factors: tuple[str, ...] = ()
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method("lora", ("lora_A", "lora_B"), lora_delta, lora_merged),
-    "dora": Method("dora", ("lora_A", "lora_B", "lora_magnitude_vector"), lora_delta, dora_merged, dora_scale),
+    "lora": Method("lora", ("lora_A", "lora_B"), lora_delta, lora_merged, row_factors=("lora_B",)),
+    "dora": Method("dora", ("lora_A", "lora_B", "lora_magnitude_vector"), lora_delta, dora_merged, dora_scale,
+                   row_factors=("lora_B", "lora_magnitude_vector")),
     "d2lora": Method(
         "d2lora",
         ("lora_A_plus", "lora_B_plus", "lora_A_minus", "lora_B_minus"),
         d2lora_delta,
         d2lora_merged,
         lambda w0, dw, f: d2lora_scale(w0, dw),
+        row_factors=("lora_B_plus", "lora_B_minus"),
     ),
 }
 
