@@ -381,7 +381,7 @@ def prepare_output_dir(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()
         raise FileExistsError(f"{out} exists and is a file, not a directory; choose another output directory")
     for inp, inp_r in zip(inputs, resolved):
         if out_r == inp_r or inp_r in out_r.parents or out_r in inp_r.parents:
-            raise ValueError(f"output {out} overlaps the input {inp}; inputs are never modified, choose another --out")
+            raise ValueError(f"output {out} overlaps the input {inp}; inputs are never modified, choose another output directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
 

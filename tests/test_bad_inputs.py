@@ -295,3 +295,12 @@ def test_diverging_training_writes_nothing(tiny_llama_dir, tmp_path):
     data.write_text(json.dumps({"prompt": "", "answer": ""}) + "\n")
     with pytest.raises(ValueError, match=r"d\.jsonl: record 1: field 'answer' is empty"):
         train(base=tiny_llama_dir, out=tmp_path / "ad", data=data, settings=TrainSettings(r=2, max_steps=1))
+
+
+def test_non_utf8_training_data_names_the_file(tmp_path):
+    from d2serve.train import read_records
+
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"prompt": "caf\xe9", "answer": " yes"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl: not UTF-8 text"):
+        read_records(p)
