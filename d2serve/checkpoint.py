@@ -328,10 +328,6 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no floating-point tensors")
         return max(counts, key=counts.get)
 
-    def shard_tensors(self, shard: str) -> list[str]:
-        """Names of the tensors stored in one shard, in file order."""
-        return [k for k, v in self.tensors.items() if v.shard == shard]
-
     def get_tensor(self, name: str) -> torch.Tensor:
         """Read one tensor by name with a positioned read of its byte range (only it becomes resident).
 

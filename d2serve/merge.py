@@ -130,8 +130,13 @@ class _LayerStats:
 ROW_BLOCK_ELEMENTS = 1 << 18  # float64 temporaries of ~2 MiB per row block: memory flat, cache friendly
 
 
-def _merge_layer(target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
-    """Merge one (out, in) weight in row blocks (every formula is row-wise); return its cast and its stats."""
+def _merge_layer(
+    target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype, check_fingerprint=None
+) -> tuple[torch.Tensor, dict]:
+    """Merge one (out, in) weight in row blocks (every formula is row-wise); return its cast and its stats.
+
+    ``check_fingerprint(W0 rows float64, d2_magnitude rows)`` runs on each block that carries a magnitude.
+    """
     out = torch.empty(w.shape, dtype=out_dtype)
     stats = _LayerStats(w.shape)
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
@@ -139,6 +144,8 @@ def _merge_layer(target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype
         end = min(start + rows, w.shape[0])
         fb = f.row_block(start, end, method.row_factors)
         w64 = w[start:end].double()
+        if check_fingerprint is not None and fb.magnitude is not None:
+            check_fingerprint(w64, fb.magnitude)
         dw = method.delta(fb, torch.float64)
         merged64 = method.merged_weight(w64, fb, torch.float64, dw=dw)
         cast = _cast_checked(target, merged64, out_dtype)
@@ -148,6 +155,7 @@ def _merge_layer(target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype
 
 
 def _check_fingerprint(module: str, w0: torch.Tensor, magnitude: torch.Tensor, base: Path, rtol: float) -> None:
+    """Refuse a base whose rows' norms differ from the adapter's ``d2_magnitude`` (rows of W0 and magnitude alike)."""
     norms = row_norm(w0.double())
     rtol = max(rtol, 2 * torch.finfo(magnitude.dtype).eps)  # a fingerprint stored in bf16 is only that precise
     rel = ((norms - magnitude.double()).abs() / norms.clamp_min(1e-30)).max()
@@ -231,10 +239,10 @@ def merge(
                         src, module = outputs[target]
                         w = ckpt.get_tensor(src)
                         if module is not None:
-                            f = adp.layers[module]
-                            if f.magnitude is not None:
-                                _check_fingerprint(module, w, f.magnitude, ckpt.path, magnitude_rtol)
-                            t, layer_stats[module] = _merge_layer(target, w, f, method, out_dtype)
+                            t, layer_stats[module] = _merge_layer(
+                                target, w, adp.layers[module], method, out_dtype,
+                                lambda rows, mag, m=module: _check_fingerprint(m, rows, mag, ckpt.path, magnitude_rtol),
+                            )
                         elif target in adp.modules_to_save:
                             t = _cast_checked(target, adp.modules_to_save[target].double(), out_dtype)
                         else:
