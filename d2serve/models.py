@@ -1,6 +1,7 @@
 """Build in-memory models: a plain HF checkpoint, or a base with an adapter applied on the fly (unmerged).
 
-Everything loads offline from local directories; safetensors only.
+Everything loads offline from local directories; safetensors only. Models are
+read on the CPU and then moved to ``device`` (see :func:`resolve_device`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,37 @@ import torch
 
 from d2serve.adapters.io import Adapter, load_adapter, match_to_base
 from d2serve.checkpoint import Checkpoint
+from d2serve.errors import InputError
+
+
+def resolve_device(device: str | None) -> str:
+    """Validate a device name and return it in canonical form.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or None / ``"auto"`` for the default:
+            ``"cuda"`` when ``torch.cuda.is_available()``, else ``"cpu"``.
+
+    Returns:
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Raises:
+        InputError: an unknown device name, or a CUDA device this machine does not have (names the device).
+    """
+    if device is None or str(device).strip().lower() == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = str(device).strip().lower()
+    if name == "cpu":
+        return name
+    head, sep, idx = name.partition(":")
+    if head != "cuda" or (sep and not idx.isdigit()):
+        raise InputError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise InputError(f"device {device!r} is not available: torch {torch.__version__} sees no CUDA device "
+                         "(use device cpu)")
+    n = torch.cuda.device_count()
+    if idx and int(idx) >= n:
+        raise InputError(f"device {device!r} is not available: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    return name
 
 
 def load_tokenizer(path: str | Path):
@@ -20,8 +52,8 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a local HF causal-LM checkpoint in ``dtype``, in eval mode, offline.
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a local HF causal-LM checkpoint in ``dtype``, in eval mode, offline, on ``device``.
 
     Raises:
         CheckpointError: the directory is not a safetensors HF checkpoint.
@@ -30,11 +62,12 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
     Checkpoint(path)  # clear errors before transformers' own
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True, use_safetensors=True)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def load_unmerged_model(
-    base: str | Path, adapter: str | Path | Adapter, dtype: torch.dtype = torch.float32, cache_scale: bool = False
+    base: str | Path, adapter: str | Path | Adapter, dtype: torch.dtype = torch.float32, cache_scale: bool = False,
+    device: str = "cpu",
 ):
     """The base model with the adapter applied on the fly (the unmerged forward), eval mode.
 
@@ -47,6 +80,7 @@ def load_unmerged_model(
         adapter: adapter directory or loaded :class:`Adapter`.
         dtype: dtype of the model and factors (float32 for fidelity checks).
         cache_scale: D2LORA only: compute s = m / ||W0 + dW|| once (inference).
+        device: where the model runs ("cpu", "cuda", "cuda:N"); built on the CPU, then moved.
 
     Raises:
         AdapterError: the adapter does not fit the base (see :func:`match_to_base`).
@@ -60,14 +94,22 @@ def load_unmerged_model(
         from peft import PeftModel
 
         if adp.path is None:
-            raise ValueError("a PEFT adapter must be given as a directory")
-        return PeftModel.from_pretrained(model, str(adp.path), is_trainable=False).eval()
+            raise InputError("a PEFT adapter must be given as a directory")
+        return PeftModel.from_pretrained(model, str(adp.path), is_trainable=False).to(device).eval()
+    from d2serve.architecture import tie_plan
+
+    ties = tie_plan(Checkpoint(base), adp)
+    if ties.tied_base and not ties.tied_out:  # as PEFT: only the adapted end of a tied embedding changes
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
     inject_d2lora(model, adp.config, adp.layers)
     if adp.modules_to_save:
         sd = model.state_dict()
         with torch.no_grad():
             for name, t in adp.modules_to_save.items():
                 sd[name].copy_(t.to(sd[name].dtype))
+    model.to(device)
     if cache_scale:
         for layer in d2lora_layers(model).values():
             layer.cache_scale()

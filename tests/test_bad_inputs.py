@@ -55,7 +55,7 @@ def expect_refused(base: Path, adapter: Path, out: Path, exc, match: str, **kw) 
     with pytest.raises(exc, match="(?s)" + match):
         merge(base=base, adapter=adapter, out=out, **kw)
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no temp dir left
     assert (tree_hash(base), tree_hash(adapter)) == before
 
 
@@ -188,7 +188,7 @@ def test_non_empty_output_needs_overwrite(tiny_llama_dir, adapter, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="replaced only with overwrite"):
         merge(base=tiny_llama_dir, adapter=adapter, out=out)
     assert (out / "keep.txt").read_text() == "user data"
     merge(base=tiny_llama_dir, adapter=adapter, out=out, overwrite=True)

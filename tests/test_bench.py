@@ -158,8 +158,11 @@ def test_quick_run_writes_report_with_stable_keys(tiny_arms, mc_file, tmp_path):
     from d2serve.cli import app
 
     rep = tmp_path / "report"
+    data = tmp_path / "data"  # --data DIR: verify's folder layout; the eval workload reads ARC-Easy/ARC-Easy-Test.jsonl
+    (data / "ARC-Easy").mkdir(parents=True)
+    (data / "ARC-Easy" / "ARC-Easy-Test.jsonl").write_bytes(mc_file.read_bytes())
     args = ["bench", "--base", str(base), "--adapter", str(adapter), "--merged", str(merged), "--report", str(rep),
-            "--quick", "--eval-data", str(mc_file), "--batches", "1,2", "--prompt-lens", "12", "--max-new-tokens", "5",
+            "--quick", "--data", str(data), "--batches", "1,2", "--prompt-lens", "12", "--max-new-tokens", "5",
             "--repeats", "2"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output

@@ -13,8 +13,8 @@ import torch
 
 pytestmark = pytest.mark.onnx
 
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
+import onnx  # noqa: E402  (pinned: a missing package must fail, not skip)
+import onnxruntime as ort  # noqa: E402
 
 
 def _hf(path: Path):
@@ -145,7 +145,7 @@ def test_plain_manifest_lists_every_file_with_sha256(plain_tied):
         assert f["size_bytes"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
     assert man["total_size_bytes"] == sum(f["size_bytes"] for f in man["files"])
     assert man["export_s"] > 0 and man["decode_tokens_per_s"] is None
-    assert not list(out.parent.glob(".onnx.tmp-*")), "temporary directory left behind"
+    assert not list(out.parent.glob(".onnx.*")), "temporary directory left behind"
 
 
 def test_plain_folder_moved_opens_from_another_cwd(plain_tied, tmp_path, monkeypatch):
@@ -235,7 +235,7 @@ def test_bad_inputs_exit_2(tiny_llama_dir, tmp_path):
     full.mkdir()
     (full / "keep.txt").write_text("x")
     res = runner.invoke(app, ["export", "onnx", "--merged", str(tiny_llama_dir), "--out", str(full), "--target", "plain"])
-    assert res.exit_code == 2 and "--overwrite" in res.output
+    assert res.exit_code == 2 and "replaced only with overwrite" in res.output.replace("\n", " ")
     assert (full / "keep.txt").read_text() == "x"
 
 
@@ -259,7 +259,6 @@ def _og_greedy(folder: Path, ids: list[int], n: int) -> list[int]:
 
 def test_genai_fp32_tiny_tied_identical_greedy_tokens(tiny_llama_tied_dir, tmp_path, monkeypatch):
     """CLI genai export of the tied tiny model: shared embeddings (from the checkpoint), identical greedy tokens."""
-    pytest.importorskip("onnxruntime_genai")
     from typer.testing import CliRunner
     from transformers import AutoTokenizer
 
@@ -305,7 +304,6 @@ def test_genai_fp32_tiny_tied_identical_greedy_tokens(tiny_llama_tied_dir, tmp_p
 
 @pytest.mark.real
 def test_genai_fp32_smollm2_identical_greedy_tokens(smollm2_dir, tmp_path):
-    pytest.importorskip("onnxruntime_genai")
     from d2serve.export.onnx import export_onnx
 
     prompts = ["The capital of France is", "Question: What is 12 plus 7? Answer:"]

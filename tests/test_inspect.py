@@ -34,3 +34,39 @@ def test_inspect_cli_says_when_the_base_does_not_fit(tiny_d2lora_adapter, tmp_pa
     assert "does not fit" in res.output and "q_proj" in res.output
     ok = CliRunner().invoke(app, ["inspect", str(tiny_d2lora_adapter)])
     assert ok.exit_code == 0 and "method d2lora" in ok.output and "r=4" in ok.output
+
+
+def _with_base_name(adapter, tmp_path, name):
+    import json
+    import shutil
+
+    out = tmp_path / f"adapter-{abs(hash(name))}"
+    shutil.copytree(adapter, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = name
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_inspect_warns_when_the_adapter_names_another_base(tiny_llama_dir, tiny_d2lora_adapter, tmp_path):
+    """Shapes fit, but the adapter says it was trained on another model: warn (inspect, merge, verify)."""
+    from d2serve.inspect import base_name_warning
+
+    base = tmp_path / "SmolLM2-135M-Instruct"
+    import shutil
+
+    shutil.copytree(tiny_llama_dir, base)
+    v1 = _with_base_name(tiny_d2lora_adapter, tmp_path, "HuggingFaceTB/SmolLM-135M-Instruct")
+    info = inspect_adapter(v1, base)
+    assert info["fits_base"]["ok"] is True
+    w = info["fits_base"]["warning"]
+    assert w and "'HuggingFaceTB/SmolLM-135M-Instruct'" in w and "SmolLM2-135M-Instruct" in w
+    # owner/name vs folder name, case and separators normalised; a path to the base itself: no warning
+    for same in ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2_135m_instruct", str(base) + "/"):
+        assert base_name_warning(_with_base_name(tiny_d2lora_adapter, tmp_path, same), base) is None, same
+    assert base_name_warning(_with_base_name(tiny_d2lora_adapter, tmp_path, ""), base) is None
+    res = CliRunner().invoke(app, ["inspect", str(v1), "--base", str(base)])
+    assert res.exit_code == 0 and "warning:" in res.output and "SmolLM-135M-Instruct" in res.output
+    merged = CliRunner().invoke(app, ["merge", "--base", str(base), "--adapter", str(v1), "--out", str(tmp_path / "m")])
+    assert merged.exit_code == 0, merged.output
+    assert "warning:" in merged.output and "SmolLM-135M-Instruct" in merged.output

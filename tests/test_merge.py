@@ -180,11 +180,22 @@ def test_peft_adapters_merge_like_peft_merge_and_unload(tiny_llama_dir, tmp_path
 
 
 @pytest.mark.real
-def test_real_peft_lora_adapter_on_smollm2_matches_peft(smollm2_dir, shared_dir, tmp_path):
-    """The real PEFT LoRA adapter (r=16, alpha=32, q/v of 30 layers) on the real SmolLM2."""
-    from peft import PeftModel
+def test_real_peft_lora_adapter_on_smollm2_matches_peft(smollm2_dir, tmp_path):
+    """A PEFT LoRA adapter (r=16, alpha=32, q/v of all 30 layers) made by PEFT itself on the real SmolLM2."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    ad = shared_dir / "adapters" / "smollm135m-instruct-medflashcards-5epochs"
+    ad = tmp_path / "peft_lora"
+    torch.manual_seed(11)
+    cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    pm = get_peft_model(load_hf_model(smollm2_dir), cfg)  # lora_A: PEFT's kaiming init; lora_B: zeros
+    with torch.no_grad():  # non-zero B so the adapter is not an identity (|dW| ~ 1e-2 of |W0|)
+        for n, prm in pm.named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, 0.02)
+    pm.save_pretrained(ad)  # PEFT's own adapter_config.json + adapter_model.safetensors
+    del pm
+    saved = load_file(str(ad / "adapter_model.safetensors"))
+    assert len(saved) == 120 and all(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)
     res = merge(base=smollm2_dir, adapter=ad, out=tmp_path / "m", dtype="float32")
     assert res.manifest["num_layers_merged"] == 60
     ours = Checkpoint(tmp_path / "m")

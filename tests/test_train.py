@@ -13,7 +13,70 @@ from d2serve.layers import D2LoRALinear, inject_d2lora
 from d2serve.merge import merge
 from d2serve.models import load_hf_model, load_unmerged_model
 from d2serve.probe import probe_agreement, read_probe
-from d2serve.train import TrainSettings, read_records, train
+from d2serve.train import TrainSettings, encode, read_records, train
+
+# A ChatML-like template for the tiny tokenizer (its specials: <s> opens a turn, </s> = eos closes it)
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tiny_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with a chat template on its tokenizer."""
+    import shutil
+
+    from d2serve.models import load_tokenizer
+
+    d = tmp_path_factory.mktemp("chat_tiny") / "model"
+    shutil.copytree(tiny_llama_dir, d)
+    tok = load_tokenizer(d)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(d)
+    return d
+
+
+def test_chat_labels_cover_exactly_the_assistant_answer(chat_tiny_dir):
+    from d2serve.models import load_tokenizer
+
+    tok = load_tokenizer(chat_tiny_dir)
+    row = {"prompt": "Question: is the sky blue?\nAnswer:", "answer": " yes"}
+    ids, labels = encode(tok, row, 64)
+    user = [{"role": "user", "content": row["prompt"]}]
+    # independent tokenisations: the template's own, of the prompt turn and of the whole conversation
+    prompt_ids = list(tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
+                      ["input_ids"])
+    full_ids = list(tok.apply_chat_template(user + [{"role": "assistant", "content": "yes"}], tokenize=True,
+                                            return_dict=True)["input_ids"])
+    n_prompt = sum(x == -100 for x in labels)
+    assert labels[:n_prompt] == [-100] * n_prompt and -100 not in labels[n_prompt:]
+    assert ids[:n_prompt] == prompt_ids
+    assert ids == full_ids[: len(ids)]
+    assert tok.decode(full_ids[len(ids):]) == "\n"  # only the newline after </s> is dropped
+    assert labels[n_prompt:] == ids[n_prompt:] == tok("yes", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(ids[n_prompt:]) == "yes</s>"
+
+
+def test_chat_truncation_keeps_the_template_header_and_the_answer(chat_tiny_dir):
+    from d2serve.models import load_tokenizer
+
+    tok = load_tokenizer(chat_tiny_dir)
+    row = {"prompt": "The quick brown fox jumps over the lazy dog. " * 20 + "Question: is fire cold?\nAnswer:",
+           "answer": " no"}
+    ids, labels = encode(tok, row, 48)
+    assert len(ids) <= 48
+    n_prompt = sum(x == -100 for x in labels)
+    text = tok.decode(ids)
+    assert text.startswith("<s>user\n") and text.endswith("Question: is fire cold?\nAnswer:</s>\n<s>assistant\nno</s>")
+    assert tok.decode(ids[n_prompt:]) == "no</s>"
+
+
+def test_chat_format_needs_a_template(tiny_llama_dir):
+    from d2serve.models import load_tokenizer
+
+    with pytest.raises(ValueError, match="no chat template"):
+        encode(load_tokenizer(tiny_llama_dir), {"prompt": "a", "answer": "b"}, 32, where="d.jsonl: record 1")
+    ids, labels = encode(load_tokenizer(tiny_llama_dir), {"prompt": "a b", "answer": " b"}, 32, chat=False)
+    assert labels[-1] == ids[-1] == load_tokenizer(tiny_llama_dir).eos_token_id
 
 
 def test_fresh_layers_start_at_the_base_and_branches_differ(tiny_llama_dir):
@@ -51,7 +114,7 @@ def test_layer_forward_matches_the_formula_in_float64():
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_llama_dir, tmp_path_factory):
+def trained(chat_tiny_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     data = d / "data.jsonl"
     rows = [{"prompt": "Question: is the sky blue?\nAnswer:", "answer": " yes"},
@@ -59,7 +122,7 @@ def trained(tiny_llama_dir, tmp_path_factory):
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     s = TrainSettings(r=4, lora_alpha=8, tau=0.6, max_steps=12, batch_size=2, lr=1e-2, max_length=32,
                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"), probe_records=2)
-    return train(base=tiny_llama_dir, out=d / "adapter", data=data, settings=s)
+    return train(base=chat_tiny_dir, out=d / "adapter", data=data, settings=s)
 
 
 def test_training_learns_and_writes_format_v1(trained, tiny_llama_dir):

@@ -20,7 +20,7 @@ from d2serve.verify import verify
 
 LAYER = "model.layers.1.self_attn.v_proj"
 FAST = dict(limit=2, tasks="arc_easy", windows=1, window_len=48, prompts=["The capital of France is"],
-            max_new_tokens=6, base_accuracy=False)
+            max_new_tokens=10, base_accuracy=False)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_wrong_merge_fails_naming_the_layer(setup, kind, dtype, tmp_path):
 def test_cli_exit_codes(setup, tmp_path):
     runner = CliRunner()
     common = ["--base", str(setup["base"]), "--adapter", str(setup["adapter"]), "--limit", "1", "--tasks", "none",
-              "--windows", "1", "--window-len", "32", "--max-new-tokens", "4", "--no-base"]
+              "--windows", "1", "--window-len", "32", "--max-new-tokens", "10", "--no-base"]
     ok = runner.invoke(app, ["verify", *common, "--merged", str(setup["bf16"]), "--report", str(tmp_path / "ok")])
     assert ok.exit_code == 0, ok.output
     assert json.loads((tmp_path / "ok" / "report.json").read_text())["passed"] is True

@@ -1,14 +1,23 @@
 """Adapter configuration (``adapter_config.json``) and its validation.
 
-One dataclass covers the three methods d2serve merges:
+One dataclass covers the methods of the registry (:mod:`d2serve.adapters.methods`):
 
 * ``D2LORA``: d2serve's own format v1 (docs/adapter-format.md).
 * ``LORA``: PEFT LoRA, and PEFT DoRA when ``use_dora`` is true.
 
-Validation collects every problem before raising (the PEFT / vLLM habit):
-``TypeError`` when a field has the wrong type, ``ValueError`` for wrong values
-or missing fields. Unknown keys are rejected in our own D2LORA files and
-tolerated (logged) in PEFT's files, whose schema grows with every release.
+Every field a config can carry is decided in ONE table, :data:`FIELDS`: each
+is either implemented exactly, ignorable because it cannot change the merged
+weights, or refused by name with the reason unless it holds the value that
+turns its feature off. A PEFT field that is not in the table (a newer PEFT)
+is refused by name unless its value is null/false/empty, the value PEFT writes
+for an option that is not used. Unknown keys in our own D2LORA files are
+always an error (typos such as ``lora_alhpa``).
+
+Validation collects every problem before raising (the PEFT / vLLM habit).
+Module selection (:meth:`AdapterConfig.targets`) reproduces PEFT's
+``check_target_module_exists`` exactly (``target_modules``, ``exclude_modules``,
+``layers_to_transform``, ``layers_pattern``, and the exclusion of
+``modules_to_save``).
 """
 
 from __future__ import annotations
@@ -21,33 +30,145 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from d2serve.adapters.methods import method_for, peft_types
+from d2serve.errors import InputError, InputNotFoundError
+
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 
-# Keys of our own format v1; anything else in a D2LORA config is an error.
-_D2LORA_KEYS = {
-    "peft_type",
-    "r",
-    "lora_alpha",
-    "tau",
-    "target_modules",
-    "magnitude_axis",
-    "base_model_name_or_path",
-    "use_rslora",
-    "rank_pattern",
-    "alpha_pattern",
-    "modules_to_save",
-    "task_type",
-    "d2serve_version",
-    "revision",
-    "inference_mode",
-    "bias",
+IMPLEMENTED, IGNORED, REFUSED = "implemented", "ignored", "refused"
+_BOTH, _PEFT, _OURS = ("D2LORA", "LORA"), ("LORA",), ("D2LORA",)
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """How d2serve treats one ``adapter_config.json`` field.
+
+    Attributes:
+        kind: ``implemented`` (applied exactly), ``ignored`` (cannot change the merged weights)
+            or ``refused`` (refused by name unless its value is one of ``off``).
+        reason: why it is ignorable / refused (quoted in errors and in docs).
+        formats: the ``peft_type`` values whose files may carry it.
+        off: for ``refused``: the values that turn the feature off (PEFT's default among them);
+            they cannot change the merged weights and are accepted.
+    """
+
+    kind: str
+    reason: str
+    formats: tuple[str, ...] = _PEFT
+    off: tuple = (None,)
+
+
+_VARIANT = "a PEFT LoRA variant with its own layer and merge rule, which d2serve does not implement"
+_INIT_REWRITES_BASE = (
+    "PEFT rewrites the base weight when it loads such an adapter (PiSSA/OLoRA/CorDA: a residual base "
+    "W0 - B0 A0; LoftQ: a quantised base; LoRA-GA: W0 minus an offset) or uses a variant layer (MiCA), "
+    "so no merge into the untouched base equals PEFT's model; save the adapter with PEFT's "
+    "save_pretrained(path_initial_model_for_weight_conversion=...) to get a plain LoRA"
+)
+_INIT_ONLY = "only decides the initial factors; the trained factors in the file are what is merged"
+
+# The one table of fields (PEFT 0.21 LoraConfig + PeftConfig, and d2serve format v1).
+# tests/test_adapter_fields.py checks that every field of the installed peft.LoraConfig is listed.
+FIELDS: dict[str, FieldRule] = {
+    # --- what the method and its factors are
+    "peft_type": FieldRule(IMPLEMENTED, "selects the format: D2LORA (d2serve v1) or LORA (PEFT)", _BOTH),
+    "r": FieldRule(IMPLEMENTED, "rank; scale = lora_alpha / r", _BOTH),
+    "lora_alpha": FieldRule(IMPLEMENTED, "scale numerator", _BOTH),
+    "use_rslora": FieldRule(IMPLEMENTED, "scale = lora_alpha / sqrt(r)", _BOTH, off=(None, False)),
+    "rank_pattern": FieldRule(IMPLEMENTED, "per-module r (PEFT get_pattern_key)", _BOTH),
+    "alpha_pattern": FieldRule(IMPLEMENTED, "per-module lora_alpha (PEFT get_pattern_key)", _BOTH),
+    "use_dora": FieldRule(IMPLEMENTED, "selects method dora", _PEFT, off=(None, False)),
+    "tau": FieldRule(IMPLEMENTED, "D2-LoRA negative-branch weight", _OURS),
+    "magnitude_axis": FieldRule(IMPLEMENTED, "D2-LoRA norm axis ('out' only)", _OURS),
+    # --- which modules are adapted (PEFT check_target_module_exists)
+    "target_modules": FieldRule(IMPLEMENTED, "list of name suffixes or a full-match regex", _BOTH),
+    "exclude_modules": FieldRule(IMPLEMENTED, "list of name suffixes or a full-match regex", _BOTH),
+    "layers_to_transform": FieldRule(IMPLEMENTED, "layer indices (with a list target_modules)", _BOTH),
+    "layers_pattern": FieldRule(IMPLEMENTED, "name of the layer list holding those indices", _BOTH),
+    "modules_to_save": FieldRule(IMPLEMENTED, "full replacement tensors; never adapted themselves", _BOTH),
+    "bias": FieldRule(IMPLEMENTED, "'none' exactly; 'all'/'lora_only' only when the file stores no bias tensor "
+                      "(stored bias tensors are refused by name)", _BOTH),
+    "fan_in_fan_out": FieldRule(IGNORED, "PEFT resets it per layer from the layer's type (true for GPT-2 Conv1D, "
+                                "false for nn.Linear); the merge takes the layout from the base's architecture"),
+    "ensure_weight_tying": FieldRule(IMPLEMENTED, "no effect unless a tied embedding is adapted, which is refused "
+                                     "by name (d2serve.architecture.tie_plan)", off=(None, False)),
+    # --- informational, or only matter while training / initialising
+    "base_model_name_or_path": FieldRule(IGNORED, "informational (the base is given to the merge)", _BOTH),
+    "revision": FieldRule(IGNORED, "informational (hub revision of the base)", _BOTH),
+    "task_type": FieldRule(IGNORED, "picks PEFT's model wrapper; saved head tensors are matched as modules_to_save", _BOTH),
+    "inference_mode": FieldRule(IGNORED, "trainability flag only", _BOTH),
+    "d2serve_version": FieldRule(IGNORED, "informational", _OURS),
+    "auto_mapping": FieldRule(IGNORED, "PEFT's record of the base class; informational"),
+    "peft_version": FieldRule(IGNORED, "informational"),
+    "lora_dropout": FieldRule(IGNORED, "dropout is the identity at inference"),
+    "runtime_config": FieldRule(IGNORED, "PEFT runtime options (device offload); never saved, no effect on weights"),
+    "megatron_core": FieldRule(IGNORED, "only read together with megatron_config"),
+    "qalora_group_size": FieldRule(IGNORED, "only read together with use_qalora"),
+    "loftq_config": FieldRule(IGNORED, "only read with init_lora_weights='loftq' (refused)"),
+    "eva_config": FieldRule(IGNORED, _INIT_ONLY + " (EVA's ranks are saved in rank_pattern)"),
+    "corda_config": FieldRule(IGNORED, "only read with init_lora_weights='corda' (refused)"),
+    "lora_ga_config": FieldRule(IGNORED, "only read with init_lora_weights='lora_ga' (refused)"),
+    "init_lora_weights": FieldRule(REFUSED, _INIT_REWRITES_BASE, off=(None, True, False, "gaussian", "eva", "orthogonal")),
+    # --- features whose model is not a merged dense checkpoint of the same architecture
+    "megatron_config": FieldRule(REFUSED, "Megatron parallel layers are not HF nn.Linear checkpoints"),
+    "trainable_token_indices": FieldRule(REFUSED, "trainable-token deltas of embedding rows are not merged"),
+    "alora_invocation_tokens": FieldRule(REFUSED, "activated LoRA applies the adapter only after the invocation "
+                                         "tokens; no single merged weight equals it"),
+    "use_qalora": FieldRule(REFUSED, "QA-LoRA's A acts on group-pooled inputs (quantisation-aware); not merged",
+                            off=(None, False)),
+    "lora_bias": FieldRule(REFUSED, "a bias on lora_B changes the layer's bias on merge; not implemented",
+                           off=(None, False)),
+    "layer_replication": FieldRule(REFUSED, "PEFT duplicates decoder layers, changing the architecture"),
+    "target_parameters": FieldRule(REFUSED, "LoRA on raw nn.Parameters (MoE experts) is not merged", off=(None, [])),
+    "velora_config": FieldRule(REFUSED, _VARIANT),
+    "monteclora_config": FieldRule(REFUSED, _VARIANT),
+    "use_bdlora": FieldRule(REFUSED, _VARIANT),
+    "arrow_config": FieldRule(REFUSED, "Arrow routing mixes several LoRA experts per token; " + _VARIANT),
+    "kasa_config": FieldRule(REFUSED, _VARIANT),
 }
+
 _REQUIRED = {"D2LORA": ("r", "lora_alpha", "tau", "target_modules"), "LORA": ("r", "lora_alpha", "target_modules")}
 
 
-class AdapterConfigError(ValueError):
+def _same(v: Any, o: Any) -> bool:
+    """Equality that keeps 0 != False and 1 != True."""
+    return v is o or (type(v) is type(o) and v == o)
+
+
+def _is_unset(v: Any) -> bool:
+    """The value PEFT writes for an option that is not used: null, false or empty."""
+    return v is None or v is False or (isinstance(v, (dict, list)) and not v)
+
+
+def _check_fields(raw: dict[str, Any], peft_type: str) -> tuple[list[str], list[str]]:
+    """(problems, ignored field names) of every key of ``raw`` against :data:`FIELDS`."""
+    problems: list[str] = []
+    ignored: list[str] = []
+    for key in sorted(raw):
+        value = raw[key]
+        rule = FIELDS.get(key)
+        if rule is None or peft_type not in rule.formats:
+            if peft_type == "D2LORA" or not _is_unset(value):
+                owner = "" if rule is None else f" (a field of peft_type {'/'.join(rule.formats)})"
+                allowed = sorted(k for k, r in FIELDS.items() if peft_type in r.formats)
+                problems.append(
+                    f"field '{key}' = {value!r} is not known to d2serve for peft_type {peft_type}{owner}; refused "
+                    "rather than ignored, since it may change the weights"
+                    + (f"; allowed: {allowed}" if peft_type == "D2LORA" else "")
+                )
+            else:
+                ignored.append(key)
+            continue
+        if rule.kind == REFUSED and not any(_same(value, o) for o in rule.off):
+            problems.append(f"field '{key}' is {value!r}: {rule.reason}")
+        elif rule.kind == IGNORED or rule.kind == REFUSED:
+            ignored.append(key)
+    return problems, ignored
+
+
+class AdapterConfigError(InputError):
     """An ``adapter_config.json`` is missing, unreadable or invalid; the message lists every problem."""
 
 
@@ -60,7 +181,7 @@ class AdapterConfig:
         r: default rank r of each adapted layer (int > 0).
         lora_alpha: default scaling numerator (float > 0); scale = lora_alpha / r
             (or lora_alpha / sqrt(r) with ``use_rslora``), as in PEFT.
-        target_modules: module-name suffixes or one regular expression (PEFT semantics).
+        target_modules: module-name suffixes or one full-match regular expression (PEFT semantics).
         tau: D2-LoRA weight of the negative branch (float, finite); None for LORA.
         magnitude_axis: ``"out"``: the norm is taken per output row of the
             (out_features, in_features) weight, over in_features (PEFT's DoRA axis).
@@ -68,9 +189,16 @@ class AdapterConfig:
         use_dora: PEFT DoRA (LORA only).
         rank_pattern / alpha_pattern: per-module overrides of r / lora_alpha,
             keyed by regex matched against the end of the module path (PEFT semantics).
-        modules_to_save: modules whose full weights the adapter replaces.
+        modules_to_save: modules whose full weights the adapter replaces (never adapted themselves).
+        exclude_modules: module-name suffixes or one full-match regex never adapted (PEFT semantics).
+        layers_to_transform: layer indices to adapt (int or tuple of ints), None for all.
+        layers_pattern: name(s) of the layer list holding those indices (e.g. ``layers``), None for any.
+        bias: PEFT's ``bias`` ('none', 'all', 'lora_only'); stored bias tensors are refused.
+        ensure_weight_tying: PEFT's flag; refused by d2serve.architecture.tie_plan when a tied
+            embedding is adapted, no effect otherwise.
         base_model_name_or_path: informational.
-        fan_in_fan_out: PEFT flag for Conv1D (GPT-2) layers; not supported, rejected.
+        ignored_fields: fields present in the file that cannot change the merged weights
+            (see :data:`FIELDS`), for the manifest and ``inspect``.
         source: the file this config was read from (for error messages).
     """
 
@@ -85,15 +213,19 @@ class AdapterConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
+    exclude_modules: tuple[str, ...] | str | None = None
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    bias: str = "none"
+    ensure_weight_tying: bool = False
     base_model_name_or_path: str | None = None
+    ignored_fields: tuple[str, ...] = ()
     source: str = "<memory>"
 
     @property
     def method(self) -> str:
         """Registry name of the merge method: ``"d2lora"``, ``"lora"`` or ``"dora"``."""
-        if self.peft_type == "D2LORA":
-            return "d2lora"
-        return "dora" if self.use_dora else "lora"
+        return method_for(self.peft_type, {"use_dora": self.use_dora}).name
 
     def rank_for(self, module_path: str) -> int:
         """Rank r of one module, honouring ``rank_pattern`` (PEFT's regex suffix match)."""
@@ -112,36 +244,78 @@ class AdapterConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def targets(self, module_path: str) -> bool:
-        """True if ``module_path`` (e.g. ``model.layers.0.self_attn.q_proj``) is a target.
+        """True if ``module_path`` (e.g. ``model.layers.0.self_attn.q_proj``) is adapted.
 
-        PEFT semantics: a string is a full-match regex; a list matches a module
-        whose path equals an entry or ends with ``"." + entry``.
+        PEFT 0.21 ``check_target_module_exists``, step by step: ``exclude_modules`` (regex
+        full match, or equal / ``.entry`` suffix) and ``modules_to_save`` (the module or a
+        child of it) exclude; a string ``target_modules`` is a full-match regex; a list
+        matches a path equal to an entry (then ``layers_to_transform`` is not applied), or
+        ending with ``"." + entry``, in which case, when ``layers_to_transform`` is set, the
+        first ``<layers_pattern>.<index>.`` (any ``<name>.<index>.`` without a pattern)
+        must carry one of the indices.
         """
+        key = module_path
+        ex = self.exclude_modules
+        if ex:
+            if isinstance(ex, str):
+                if re.fullmatch(ex, key):
+                    return False
+            elif key in ex or any(key.endswith(f".{e}") for e in ex):
+                return False
+        if self.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in self.modules_to_save):
+            return False
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, module_path) is not None
-        return any(module_path == t or module_path.endswith("." + t) for t in self.target_modules)
+            return re.fullmatch(self.target_modules, key) is not None
+        if key in self.target_modules:
+            return True
+        if not any(key.endswith(f".{t}") for t in self.target_modules):
+            return False
+        idx = self.layers_to_transform
+        if idx is None or (isinstance(idx, tuple) and len(idx) == 0):
+            return True
+        match = None
+        if not self.layers_pattern:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            for pattern in (self.layers_pattern,) if isinstance(self.layers_pattern, str) else self.layers_pattern:
+                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+                if match is not None:
+                    break
+        if match is None:
+            return False
+        layer = int(match.group("idx"))
+        return layer == idx if isinstance(idx, int) else layer in idx
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The config as written to ``adapter_config.json``."""
+        """The config as written to ``adapter_config.json`` (selection fields only when set)."""
         d: dict[str, Any] = {
             "peft_type": self.peft_type,
             "r": self.r,
             "lora_alpha": self.lora_alpha,
-            "target_modules": list(self.target_modules)
-            if not isinstance(self.target_modules, str)
-            else self.target_modules,
+            "target_modules": _jsonable(self.target_modules),
             "use_rslora": self.use_rslora,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": list(self.modules_to_save) or None,
             "base_model_name_or_path": self.base_model_name_or_path,
         }
+        for name in ("exclude_modules", "layers_to_transform", "layers_pattern"):
+            if getattr(self, name) is not None:
+                d[name] = _jsonable(getattr(self, name))
+        if self.bias != "none":
+            d["bias"] = self.bias
+        if self.ensure_weight_tying:
+            d["ensure_weight_tying"] = True
         if self.peft_type == "D2LORA":
             d["tau"] = self.tau
             d["magnitude_axis"] = self.magnitude_axis
         else:
             d["use_dora"] = self.use_dora
         return d
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
@@ -152,39 +326,91 @@ def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
     return None
 
 
+def _names_or_regex(raw: dict, name: str, problems: list[str], *, allow_empty: bool) -> tuple[str, ...] | str | None:
+    """A ``target_modules``-like field: a regex string, or a list of non-empty names."""
+    v = raw.get(name)
+    if v is None:
+        return None
+    if isinstance(v, str):
+        try:
+            re.compile(v)
+        except re.error as e:
+            problems.append(f"field '{name}' is not a valid regex: {e}")
+        return v
+    if isinstance(v, list) and (v or allow_empty) and all(isinstance(t, str) and t for t in v):
+        return tuple(v)
+    problems.append(f"field '{name}' must be a {'' if allow_empty else 'non-empty '}list of names or a regex string, got {v!r}")
+    return None
+
+
+def _selection(raw: dict, problems: list[str]) -> dict[str, Any]:
+    """Validate target_modules, exclude_modules, layers_to_transform, layers_pattern (PEFT LoraConfig.__post_init__)."""
+    tm = _names_or_regex(raw, "target_modules", problems, allow_empty=False)
+    if isinstance(tm, str) and tm.lower() == "all-linear":
+        problems.append(
+            "field 'target_modules' is 'all-linear': PEFT expands it from the module types of the live model "
+            "(every nn.Linear/Conv1D but the output layer) and saves the expanded list; d2serve reads checkpoints, "
+            "not module types, so give the explicit list of module names"
+        )
+    ex = _names_or_regex(raw, "exclude_modules", problems, allow_empty=True)
+    idx = raw.get("layers_to_transform")
+    if idx is not None:
+        ints = [idx] if isinstance(idx, int) else idx
+        if isinstance(idx, bool) or not isinstance(ints, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints
+        ):
+            problems.append(f"field 'layers_to_transform' must be a layer index or a list of them, got {idx!r}")
+            idx = None
+        elif isinstance(idx, list):
+            idx = tuple(idx)
+    pat = raw.get("layers_pattern")
+    if pat is not None:
+        if isinstance(pat, list) and all(isinstance(p, str) for p in pat):
+            pat = tuple(pat)
+        elif not isinstance(pat, str):
+            problems.append(f"field 'layers_pattern' must be a name or a list of names, got {pat!r}")
+            pat = None
+        for p in (pat,) if isinstance(pat, str) else pat or ():
+            try:
+                re.compile(p)
+            except re.error as e:
+                problems.append(f"field 'layers_pattern' entry {p!r} is not a valid regex: {e}")
+    if isinstance(tm, str) and raw.get("layers_to_transform") is not None:
+        problems.append("field 'layers_to_transform' cannot be used when 'target_modules' is a regex string (PEFT refuses it)")
+    if isinstance(tm, str) and raw.get("layers_pattern") is not None:
+        problems.append("field 'layers_pattern' cannot be used when 'target_modules' is a regex string (PEFT refuses it)")
+    if pat and raw.get("layers_to_transform") is None:
+        problems.append("field 'layers_pattern' is set but 'layers_to_transform' is not (PEFT refuses it)")
+    return {"target_modules": tm, "exclude_modules": ex, "layers_to_transform": idx, "layers_pattern": pat}
+
+
 def parse_config(raw: dict[str, Any], source: str = "<memory>") -> AdapterConfig:
     """Validate a raw config dict and build an :class:`AdapterConfig`.
+
+    Every key is checked against :data:`FIELDS` (implemented / ignorable / refused unless off);
+    then types and values of the implemented fields.
 
     Args:
         raw: the decoded JSON object.
         source: file name used in error messages.
 
     Raises:
-        AdapterConfigError: listing every problem found (missing required fields,
-            wrong types, out-of-range values, unknown keys in a D2LORA file).
+        AdapterConfigError: listing every problem found (missing required fields, wrong
+            types, out-of-range values, refused fields with their reason, unknown keys).
     """
-    problems: list[str] = []
     if not isinstance(raw, dict):
         raise AdapterConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     peft_type = raw.get("peft_type")
-    if peft_type not in ("D2LORA", "LORA"):
+    if peft_type not in peft_types():
         raise AdapterConfigError(
             f"{source}: field 'peft_type' is {peft_type!r}; expected 'D2LORA' (d2serve format v1) or 'LORA' (PEFT)"
         )
+    problems: list[str] = []
     for key in _REQUIRED[peft_type]:
         if raw.get(key) is None:
             problems.append(f"missing required field '{key}' (no default is assumed)")
-    if peft_type == "D2LORA":
-        unknown = sorted(set(raw) - _D2LORA_KEYS)
-        if unknown:
-            problems.append(f"unknown field(s) {unknown}; allowed: {sorted(_D2LORA_KEYS)}")
-    else:
-        known = {f for f in AdapterConfig.__dataclass_fields__} | {"fan_in_fan_out"}
-        ignored = sorted(k for k in raw if k not in known)
-        if ignored:
-            log.debug("%s: ignoring PEFT fields %s", source, ignored)
-        if raw.get("fan_in_fan_out"):
-            problems.append("field 'fan_in_fan_out' is true (GPT-2 Conv1D layout); only nn.Linear adapters are supported")
+    field_problems, ignored = _check_fields(raw, peft_type)
+    problems += field_problems
 
     r = raw.get("r")
     if r is not None and (isinstance(r, bool) or not isinstance(r, int)):
@@ -208,15 +434,7 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> AdapterConfig
             f"field 'magnitude_axis' is {axis!r}; only 'out' (norm per output row over in_features, "
             "PEFT's DoRA axis) is defined in format v1"
         )
-    tm = raw.get("target_modules")
-    if tm is not None:
-        if isinstance(tm, str):
-            try:
-                re.compile(tm)
-            except re.error as e:
-                problems.append(f"field 'target_modules' is not a valid regex: {e}")
-        elif not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
-            problems.append(f"field 'target_modules' must be a non-empty list of names or a regex string, got {tm!r}")
+    sel = _selection(raw, problems)
     for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
         pat = raw.get(name) or {}
         if not isinstance(pat, dict) or not all(
@@ -232,22 +450,25 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> AdapterConfig
     mts = raw.get("modules_to_save") or []
     if not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
         problems.append(f"field 'modules_to_save' must be a list of module names, got {mts!r}")
-    for flag in ("use_rslora", "use_dora"):
+    for flag in ("use_rslora", "use_dora", "ensure_weight_tying"):
         if flag in raw and raw[flag] is not None and not isinstance(raw[flag], bool):
             problems.append(f"field '{flag}' must be true or false, got {raw[flag]!r}")
+    bias = raw.get("bias") or "none"
+    if bias not in ("none", "all", "lora_only"):
+        problems.append(f"field 'bias' must be 'none', 'all' or 'lora_only', got {bias!r}")
     bm = raw.get("base_model_name_or_path")
     if bm is not None and not isinstance(bm, str):
         problems.append(f"field 'base_model_name_or_path' must be a string, got {bm!r}")
-    if peft_type == "D2LORA" and raw.get("use_dora"):
-        problems.append("field 'use_dora' is not valid for peft_type D2LORA")
 
     if problems:
         raise AdapterConfigError(f"{source}: invalid adapter config:\n  - " + "\n  - ".join(problems))
+    if ignored:
+        log.debug("%s: fields that cannot change the merged weights: %s", source, ignored)
     return AdapterConfig(
         peft_type=peft_type,
         r=int(r),
         lora_alpha=float(alpha),
-        target_modules=tm if isinstance(tm, str) else tuple(tm),
+        target_modules=sel["target_modules"],
         tau=float(tau) if peft_type == "D2LORA" else None,
         magnitude_axis=axis,
         use_rslora=bool(raw.get("use_rslora") or False),
@@ -255,7 +476,13 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> AdapterConfig
         rank_pattern=dict(raw.get("rank_pattern") or {}),
         alpha_pattern={k: float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
         modules_to_save=tuple(mts),
-        base_model_name_or_path=raw.get("base_model_name_or_path"),
+        exclude_modules=sel["exclude_modules"],
+        layers_to_transform=sel["layers_to_transform"],
+        layers_pattern=sel["layers_pattern"],
+        bias=bias,
+        ensure_weight_tying=bool(raw.get("ensure_weight_tying") or False),
+        base_model_name_or_path=bm,
+        ignored_fields=tuple(ignored),
         source=source,
     )
 
@@ -269,7 +496,7 @@ def read_config(adapter_dir: str | Path) -> AdapterConfig:
     """
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: adapter config not found (an adapter dir holds {CONFIG_NAME} and adapter_model.safetensors)")
+        raise InputNotFoundError(f"{path}: adapter config not found (an adapter dir holds {CONFIG_NAME} and adapter_model.safetensors)")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

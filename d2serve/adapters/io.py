@@ -9,6 +9,8 @@ Pickle files (``adapter_model.bin``) are refused, never unpickled.
 
 from __future__ import annotations
 
+from d2serve.errors import InputError, InputNotFoundError
+
 import difflib
 import json
 from dataclasses import dataclass, field
@@ -18,27 +20,19 @@ import torch
 from safetensors.torch import save_file
 
 from d2serve.adapters.config import CONFIG_NAME, AdapterConfig, read_config
-from d2serve.adapters.methods import LayerFactors, get_method
+from d2serve.adapters.methods import METHODS, LayerFactors, Method, get_method
 from d2serve.checkpoint import Checkpoint, CheckpointError, atomic_output_dir, open_safetensors
+from d2serve.errors import InputError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
-# factor key suffix in the file -> factor name in LayerFactors.tensors
-_FACTOR_SUFFIXES = {
-    "lora_A_plus.weight": "lora_A_plus",
-    "lora_B_plus.weight": "lora_B_plus",
-    "lora_A_minus.weight": "lora_A_minus",
-    "lora_B_minus.weight": "lora_B_minus",
-    "lora_A.weight": "lora_A",
-    "lora_B.weight": "lora_B",
-    "lora_magnitude_vector": "lora_magnitude_vector",
-    "lora_magnitude_vector.weight": "lora_magnitude_vector",
-}
-_SCALAR_SUFFIXES = {"d2_tau", "d2_magnitude"}
+# every per-layer key suffix some method of the registry reads (factors, learned tau, fingerprint)
+_KNOWN_SUFFIXES = sorted({k for m in METHODS.values() for k in (*m.file_keys, *m.extra_keys)}, key=len, reverse=True)
+_SAVED_EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES (save_embedding_layers)
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError):
     """An adapter's tensors are missing, misshapen, non-finite, or do not fit the base model."""
 
 
@@ -52,6 +46,8 @@ class Adapter:
         modules_to_save: full base tensor name -> replacement tensor (PEFT ``modules_to_save``).
         path: the adapter directory.
         files: the files that define it (config and weights), for hashing.
+        base_copies: base tensor name -> copy of it that PEFT saved into the adapter file
+            (e.g. ``lm_head.base_layer.weight`` stored as ``lm_head.weight``); must equal the base.
     """
 
     config: AdapterConfig
@@ -59,6 +55,7 @@ class Adapter:
     modules_to_save: dict[str, torch.Tensor] = field(default_factory=dict)
     path: Path | None = None
     files: tuple[Path, ...] = ()
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -75,7 +72,7 @@ def _split_key(key: str, weights: Path) -> tuple[str, str]:
     if not key.startswith(PREFIX):
         raise AdapterError(f"{weights}: tensor {key!r} does not start with {PREFIX!r} (PEFT key convention)")
     rest = key[len(PREFIX) :]
-    for suffix in sorted([*_FACTOR_SUFFIXES, *_SCALAR_SUFFIXES], key=len, reverse=True):
+    for suffix in _KNOWN_SUFFIXES:
         if rest.endswith("." + suffix):
             return rest[: -len(suffix) - 1], suffix
     return rest, ""
@@ -109,11 +106,19 @@ def load_adapter(path: str | Path) -> Adapter:
         AdapterConfigError: invalid config.
         CheckpointError: the weights file is truncated or not safetensors;
             a pickle ``adapter_model.bin`` is refused, never unpickled.
-        AdapterError: unrecognised, missing, misshapen or non-finite tensors.
+        AdapterError: unrecognised, missing, misshapen or non-finite tensors; a directory
+            holding several adapters (PEFT sub-directories with their own adapter_config.json).
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: adapter directory not found")
+        raise InputNotFoundError(f"{path}: adapter directory not found")
+    others = sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file())
+    if others and (path / CONFIG_NAME).is_file():
+        raise AdapterError(
+            f"{path}: holds several adapters (PEFT's save_pretrained writes each adapter after the first into a "
+            f"sub-directory): this directory's and {others}. d2serve merges one adapter at a time; pass the "
+            f"directory of the one to merge (e.g. {path / others[0]}), and merge several one after another"
+        )
     config = read_config(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
@@ -124,10 +129,11 @@ def load_adapter(path: str | Path) -> Adapter:
                 "in a trusted environment, e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), "
                 f"'{WEIGHTS_NAME}')"
             )
-        raise FileNotFoundError(f"{path}: {WEIGHTS_NAME} not found")
+        raise InputNotFoundError(f"{path}: {WEIGHTS_NAME} not found")
     method = get_method(config.method)
     raw: dict[str, dict[str, torch.Tensor]] = {}
     modules_to_save: dict[str, torch.Tensor] = {}
+    base_copies: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     with open_safetensors(weights) as f:
         for key in f.keys():
@@ -142,65 +148,88 @@ def load_adapter(path: str | Path) -> Adapter:
             owner = name.rsplit(".", 1)[0]
             if config.modules_to_save and any(owner == m or owner.endswith("." + m) for m in config.modules_to_save):
                 modules_to_save[name] = t
+            elif name.endswith(".base_layer.weight") or owner.rsplit(".", 1)[-1] in _SAVED_EMBEDDING_NAMES:
+                # PEFT's save_embedding_layers copy of a base weight; checked against the base at merge
+                # (d2serve.architecture.check_base_copies): accepted only if bit-for-bit equal
+                base_copies[name.replace(".base_layer.weight", ".weight")] = t
+            elif name.endswith(".bias") and config.bias != "none":
+                problems.append(
+                    f"tensor {key!r} is a trained bias (field 'bias' is {config.bias!r}): PEFT loads it over the "
+                    "base's bias; d2serve does not merge bias tensors"
+                )
             else:
                 problems.append(
-                    f"tensor {key!r} is not a recognised factor (expected a suffix among "
-                    f"{sorted(_FACTOR_SUFFIXES) + sorted(_SCALAR_SUFFIXES)}) nor part of modules_to_save"
+                    f"tensor {key!r} is not a recognised {method.name} factor (expected a suffix among "
+                    f"{sorted(method.file_keys) + list(method.extra_keys)}) nor part of modules_to_save"
                 )
     layers: dict[str, LayerFactors] = {}
     for module, parts in raw.items():
-        tensors = {_FACTOR_SUFFIXES[s]: t for s, t in parts.items() if s in _FACTOR_SUFFIXES}
-        missing = [n for n in method.factor_names if n not in tensors]
-        extra = [n for n in tensors if n not in method.factor_names]
-        if missing:
-            what = " (the minus branch)" if any("minus" in m for m in missing) else ""
-            problems.append(f"module {module}: missing {missing}{what} for method {method.name}")
-            continue
-        if extra:
-            problems.append(f"module {module}: tensors {extra} do not belong to method {method.name}")
-            continue
-        problems += _check_shapes(module, tensors, config.rank_for(module), config.method)
-        tau = config.tau
-        if "d2_tau" in parts:
-            if config.method != "d2lora" or parts["d2_tau"].numel() != 1:
-                problems.append(f"module {module}: d2_tau must be a scalar of a D2LORA adapter, got shape {tuple(parts['d2_tau'].shape)}")
-                continue
-            tau = float(parts["d2_tau"].double().item())
-        mag = parts.get("d2_magnitude")
-        if mag is not None:
-            out = tensors[method.factor_names[1]].shape[0]
-            if tuple(mag.shape) != (out,) or not bool((mag > 0).all()):
-                problems.append(f"module {module}: d2_magnitude must be positive with shape ({out},), got {tuple(mag.shape)}")
-                continue
-        layers[module] = LayerFactors(module, tensors, config.scale_for(module), tau, mag)
+        layer, layer_problems = _layer(module, parts, method, config)
+        problems += layer_problems
+        if layer is not None:
+            layers[module] = layer
     if not layers and not modules_to_save:
         problems.append("no adapter layers found")
     if problems:
         raise AdapterError(f"{weights}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems[:20]))
-    return Adapter(config, layers, modules_to_save, path, (path / CONFIG_NAME, weights))
+    return Adapter(config, layers, modules_to_save, path, (path / CONFIG_NAME, weights), base_copies=base_copies)
 
 
-def _check_shapes(module: str, t: dict[str, torch.Tensor], r: int, method: str) -> list[str]:
+def _layer(module: str, parts: dict[str, torch.Tensor], method: Method, config: AdapterConfig):
+    """(LayerFactors or None, problems) of one module's tensors, checked against the method's format."""
+    foreign = [s for s in parts if s not in method.file_keys and s not in method.extra_keys]
+    if foreign:
+        return None, [f"module {module}: tensors {foreign} do not belong to method {method.name}"]
+    tensors = {method.file_keys[s]: t for s, t in parts.items() if s in method.file_keys}
+    missing = [n for n in method.factor_names if n not in tensors]
+    if missing:
+        what = [f" (the {label} branch)" for label, (a, b) in zip(method.branches, method.pairs) if a in missing and b in missing]
+        return None, [f"module {module}: missing {missing}{''.join(what)} for method {method.name}"]
+    problems = _check_shapes(module, tensors, config.rank_for(module), method)
+    if problems:
+        return None, problems
+    out = tensors[method.pairs[0][1]].shape[0]
+    tau = config.tau
+    if method.tau_key and method.tau_key in parts:
+        t = parts[method.tau_key]
+        if t.numel() != 1:
+            return None, [f"module {module}: {method.tau_key} must be a scalar, got shape {tuple(t.shape)}"]
+        tau = float(t.double().item())
+    mag = parts.get(method.fingerprint_key) if method.fingerprint_key else None
+    if mag is not None:
+        if tuple(mag.shape) != (out,):
+            return None, [f"module {module}: {method.fingerprint_key} has shape {tuple(mag.shape)}, expected ({out},) "
+                          "(||W0|| per output row)"]
+        bad = (mag <= 0).nonzero().flatten()
+        if bad.numel():
+            return None, [
+                f"module {module}: {method.fingerprint_key} row {int(bad[0])} is {float(mag[bad[0]]):g} "
+                f"({bad.numel()} row(s) <= 0): a zero row of the training base's W0 has no defined D2-LoRA "
+                "scale m / ||W0 + dW||, and a norm is never negative"
+            ]
+    return LayerFactors(module, tensors, config.scale_for(module), tau, mag), []
+
+
+def _check_shapes(module: str, t: dict[str, torch.Tensor], r: int, method: Method) -> list[str]:
+    """Each (A, B) pair is (r, in) x (out, r), all pairs agree on in/out, each vector is (out,)."""
     problems = []
-    pairs = [("lora_A_plus", "lora_B_plus"), ("lora_A_minus", "lora_B_minus")] if method == "d2lora" else [("lora_A", "lora_B")]
-    not_2d = [f"{n} {tuple(t[n].shape)}" for pair in pairs for n in pair if t[n].dim() != 2]
+    not_2d = [f"{n} {tuple(t[n].shape)}" for pair in method.pairs for n in pair if t[n].dim() != 2]
     if not_2d:
         return [f"module {module}: factors must be 2-D matrices, got {', '.join(not_2d)}"]
-    a0, b0 = t[pairs[0][0]], t[pairs[0][1]]
-    for a_name, b_name in pairs:
+    a0, b0 = (t[n] for n in method.pairs[0])
+    for a_name, b_name in method.pairs:
         a, b = t[a_name], t[b_name]
-        if a.dim() != 2 or b.dim() != 2:
-            problems.append(f"module {module}: {a_name}/{b_name} must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
-            continue
         if a.shape[0] != r or b.shape[1] != r:
             problems.append(
                 f"module {module}: {a_name} has shape {tuple(a.shape)} and {b_name} {tuple(b.shape)}; "
                 f"expected (r={r}, in_features) and (out_features, r={r})"
             )
         if a.shape[1] != a0.shape[1] or b.shape[0] != b0.shape[0]:
-            problems.append(f"module {module}: {a_name}/{b_name} shapes {tuple(a.shape)}/{tuple(b.shape)} disagree with the plus branch")
-    if "lora_magnitude_vector" in t and tuple(t["lora_magnitude_vector"].shape) != (b0.shape[0],):
-        problems.append(f"module {module}: lora_magnitude_vector has shape {tuple(t['lora_magnitude_vector'].shape)}, expected ({b0.shape[0]},)")
+            problems.append(f"module {module}: {a_name}/{b_name} shapes {tuple(a.shape)}/{tuple(b.shape)} disagree "
+                            f"with {method.pairs[0][0]}/{method.pairs[0][1]}")
+    for v in method.vectors:
+        if tuple(t[v].shape) != (b0.shape[0],):
+            problems.append(f"module {module}: {v} has shape {tuple(t[v].shape)}, expected ({b0.shape[0]},)")
     return problems
 
 
@@ -210,24 +239,20 @@ def base_weight_name(module: str, base: Checkpoint) -> str:
     With tied embeddings and no stored ``lm_head.weight``, ``lm_head`` reads
     ``model.embed_tokens.weight`` (the tensor it is tied to).
     """
-    name = f"{module}.weight"
-    if name not in base.tensors and module.endswith("lm_head") and base.tied_embeddings:
-        for cand in ("model.embed_tokens.weight", "transformer.wte.weight"):
-            if cand in base.tensors:
-                return cand
-    return name
+    from d2serve.architecture import weight_source
+
+    return weight_source(base, module)
 
 
 def linear_modules(base: Checkpoint) -> dict[str, tuple[int, ...]]:
-    """Module path -> (out, in) shape of every 2-D ``*.weight`` of the base (nn.Linear candidates).
+    """Module path -> (out, in) shape of every 2-D ``*.weight`` of the base (Conv1D's (in, out) transposed).
 
     With tied embeddings and no stored ``lm_head.weight``, ``lm_head`` is listed
     with the embedding's shape (see :func:`base_weight_name`).
     """
-    linear = {k[: -len(".weight")]: v.shape for k, v in base.tensors.items() if k.endswith(".weight") and len(v.shape) == 2}
-    if base.tied_embeddings and "lm_head" not in linear and "model.embed_tokens" in linear:
-        linear["lm_head"] = linear["model.embed_tokens"]
-    return linear
+    from d2serve.architecture import weight_shapes
+
+    return weight_shapes(base)
 
 
 def match_to_base(adapter: Adapter, base: Checkpoint) -> dict[str, str]:
@@ -272,7 +297,7 @@ def match_to_base(adapter: Adapter, base: Checkpoint) -> dict[str, str]:
         if m not in linear:
             continue
         out_f, in_f = linear[m]
-        a_name, b_name = get_method(adapter.method).factor_names[:2]
+        a_name, b_name = get_method(adapter.method).pairs[0]
         a, b = f.tensors[a_name], f.tensors[b_name]
         if a.shape[1] != in_f or b.shape[0] != out_f:
             problems.append(
@@ -299,17 +324,17 @@ def write_adapter_files(
     ``tau`` differing from ``config.tau`` is written as ``d2_tau``; ``magnitude`` as ``d2_magnitude``.
     """
     tensors: dict[str, torch.Tensor] = {}
-    inverse = {"lora_magnitude_vector": "lora_magnitude_vector"} | {
-        v: k for k, v in _FACTOR_SUFFIXES.items() if k.endswith(".weight")
-    }
+    method = get_method(config.method)
+    inverse: dict[str, str] = {}
+    for suffix, name in method.file_keys.items():  # the first suffix of a factor is the one written
+        inverse.setdefault(name, suffix)
     for module, f in layers.items():
         for name, t in f.tensors.items():
             tensors[f"{PREFIX}{module}.{inverse[name]}"] = t.detach().contiguous().cpu()
-        if config.peft_type == "D2LORA":
-            if f.tau is not None and f.tau != config.tau:
-                tensors[f"{PREFIX}{module}.d2_tau"] = torch.tensor(float(f.tau), dtype=torch.float32)
-            if f.magnitude is not None:
-                tensors[f"{PREFIX}{module}.d2_magnitude"] = f.magnitude.detach().float().contiguous().cpu()
+        if method.tau_key and f.tau is not None and f.tau != config.tau:
+            tensors[f"{PREFIX}{module}.{method.tau_key}"] = torch.tensor(float(f.tau), dtype=torch.float32)
+        if method.fingerprint_key and f.magnitude is not None:
+            tensors[f"{PREFIX}{module}.{method.fingerprint_key}"] = f.magnitude.detach().float().contiguous().cpu()
     save_file(tensors, str(Path(directory) / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
     (Path(directory) / CONFIG_NAME).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
 

@@ -4,6 +4,10 @@ Every method is a pair of pure tensor functions for ONE nn.Linear layer:
 
 * ``delta(f, dtype)``: the low-rank update dW, shape (out_features, in_features).
 * ``merged_weight(W0, f, dtype)``: the merged weight W_hat, same shape as W0.
+* ``merge(W0, f, dtype, dw, base_norms)``: :class:`Merged`, W_hat and the per-row rescaling it
+  applied (what the merge statistics need, computed once); ``merged_weight`` is its ``weight``.
+* ``low_rank(f, dtype)``: (B', A') with dW = B' @ A', B' (out_features, k), A' (k, in_features):
+  the scale (and D2-LoRA's tau and two branches) folded into B', so dW is one matrix product.
 
 Layout (the nn.Linear convention): ``W0`` is (out_features, in_features);
 ``lora_A*`` factors are (r, in_features); ``lora_B*`` factors are
@@ -26,11 +30,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
+from d2serve.errors import InputError
 
-class MergeMathError(ValueError):
+
+class MergeMathError(InputError):
     """A layer's merge produced a non-finite value or divides by a zero-norm row."""
 
 
@@ -47,6 +54,8 @@ class LayerFactors:
         scale: lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA).
         tau: D2-LoRA negative-branch weight (learned ``d2_tau`` if present, else the config's).
         magnitude: D2-LoRA ``d2_magnitude`` (out,), ||W0|| rows of the training base (a fingerprint).
+        row_offset: index of this object's first output row in the whole weight (non-zero for a row
+            block, see :meth:`row_block`), so that errors name the row of the whole weight.
     """
 
     module: str
@@ -55,6 +64,7 @@ class LayerFactors:
     tau: float | None = None
     magnitude: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    row_offset: int = 0
 
     def row_block(self, start: int, end: int, row_factors: tuple[str, ...]) -> LayerFactors:
         """The factors of output rows [start, end): ``row_factors`` and ``magnitude`` sliced, A factors shared.
@@ -64,11 +74,11 @@ class LayerFactors:
         """
         tensors = {n: (t[start:end] if n in row_factors else t) for n, t in self.tensors.items()}
         mag = self.magnitude[start:end] if self.magnitude is not None else None
-        return LayerFactors(self.module, tensors, self.scale, self.tau, mag, self.extra)
+        return LayerFactors(self.module, tensors, self.scale, self.tau, mag, self.extra, self.row_offset + start)
 
     @property
     def rank(self) -> int:
-        """Rank r of the factors (rows of ``lora_A`` / ``lora_A_plus``)."""
+        """Rank r of the factors (rows of the first A factor: ``lora_A`` / ``lora_A_plus``)."""
         a = self.tensors.get("lora_A_plus", self.tensors.get("lora_A"))
         return int(a.shape[0])
 
@@ -78,123 +88,287 @@ def row_norm(w: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(w, ord=2, dim=1)
 
 
+class Merged(NamedTuple):
+    """What a method's ``merge`` returns for (a row block of) one layer.
+
+    Attributes:
+        weight: W_hat, (out, in), in the compute dtype.
+        scale: the per-output-row rescaling (out,) it applied (D2-LoRA m / ||W0 + dW||, DoRA
+            magnitude / ||W0 + dW||), or None (plain LoRA).
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None
+
+
 def _f(f: LayerFactors, name: str, dtype: torch.dtype) -> torch.Tensor:
     return f.tensors[name].to(dtype)
 
 
-def _rescale(w: torch.Tensor, magnitude: torch.Tensor, module: str) -> torch.Tensor:
-    """diag(magnitude / ||w||) w, refusing zero-norm rows (which would divide by zero)."""
-    norm = row_norm(w)
-    zero = (norm == 0).nonzero().flatten()
+def _base_row_norms(w0: torch.Tensor, f: LayerFactors, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """m = ||W0|| per output row (out,) (``norms`` when the caller already has ``row_norm(w0)``), refusing a
+    zero row of W0 (D2-LoRA's m would be 0 and its training-time scale m / ||W0 + dW|| is 0/0 at
+    initialisation, so no trained adapter can mean it)."""
+    m = row_norm(w0) if norms is None else norms.to(w0.dtype)
+    zero = (m == 0).nonzero().flatten()
     if zero.numel():
         raise MergeMathError(
-            f"{module}: {zero.numel()} output row(s) of W0 + dW have zero norm (first row {int(zero[0])}); "
-            "the magnitude rescaling m / ||W0 + dW|| is undefined"
+            f"{f.module}: {zero.numel()} output row(s) of W0 have zero norm (first row {f.row_offset + int(zero[0])}) "
+            "in the base weight; the D2-LoRA magnitude m = ||W0|| of that row is 0, so its scale m / ||W0 + dW|| "
+            "is 0/0 at initialisation and undefined for a trained adapter: check the base checkpoint"
         )
-    return (magnitude.to(w.dtype) / norm).unsqueeze(1) * w
+    return m
 
 
 # ---- lora -------------------------------------------------------------------------------------
 
 
+def lora_low_rank(f: LayerFactors, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale * B (out, r), A (r, in)) in ``dtype``: dW = scale * B @ A (PEFT ``get_delta_weight``)."""
+    return f.scale * _f(f, "lora_B", dtype), _f(f, "lora_A", dtype)
+
+
 def lora_delta(f: LayerFactors, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """dW = scale * B @ A, shape (out, in), in ``dtype`` (PEFT ``get_delta_weight``)."""
-    return f.scale * (_f(f, "lora_B", dtype) @ _f(f, "lora_A", dtype))
+    b, a = lora_low_rank(f, dtype)
+    return b @ a
+
+
+def lora_merge(
+    w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None,
+    base_norms: torch.Tensor | None = None,
+) -> Merged:
+    """W_hat = W0 + scale * B @ A (W0 (out, in) of any float dtype, result in ``dtype``); no row scale.
+
+    ``dw``: the precomputed ``lora_delta(f, dtype)``; ``base_norms`` is unused (LoRA reads no norm).
+    """
+    return Merged(torch.add(w0.to(dtype), lora_delta(f, dtype) if dw is None else dw), None)
 
 
 def lora_merged(
     w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """W_hat = W0 + scale * B @ A; W0 (out, in) of any float dtype; result in ``dtype``.
-
-    ``dw``: the precomputed ``lora_delta(f, dtype)``, to avoid computing it twice.
-    """
-    return w0.to(dtype) + (lora_delta(f, dtype) if dw is None else dw)
+    """W_hat = W0 + scale * B @ A (:func:`lora_merge`), (out, in) in ``dtype``."""
+    return lora_merge(w0, f, dtype, dw).weight
 
 
 # ---- dora -------------------------------------------------------------------------------------
 
 
+def dora_merge(
+    w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None,
+    base_norms: torch.Tensor | None = None,
+) -> Merged:
+    """W_hat = diag(s)(W0 + dW), s = magnitude / ||W0 + dW|| (out,), magnitude = ``lora_magnitude_vector``.
+
+    Returns W_hat and s (``base_norms`` is unused). Raises MergeMathError for a zero-norm row of W0 + dW.
+    """
+    w = w0.to(dtype) + (lora_delta(f, dtype) if dw is None else dw)
+    s = _checked_scale(w, _f(f, "lora_magnitude_vector", dtype), f.module, f.row_offset)
+    return Merged(w.mul_(s.unsqueeze(1)), s)
+
+
 def dora_merged(
     w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """W_hat = diag(magnitude / ||W0 + dW||)(W0 + dW), magnitude = ``lora_magnitude_vector`` (out,)."""
-    w = w0.to(dtype) + (lora_delta(f, dtype) if dw is None else dw)
-    return _rescale(w, _f(f, "lora_magnitude_vector", dtype), f.module)
+    """W_hat = diag(magnitude / ||W0 + dW||)(W0 + dW) (:func:`dora_merge`), magnitude = ``lora_magnitude_vector``."""
+    return dora_merge(w0, f, dtype, dw).weight
 
 
 # ---- d2lora -----------------------------------------------------------------------------------
 
 
+def d2lora_low_rank(f: LayerFactors, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """([scale B+, -tau scale B-] (out, 2r), [A+; A-] (2r, in)) in ``dtype``: dW = scale (B+ A+ - tau B- A-)
+    as one product of rank <= 2r (arXiv 2602.14728)."""
+    b = torch.cat([f.scale * _f(f, "lora_B_plus", dtype), (-f.tau * f.scale) * _f(f, "lora_B_minus", dtype)], 1)
+    return b, torch.cat([_f(f, "lora_A_plus", dtype), _f(f, "lora_A_minus", dtype)], 0)
+
+
 def d2lora_delta(f: LayerFactors, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """dW = scale * (B+ @ A+ - tau * B- @ A-), shape (out, in), signed, rank <= 2r (arXiv 2602.14728)."""
-    pos = _f(f, "lora_B_plus", dtype) @ _f(f, "lora_A_plus", dtype)
-    neg = _f(f, "lora_B_minus", dtype) @ _f(f, "lora_A_minus", dtype)
-    return f.scale * (pos - f.tau * neg)
+    b, a = d2lora_low_rank(f, dtype)
+    return b @ a
 
 
-def d2lora_scale(w0: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
-    """s = m / ||W0 + dW|| per output row, m = ||W0|| rows: shape (out,), in dw's dtype."""
-    w0 = w0.to(dw.dtype)
-    norm = row_norm(w0 + dw)
-    return row_norm(w0) / norm
-
-
-def d2lora_merged(
-    w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None
-) -> torch.Tensor:
-    """W_hat = diag(m / ||W0 + dW||)(W0 + dW) + dW with m = ||W0|| per output row.
+def d2lora_merge(
+    w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None,
+    base_norms: torch.Tensor | None = None,
+) -> Merged:
+    """W_hat = diag(s)(W0 + dW) + dW, s = m / ||W0 + dW|| with m = ||W0|| per output row; returns W_hat and s.
 
     Args:
         w0: (out_features, in_features) base weight as stored by nn.Linear, any float dtype.
         f: the layer's factors (``lora_A_plus``, ``lora_B_plus``, ``lora_A_minus``, ``lora_B_minus``).
         dtype: compute dtype (float64 by default; the caller casts the result once).
         dw: the precomputed ``d2lora_delta(f, dtype)``, to avoid computing it twice.
+        base_norms: the precomputed ``row_norm(w0)`` (out,), to avoid computing it twice.
 
     Raises:
-        MergeMathError: a row of W0 + dW has zero norm.
+        MergeMathError: a row of W0 or of W0 + dW has zero norm (the message names the module and row).
     """
     w0 = w0.to(dtype)
     dw = d2lora_delta(f, dtype) if dw is None else dw
-    return _rescale(w0 + dw, row_norm(w0), f.module) + dw
+    m = _base_row_norms(w0, f, base_norms)
+    v = torch.add(w0, dw)
+    s = _checked_scale(v, m, f.module, f.row_offset)
+    return Merged(torch.addcmul(dw, v, s.unsqueeze(1)), s)  # s * (W0 + dW) + dW
 
 
-def dora_scale(w0: torch.Tensor, dw: torch.Tensor, f: LayerFactors) -> torch.Tensor:
-    """DoRA's row scale magnitude / ||W0 + dW||: shape (out,), in dw's dtype."""
-    return f.tensors["lora_magnitude_vector"].to(dw.dtype) / row_norm(w0.to(dw.dtype) + dw)
+def d2lora_merged(
+    w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W_hat = diag(m / ||W0 + dW||)(W0 + dW) + dW with m = ||W0|| per output row (:func:`d2lora_merge`)."""
+    return d2lora_merge(w0, f, dtype, dw).weight
+
+
+# ---- unmerged serving: diag(s) W0 + B' A' ----------------------------------------------------
+
+
+def _checked_scale(w: torch.Tensor, magnitude: torch.Tensor, module: str, row_offset: int = 0) -> torch.Tensor:
+    """magnitude / ||w|| per output row (out,), refusing zero-norm rows of ``w`` (a division by zero)."""
+    norm = row_norm(w)
+    zero = (norm == 0).nonzero().flatten()
+    if zero.numel():
+        raise MergeMathError(
+            f"{module}: {zero.numel()} output row(s) of W0 + dW have zero norm (first row {row_offset + int(zero[0])}); "
+            "the magnitude rescaling m / ||W0 + dW|| is undefined"
+        )
+    return magnitude.to(w.dtype) / norm
+
+
+def lora_fold(w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64):
+    """Plain LoRA as (s, A', B') with W_hat = diag(s) W0 + B' @ A': s = 1, A' = A (r, in), B' = scale * B (out, r)."""
+    ones = torch.ones(w0.shape[0], dtype=dtype)
+    return ones, _f(f, "lora_A", dtype), f.scale * _f(f, "lora_B", dtype)
+
+
+def dora_fold(w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64):
+    """DoRA as (s, A', B'): s = magnitude / ||W0 + dW|| (out,), A' = A, B' = diag(s) scale B.
+
+    diag(s) W0 + B' A' = diag(s)(W0 + dW), PEFT's DoRA merge (:func:`dora_merged`).
+    """
+    dw = lora_delta(f, dtype)
+    s = _checked_scale(w0.to(dtype) + dw, _f(f, "lora_magnitude_vector", dtype), f.module, f.row_offset)
+    return s, _f(f, "lora_A", dtype), s.unsqueeze(1) * (f.scale * _f(f, "lora_B", dtype))
+
+
+def d2lora_fold(w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64):
+    """D2-LoRA as (s, A', B') with W_hat = diag(s) W0 + B' @ A' (rank 2r):
+
+    s = m / ||W0 + dW|| (out,), m = ||W0|| rows; A' = [A+; A-] (2r, in);
+    B' = diag(s + 1) [scale B+, -tau scale B-] (out, 2r), so B' A' = diag(s + 1) dW and
+    diag(s) W0 + B' A' = diag(s)(W0 + dW) + dW = W_hat (:func:`d2lora_merged`).
+    """
+    w0 = w0.to(dtype)
+    dw = d2lora_delta(f, dtype)
+    s = _checked_scale(w0 + dw, _base_row_norms(w0, f), f.module, f.row_offset)
+    a = torch.cat([_f(f, "lora_A_plus", dtype), _f(f, "lora_A_minus", dtype)], 0)
+    b = torch.cat([f.scale * _f(f, "lora_B_plus", dtype), (-f.tau * f.scale) * _f(f, "lora_B_minus", dtype)], 1)
+    return s, a, (s + 1).unsqueeze(1) * b
 
 
 @dataclass(frozen=True)
 class Method:
-    """A merge method: the factor names it needs and its pure functions.
+    """A merge method: its file format (factor keys, which factors are A-like / B-like, per-layer
+    extras, config fields) and its pure functions. io, inspect, config and merge ask this entry
+    instead of branching on method names; a new method is one more entry of :data:`METHODS`.
 
-    ``row_scale(W0, dW, factors)`` returns the per-output-row rescaling (out,)
-    the method applies (None for plain LoRA); used only for merge statistics.
-    ``row_factors`` names the factors indexed by output row (B factors,
-    magnitudes), so the engine can merge a weight in row blocks.
+    Attributes:
+        name: registry name (``lora``, ``dora``, ``d2lora``).
+        peft_type: the ``peft_type`` of its ``adapter_config.json``.
+        selector: the boolean config field that selects it among the methods of that peft_type
+            (``use_dora``), or None for the method used when no selector is true.
+        pairs: (A factor, B factor) names of each low-rank branch: A is (r, in_features),
+            B is (out_features, r).
+        vectors: per-output-row factors, shape (out_features,) (DoRA's magnitude).
+        file_keys: tensor-key suffix in ``adapter_model.safetensors`` -> factor name.
+        tau_key: key suffix of a learned per-layer scalar tau (``d2_tau``), or None.
+        fingerprint_key: key suffix of the base fingerprint ||W0|| per output row (``d2_magnitude``), or None.
+        branches: a label of each pair for messages (``plus``, ``minus``), or ().
+        config_fields: the method's own ``adapter_config.json`` fields beyond the shared ones.
+        uses_base_norms: the formula reads ||W0 + dW|| or ||W0|| of the base it is merged into,
+            so the result depends on which base (refused onto an already-merged folder without a fingerprint).
+        delta, merged_weight, merge: the pure functions (module docstring); ``merge`` returns W_hat and
+            the per-output-row rescaling it applied (:class:`Merged`, what the merge statistics need).
+        low_rank(factors, dtype): (B' (out, k), A' (k, in)) with dW = B' @ A' (module docstring).
+        fold(W0, factors, dtype): the layer for unmerged serving as (s (out,), A' (R, in), B' (out, R)) with
+            W_hat = diag(s) W0 + B' @ A' exactly (``lora_fold``, ``dora_fold``, ``d2lora_fold``); s scales
+            the base layer's output rows (not its bias), B' A' is a plain LoRA (d2serve.export.vllm_lora).
     """
 
     name: str
-    factor_names: tuple[str, ...]
+    peft_type: str
+    pairs: tuple[tuple[str, str], ...]
     delta: Callable[[LayerFactors, torch.dtype], torch.Tensor]
     merged_weight: Callable[..., torch.Tensor]
-    row_scale: Callable[[torch.Tensor, torch.Tensor, LayerFactors], torch.Tensor] | None = None
-    row_factors: tuple[str, ...] = ()
+    merge: Callable[..., Merged]
+    low_rank: Callable[[LayerFactors, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = lora_low_rank
+    vectors: tuple[str, ...] = ()
+    selector: str | None = None
+    file_keys: dict[str, str] = field(default_factory=dict)
+    tau_key: str | None = None
+    fingerprint_key: str | None = None
+    config_fields: tuple[str, ...] = ()
+    uses_base_norms: bool = False
+    branches: tuple[str, ...] = ()
+    fold: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def factor_names(self) -> tuple[str, ...]:
+        """Every factor a layer of this method must carry: A and B of each pair, then the vectors."""
+        return tuple(n for pair in self.pairs for n in pair) + self.vectors
+
+    @property
+    def row_factors(self) -> tuple[str, ...]:
+        """Factors indexed by output row (the B factors and the vectors), sliced when merging row blocks."""
+        return tuple(b for _, b in self.pairs) + self.vectors
+
+    @property
+    def extra_keys(self) -> tuple[str, ...]:
+        """Per-layer key suffixes besides the factors (learned tau, base fingerprint)."""
+        return tuple(k for k in (self.tau_key, self.fingerprint_key) if k)
+
+
+def _weight_keys(*names: str) -> dict[str, str]:
+    return {f"{n}.weight": n for n in names}
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method("lora", ("lora_A", "lora_B"), lora_delta, lora_merged, row_factors=("lora_B",)),
-    "dora": Method("dora", ("lora_A", "lora_B", "lora_magnitude_vector"), lora_delta, dora_merged, dora_scale,
-                   row_factors=("lora_B", "lora_magnitude_vector")),
+    "lora": Method("lora", "LORA", (("lora_A", "lora_B"),), lora_delta, lora_merged, lora_merge,
+                   file_keys=_weight_keys("lora_A", "lora_B"), fold=lora_fold),
+    "dora": Method("dora", "LORA", (("lora_A", "lora_B"),), lora_delta, dora_merged, dora_merge,
+                   vectors=("lora_magnitude_vector",), selector="use_dora",
+                   file_keys=_weight_keys("lora_A", "lora_B", "lora_magnitude_vector")
+                   | {"lora_magnitude_vector": "lora_magnitude_vector"},
+                   config_fields=("use_dora",), uses_base_norms=True, fold=dora_fold),
     "d2lora": Method(
-        "d2lora",
-        ("lora_A_plus", "lora_B_plus", "lora_A_minus", "lora_B_minus"),
+        "d2lora", "D2LORA",
+        (("lora_A_plus", "lora_B_plus"), ("lora_A_minus", "lora_B_minus")),
         d2lora_delta,
         d2lora_merged,
-        lambda w0, dw, f: d2lora_scale(w0, dw),
-        row_factors=("lora_B_plus", "lora_B_minus"),
+        d2lora_merge,
+        low_rank=d2lora_low_rank,
+        file_keys=_weight_keys("lora_A_plus", "lora_B_plus", "lora_A_minus", "lora_B_minus"),
+        tau_key="d2_tau", fingerprint_key="d2_magnitude",
+        config_fields=("tau", "magnitude_axis"), uses_base_norms=True, branches=("plus", "minus"),
+        fold=d2lora_fold,
     ),
 }
+
+
+def method_for(peft_type: str, config: dict) -> Method | None:
+    """The method a config selects: the entry of ``peft_type`` whose ``selector`` field is true,
+    else the entry of ``peft_type`` without a selector; None for an unknown ``peft_type``."""
+    candidates = [m for m in METHODS.values() if m.peft_type == peft_type]
+    chosen = [m for m in candidates if m.selector and config.get(m.selector)]
+    plain = [m for m in candidates if m.selector is None]
+    return (chosen or plain or [None])[0]
+
+
+def peft_types() -> tuple[str, ...]:
+    """Every ``peft_type`` some method reads, in registry order."""
+    return tuple(dict.fromkeys(m.peft_type for m in METHODS.values()))
 
 
 def get_method(name: str) -> Method:

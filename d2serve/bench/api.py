@@ -9,6 +9,8 @@ after every completed measurement, so Ctrl-C leaves the completed results saved.
 
 from __future__ import annotations
 
+from d2serve.errors import InputError
+
 import contextlib
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 
 from .arms import ARM_NAMES, plan_arms
 from .backends import get_backend
-from .comparability import check_comparable
+from .comparability import NotComparableError, check_comparable, generation_config_of, merged_provenance
 from .environment import environment
 from .ratios import combine_ratios, pairwise_ratios
 from .report import SCHEMA_VERSION, write_bench_json, write_report
@@ -79,6 +81,7 @@ def bench(
     strict: bool = True,
     progress: bool = True,
     settings_override: dict[str, dict] | None = None,
+    vllm_prefix_caching: bool = False,
 ) -> dict:
     """Benchmark base / merged / unmerged arms and write bench.json, bench.md and plots to ``report``.
 
@@ -95,20 +98,24 @@ def bench(
         eval_data: multiple-choice jsonl (ARC or BoolQ) for the eval-throughput workload.
         strict: refuse non-comparable arms (raise); False labels the report NOT COMPARABLE instead.
         settings_override: test hook: extra settings merged into an arm's settings dict.
+        vllm_prefix_caching: run the vLLM arms with prefix caching (default off: every repeat recomputes
+            its prompts; recorded in the settings as ``enable_prefix_caching``).
 
     Returns:
         The results dict written to bench.json (``status`` is "complete" or "interrupted").
 
     Raises:
         ArmError / ValueError: bad inputs (missing dirs, unknown arm/backend/workload/dtype).
-        NotComparableError: ``strict`` and the arms differ in more than the adapter mode.
+        NotComparableError: ``strict`` and the arms differ in more than the adapter mode (settings, including
+            each arm's ``generation_config.json``), or the merged checkpoint's ``d2serve_merge.json`` does not
+            match the sha256 of the given base shards and adapter files (the file is named).
         KeyboardInterrupt: re-raised after saving the completed measurements.
     """
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} not supported; expected one of {', '.join(_DTYPES)}")
+        raise InputError(f"dtype {dtype!r} not supported; expected one of {', '.join(_DTYPES)}")
     bad = set(workloads) - set(WORKLOADS)
     if bad or not workloads:
-        raise ValueError(f"unknown workload(s) {sorted(bad)}; expected a subset of {WORKLOADS}")
+        raise InputError(f"unknown workload(s) {sorted(bad)}; expected a subset of {WORKLOADS}")
     plan = plan or (QUICK_PLAN if quick else FULL_PLAN)
     report = Path(report)
     import psutil
@@ -129,11 +136,19 @@ def bench(
         )
     unsupported = [a for a in arms if a not in backend_cls.arms_supported]
     if unsupported:
-        raise ValueError(
+        raise InputError(
             f"backend {backend!r} cannot run arm(s) {unsupported}; it supports {list(backend_cls.arms_supported)}"
         )
     specs = plan_arms(base=Path(base), adapter=adapter and Path(adapter), merged=merged and Path(merged), arms=arms)
-    be = backend_cls(dtype=_DTYPES[dtype], device=device, tokenizer_dir=Path(base))
+    provenance = None
+    if merged is not None and "merged" in arms:  # the merged arm must be this base + this adapter, else nothing compares
+        provenance = merged_provenance(Path(base), adapter and Path(adapter), Path(merged))
+        if not provenance["matches"] and strict:
+            raise NotComparableError(f"the merged checkpoint {merged} was not made from base {base}"
+                                     + (f" + adapter {adapter}" if adapter else "") + ":\n"
+                                     + "\n".join(provenance["problems"]))
+    extra = {"prefix_caching": vllm_prefix_caching} if backend == "vllm" else {}
+    be = backend_cls(dtype=_DTYPES[dtype], device=device, tokenizer_dir=Path(base), **extra)
 
     try:
         results: dict = {
@@ -174,6 +189,7 @@ def bench(
             s = dict(common) | facts | {
                 "arm": spec.name,
                 "adapter_mode": spec.adapter_mode,
+                "generation_config": generation_config_of(spec.model_dir),
                 "model_dir": str(spec.model_dir),
                 "adapter_dir": spec.adapter_dir and str(spec.adapter_dir),
             }
@@ -181,8 +197,11 @@ def bench(
             results["arms"][spec.name] = s
         diffs = check_comparable({n: s for n, s in results["arms"].items()}, strict=strict)
         results["comparability"] = {
-            "comparable": all(d.comparable for d in diffs),
-            "diffs": [d.render() for d in diffs if not d.comparable],
+            "comparable": all(d.comparable for d in diffs) and (provenance is None or provenance["matches"]),
+            "diffs": [d.render() for d in diffs if not d.comparable]
+            + ([] if provenance is None or provenance["matches"] else
+               ["merged checkpoint not made from this base + adapter:\n" + "\n".join(provenance["problems"])]),
+            "merged_provenance": provenance,
         }
 
         names = [s.name for s in specs]

@@ -11,6 +11,8 @@ Arms (``adapter_mode`` is the only setting allowed to differ between them):
 
 from __future__ import annotations
 
+from d2serve.errors import InputError
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ ADAPTER_MODES = {
 }
 
 
-class ArmError(ValueError):
+class ArmError(InputError):
     """An arm cannot be built from the given directories (missing input or loader)."""
 
 
@@ -65,11 +67,11 @@ def plan_arms(
             spec = ArmSpec(name, Path(base))
         elif name == "merged":
             if merged is None:
-                raise ArmError("arm 'merged' needs --merged DIR (the output of `d2serve merge`)")
+                raise ArmError("arm 'merged' needs a merged checkpoint (merged, the output of `d2serve merge`)")
             spec = ArmSpec(name, Path(merged))
         else:
             if adapter is None:
-                raise ArmError(f"arm {name!r} needs --adapter DIR")
+                raise ArmError(f"arm {name!r} needs an adapter (adapter)")
             spec = ArmSpec(name, Path(base), Path(adapter))
         for d in (spec.model_dir, spec.adapter_dir):
             if d is not None and not d.is_dir():
@@ -85,22 +87,13 @@ def load_arm_model(spec: ArmSpec, dtype: torch.dtype = torch.float32, device: st
     ``d2serve.models.load_unmerged_model(..., cache_scale=...)`` (unmerged arms).
 
     Raises:
-        ArmError: the unmerged loader is not available in this d2serve build.
+        CheckpointError / AdapterError: the arm's directories cannot be loaded (named).
     """
-    try:
-        from d2serve import models
-    except ImportError:  # pragma: no cover - only before d2serve.models exists
-        models = None
-    if spec.adapter_dir is None:
-        if models is not None:
-            model = models.load_hf_model(spec.model_dir, dtype=dtype)
-        else:  # pragma: no cover
-            from transformers import AutoModelForCausalLM
+    from d2serve import models
 
-            model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=dtype, local_files_only=True).eval()
+    if spec.adapter_dir is None:
+        model = models.load_hf_model(spec.model_dir, dtype=dtype)
     else:
-        if models is None or not hasattr(models, "load_unmerged_model"):
-            raise ArmError("d2serve.models.load_unmerged_model is not available; cannot build unmerged arms")
         model = models.load_unmerged_model(
             spec.model_dir, spec.adapter_dir, dtype=dtype, cache_scale=(spec.name == "unmerged_cached")
         )

@@ -48,15 +48,10 @@ def environment(torch_threads: int | None = None) -> dict:
     """The environment record stored in bench.json."""
     import psutil
 
-    gpu = None
-    try:
-        import torch
+    import torch  # a core dependency: no guard
 
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-        torch_threads = torch_threads or torch.get_num_threads()
-    except ImportError:  # pragma: no cover
-        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    torch_threads = torch_threads or torch.get_num_threads()
     return {
         "cpu_model": cpu_model(),
         "logical_cpus": psutil.cpu_count(logical=True),

@@ -12,10 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 from d2serve.checkpoint import atomic_output_dir
+from d2serve.errors import InputError
 
 
-def llama_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int) -> dict:
-    """A LlamaForCausalLM ``config.json`` dict (bf16, untied embeddings)."""
+def llama_config(
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, dtype: str = "bfloat16"
+) -> dict:
+    """A LlamaForCausalLM ``config.json`` dict (untied embeddings; ``dtype``: ``bfloat16`` or ``float32``)."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -28,8 +31,8 @@ def llama_config(hidden: int, intermediate: int, layers: int, heads: int, kv_hea
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "dtype": "bfloat16",
+        "torch_dtype": dtype,
+        "dtype": dtype,
         "hidden_act": "silu",
         "bos_token_id": 1,
         "eos_token_id": 2,
@@ -64,22 +67,27 @@ def write_synthetic_llama(
     vocab: int = 32000,
     shards: int = 8,
     seed: int = 0,
+    dtype: str = "bfloat16",
     overwrite: bool = False,
 ) -> Path:
-    """Write a random bf16 Llama checkpoint in ``shards`` HF shards plus ``model.safetensors.index.json``.
+    """Write a random Llama checkpoint (``dtype`` bfloat16 or float32) in ``shards`` HF shards plus ``model.safetensors.index.json``.
 
-    Defaults give ~1.36e9 parameters (~2.7 GB in bf16). Weights are N(0, 0.02) (norms: 1.0), generated
+    Defaults give ~1.36e9 parameters (~2.7 GB in bf16, ~5.4 GB in float32). Weights are N(0, 0.02) (norms: 1.0), generated
     one shard at a time, so peak memory is about one shard.
 
     Returns:
         ``out``.
 
     Raises:
-        ValueError: ``shards`` < 1 or more shards than layers + 1.
+        InputError: ``shards`` < 1 or more shards than layers + 1, or an unknown ``dtype``.
     """
+    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    if dtype not in dtypes:
+        raise InputError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    tdtype = dtypes[dtype]
     if shards < 1 or shards > layers + 1:
-        raise ValueError(f"shards must be in [1, layers + 1 = {layers + 1}], got {shards}")
-    cfg = llama_config(hidden, intermediate, layers, heads, kv_heads, vocab)
+        raise InputError(f"shards must be in [1, layers + 1 = {layers + 1}], got {shards}")
+    cfg = llama_config(hidden, intermediate, layers, heads, kv_heads, vocab, dtype)
     groups: list[dict[str, tuple[int, ...]]] = [dict() for _ in range(shards)]
     groups[0]["model.embed_tokens.weight"] = (vocab, hidden)
     for i in range(layers):
@@ -93,12 +101,12 @@ def write_synthetic_llama(
             tensors = {}
             for name, shape in names.items():
                 if len(shape) == 1:
-                    t = torch.ones(shape, dtype=torch.bfloat16)
+                    t = torch.ones(shape, dtype=tdtype)
                 else:
-                    t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+                    t = (torch.randn(shape, generator=gen) * 0.02).to(tdtype)
                 tensors[name] = t
                 weight_map[name] = fname
-                total += t.numel() * 2
+                total += t.numel() * t.element_size()
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             del tensors
         (tmp / "model.safetensors.index.json").write_text(

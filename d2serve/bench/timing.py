@@ -9,6 +9,8 @@ import math
 import time
 from typing import Callable, Sequence
 
+from d2serve.errors import InputError
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -67,7 +69,7 @@ def time_call(fn: Callable[[], object], *, warmup: int, repeats: int) -> list[fl
         ValueError: ``warmup < 0`` or ``repeats < 1``.
     """
     if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+        raise InputError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     for _ in range(warmup):
         fn()
     out = []

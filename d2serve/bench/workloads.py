@@ -10,12 +10,16 @@
 
 from __future__ import annotations
 
+from d2serve.errors import InputError
+
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_EVAL_DATA = Path("ARC-Easy/ARC-Easy-Test.jsonl")  # relative to the evaluation data folder
+# Relative to the evaluation data folder (d2serve.verify.data: data_dir / $D2SERVE_DATA_DIR / the bundled samples,
+# whose 200 ARC-Easy test items cover FULL_PLAN.eval_examples).
+DEFAULT_EVAL_DATA = Path("ARC-Easy/ARC-Easy-Test.jsonl")
 
 # Neutral filler for generation prompts; content does not matter with fixed output lengths.
 _PROMPT_TEXT = (
@@ -27,7 +31,7 @@ _PROMPT_TEXT = (
 )
 
 
-class WorkloadError(ValueError):
+class WorkloadError(InputError):
     """A workload's input data is missing or malformed (the message names the file and line)."""
 
 
@@ -48,7 +52,10 @@ def load_mc_items(path: Path, limit: int | None = None) -> list[MCItem]:
     """
     path = Path(path)
     if not path.is_file():
-        raise WorkloadError(f"evaluation set {path} does not exist (pass --eval-data FILE, ARC or BoolQ jsonl)")
+        raise WorkloadError(
+            f"evaluation set {path} does not exist; the eval workload reads {DEFAULT_EVAL_DATA} of the evaluation "
+            "data folder (data_dir, CLI: --data DIR) or an eval_data file (ARC or BoolQ jsonl)"
+        )
     items: list[MCItem] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -117,7 +124,7 @@ def prompt_ids(tokenizer, prompt_len: int, batch: int) -> list[list[int]]:
         ValueError: ``prompt_len < 1`` or ``batch < 1``.
     """
     if prompt_len < 1 or batch < 1:
-        raise ValueError(f"need prompt_len >= 1 and batch >= 1, got {prompt_len}, {batch}")
+        raise InputError(f"need prompt_len >= 1 and batch >= 1, got {prompt_len}, {batch}")
     base = tokenizer(_PROMPT_TEXT, add_special_tokens=False)["input_ids"]
     need = prompt_len + batch * 7
     stream = (base * (need // len(base) + 1))[:need]

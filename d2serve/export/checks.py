@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
+from d2serve.architecture import architecture_of, compare_tensor_list, expected_state_dict  # noqa: F401 (re-export)
 from d2serve.checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, CheckpointError, TensorInfo, tensor_infos
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -96,35 +95,6 @@ def read_tensor_infos(path: Path, problems: list[str]) -> dict[str, TensorInfo]:
     return infos
 
 
-def expected_state_dict(path: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape that a checkpoint of the architecture in ``<path>/config.json`` must store.
-
-    Built with transformers on the meta device (no memory, no weights):
-    ``AutoModelForCausalLM.from_config`` then ``state_dict()``, which already
-    leaves out non-persistent buffers (e.g. rotary ``inv_freq``); tied weights
-    (``lm_head.weight`` when ``tie_word_embeddings``) are dropped as
-    ``save_pretrained`` does.
-
-    Raises:
-        CheckpointError: transformers cannot build the architecture from the config.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
-    except Exception as e:  # transformers raises ValueError/KeyError/OSError/ImportError variously
-        raise CheckpointError(f"{path}/config.json: transformers cannot build the architecture: {e}") from e
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    if not tied:  # fallback: names sharing one Parameter object; the first one is the stored one
-        groups: dict[int, list[str]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            groups.setdefault(id(p), []).append(name)
-        tied = {n for names in groups.values() for n in names[1:]}
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
-
-
 def config_dtype(config: dict) -> str | None:
     """The dtype name of a config dict (``dtype``, else ``torch_dtype``), or None."""
     d = config.get("dtype") or config.get("torch_dtype")
@@ -142,8 +112,11 @@ def check_config(path: Path, config: dict, infos: dict[str, TensorInfo]) -> list
     for name in QUANT_CONFIG_FILES:
         if (Path(path) / name).is_file():
             problems.append(f"{Path(path) / name}: quantization config file present; a runtime would treat the model as quantized")
-    tied = bool(config.get("tie_word_embeddings", True))
-    if infos:
+    try:  # the tie transformers builds: config.json's tie_word_embeddings, else the architecture's default
+        tied = architecture_of(config, path).tied
+    except CheckpointError:
+        tied = None  # reported by check_keys
+    if infos and tied is not None:
         if tied and "lm_head.weight" in infos:
             problems.append(f"{cfg_file}: tie_word_embeddings is true but lm_head.weight is stored (it would be ignored)")
         if not tied and "lm_head.weight" not in infos and "model.embed_tokens.weight" in infos:
@@ -164,25 +137,16 @@ def check_config(path: Path, config: dict, infos: dict[str, TensorInfo]) -> list
     return problems
 
 
-def check_keys(path: Path, infos: dict[str, TensorInfo]) -> list[str]:
-    """Stored keys/shapes vs :func:`expected_state_dict`: extra (e.g. adapter) keys, missing keys, wrong shapes."""
+def check_keys(path: Path, infos: dict[str, TensorInfo], config: dict | None = None) -> list[str]:
+    """Stored tensors vs the architecture's full tensor list (:func:`d2serve.architecture.compare_tensor_list`,
+    the same check merge and verify run): extra (e.g. adapter) keys, missing keys, wrong shapes, integer
+    (quantized) weights where the architecture holds floating point."""
     try:
-        expected = expected_state_dict(path)
-    except CheckpointError as e:
+        arch = architecture_of(config, path) if config is not None else architecture_of(
+            json.loads((Path(path) / "config.json").read_text()), path)
+    except (CheckpointError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         return [str(e)]
-    problems = []
-    extra = sorted(set(infos) - set(expected))
-    missing = sorted(set(expected) - set(infos))
-    if extra:
-        problems.append(f"{path}: {len(extra)} stored tensors are not in the architecture's state dict "
-                        f"(adapter leftovers?), e.g. {extra[:5]}")
-    if missing:
-        problems.append(f"{path}: {len(missing)} tensors of the architecture's state dict are missing, e.g. {missing[:5]}")
-    wrong = [f"{k}: stored {infos[k].shape}, expected {expected[k]}"
-             for k in sorted(set(infos) & set(expected)) if tuple(infos[k].shape) != expected[k]]
-    if wrong:
-        problems.append(f"{path}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:3]}")
-    return problems
+    return compare_tensor_list(infos, arch).problems(path)
 
 
 def _eos_ids(path: Path) -> list[int] | None:
@@ -217,6 +181,19 @@ def tokenizer_fingerprint(path: Path) -> dict:
     }
 
 
+def _template_summary(t) -> str:
+    """A short repr of a chat template: None, a string (first 80 characters), or transformers' named templates.
+
+    transformers gives ``tokenizer.chat_template`` as a string, or as a dict name -> template (or a list of
+    ``{"name", "template"}``) when the checkpoint has named templates (``additional_chat_templates/``).
+    """
+    if isinstance(t, dict):
+        return "named templates " + repr(sorted(t))
+    if isinstance(t, list):
+        return "named templates " + repr(sorted(str(x.get("name")) if isinstance(x, dict) else str(x) for x in t))
+    return repr(t if t is None else str(t)[:80] + ("..." if len(str(t)) > 80 else ""))
+
+
 def check_tokenizer(path: Path, reference_dir: Path | None = None) -> list[str]:
     """The tokenizer loads offline; with ``reference_dir`` (the base) everything in :func:`tokenizer_fingerprint` is identical."""
     try:
@@ -235,7 +212,7 @@ def check_tokenizer(path: Path, reference_dir: Path | None = None) -> list[str]:
     problems = []
     for key, label in labels.items():
         if mine[key] != ref[key]:
-            a, b = (repr(x if key != "chat_template" else (x or "")[:80] + "...") for x in (mine[key], ref[key]))
+            a, b = (_template_summary(x) if key == "chat_template" else repr(x) for x in (mine[key], ref[key]))
             problems.append(f"{path}: tokenizer {label} differs from the base {reference_dir}: {a} vs {b}")
     return problems
 
@@ -272,7 +249,7 @@ def check_hf_checkpoint(path: str | Path, reference_dir: str | Path | None = Non
     infos = read_tensor_infos(path, problems)
     problems += check_config(path, config, infos)
     if infos:
-        problems += check_keys(path, infos)
+        problems += check_keys(path, infos, config)
     problems += check_tokenizer(path, Path(reference_dir) if reference_dir else None)
     return problems
 

@@ -9,6 +9,8 @@ name (ONNX Runtime's own message is a bare "file not found").
 
 from __future__ import annotations
 
+from d2serve.errors import InputError
+
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ ROTARY_BUFFER_NAMES = ("cos_cache", "sin_cache", "inv_freq")
 _ONNX_ELEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 21: 1, 22: 1}
 
 
-class OnnxExportError(ValueError):
+class OnnxExportError(InputError):
     """Bad input or an unusable exported folder (missing file, absolute external path, builder failure)."""
 
 

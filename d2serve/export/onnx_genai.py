@@ -28,6 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d2serve.compare import (
+    NonFiniteError,
+    check_finite,
+    content_token_count,
+    max_abs_diff,
+    special_token_ids,
+    top1_agreement,
+)
+from d2serve.childproc import run_tied_to_parent
 from d2serve.export.onnx_files import OnnxExportError, check_external_data
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -37,6 +46,8 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "Once upon a time, in a small village by the sea,",
 )
 MAX_NEW_TOKENS = 32
+# The parity check must compare at least this many content tokens (not EOS/pad/special) per prompt on average.
+MIN_CONTENT_TOKENS_PER_PROMPT = 8
 
 
 def build_genai(merged: Path, out_dir: Path, precision: str, tied: bool, log_path: Path) -> dict:
@@ -54,6 +65,10 @@ def build_genai(merged: Path, out_dir: Path, precision: str, tied: bool, log_pat
     Returns:
         ``{"export_s": float, "builder_args": [str]}``.
 
+    The builder runs as a child in its own process group that is killed with
+    this process (:func:`d2serve.childproc.run_tied_to_parent`): a killed or
+    interrupted export leaves no builder running.
+
     Raises:
         OnnxExportError: the builder exited non-zero (message has the log tail).
     """
@@ -64,11 +79,11 @@ def build_genai(merged: Path, out_dir: Path, precision: str, tied: bool, log_pat
             args += ["--extra_options", *extra]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         t0 = time.perf_counter()
-        with open(log_path, "w") as log:
-            rc = subprocess.run(
+        with open(log_path, "w") as log:  # own process group, dies with this process (even on SIGKILL)
+            rc = run_tied_to_parent(
                 [sys.executable, "-m", "onnxruntime_genai.models.builder", *args],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cache, check=False,
-            ).returncode
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cache,
+            )
         seconds = time.perf_counter() - t0
     if rc != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
@@ -98,24 +113,33 @@ def open_genai_model(folder: Path):
     return og.Model(str(folder.resolve()))
 
 
-def _og_greedy(model, prompt_ids: list[int], max_new: int) -> tuple[list[int], float, float]:
-    """Greedy tokens from ORT-GenAI; returns (new tokens, prefill+first token s, decode s of the rest)."""
+def _og_greedy(model, prompt_ids: list[int], max_new: int, where: str) -> tuple[list[int], float, float]:
+    """Greedy tokens from ORT-GenAI, EOS ignored: exactly ``max_new`` tokens.
+
+    Each step takes the argmax of ``Generator.get_logits()`` (checked finite) and appends it with
+    ``append_tokens``, so no search option (EOS stop, ``min_length`` suppressing EOS) changes the choice:
+    the same rule as :func:`_hf_greedy`. Returns (new tokens, prefill+first token s, decode s of the rest).
+
+    Raises:
+        NonFiniteError: a step's logits hold a NaN/inf (``where``, new-token and vocabulary index named).
+    """
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(
-        max_length=len(prompt_ids) + max_new, min_length=0, do_sample=False, num_beams=1, repetition_penalty=1.0
-    )
+    params.set_search_options(max_length=len(prompt_ids) + max_new + 1, do_sample=False)
     gen = og.Generator(model, params)
     t0 = time.perf_counter()
     gen.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
     out: list[int] = []
     t_first = None
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
+    for step in range(max_new):
+        row = check_finite(np.asarray(gen.get_logits()).reshape(-1), where=where, side="onnxruntime-genai",
+                           dims=(f"new token {step}: vocab",))
+        out.append(int(row.argmax()))
         if t_first is None:
             t_first = time.perf_counter()
+        if step + 1 < max_new:
+            gen.append_tokens(np.asarray([[out[-1]]], dtype=np.int32))
     t_end = time.perf_counter()
     return out, (t_first or t_end) - t0, t_end - (t_first or t_end)
 
@@ -138,36 +162,49 @@ def _og_teacher_forced(model, prompt_ids: list[int], ref_new: list[int]) -> np.n
     return np.stack(rows).astype(np.float32)
 
 
-def _hf_greedy(model, prompt_ids: list[int], max_new: int, eos) -> tuple[list[int], np.ndarray, float]:
-    """transformers greedy new tokens, teacher-forced logits ``(n_new, vocab)`` and generate seconds."""
-    from transformers import GenerationConfig
+@torch.inference_mode()
+def _hf_greedy(model, prompt_ids: list[int], max_new: int, where: str) -> tuple[list[int], np.ndarray, float]:
+    """transformers greedy new tokens (argmax of the raw logits, KV cache, EOS ignored: exactly ``max_new``),
+    their logits ``(max_new, vocab)`` float32 and the seconds taken.
 
-    ids = torch.tensor([prompt_ids])
-    gc = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=max_new, min_new_tokens=0, repetition_penalty=1.0,
-        eos_token_id=eos, pad_token_id=eos[0] if isinstance(eos, list) and eos else eos,
-    )
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        seq = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
-        secs = time.perf_counter() - t0
-        new = seq[0, len(prompt_ids) :].tolist()
-        logits = model(seq).logits[0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(new)].float().numpy()
-    return new, logits, secs
+    Not ``generate``: its logits processors (EOS stop, ``min_new_tokens`` suppressing EOS) would change
+    the choice; this is the rule :func:`_og_greedy` applies too.
+
+    Raises:
+        NonFiniteError: the reference logits hold a NaN/inf (``where``, new-token and vocabulary index named).
+    """
+    t0 = time.perf_counter()
+    out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    toks, rows = [], []
+    for step in range(max_new):
+        row = out.logits[0, -1].float()
+        check_finite(row, where=where, side="transformers", dims=(f"new token {step}: vocab",))
+        toks.append(int(row.argmax()))
+        rows.append(row.numpy())
+        if step + 1 < max_new:
+            out = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return toks, np.stack(rows), time.perf_counter() - t0
 
 
 def validate_genai(
-    folder: Path, hf_model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS
+    folder: Path, hf_model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS,
+    min_content_tokens_per_prompt: float = MIN_CONTENT_TOKENS_PER_PROMPT,
 ) -> dict:
     """Compare ORT-GenAI (``folder``) with the transformers float32 model on ``prompts``.
 
-    Returns a JSON-ready dict: per prompt ``{"prompt", "prompt_tokens",
-    "reference_tokens", "onnx_tokens", "identical", "first_divergence" (index
-    into the new tokens, or null), "greedy_agreement" (matched prefix /
-    reference length), "max_abs_logit_diff", "top1_agreement"}`` and
-    aggregates ``all_identical``, ``greedy_agreement``, ``max_abs_logit_diff``,
-    ``top1_agreement`` (teacher-forced, over all positions),
-    ``decode_tokens_per_s`` (ORT-GenAI tokens after the first / their seconds),
+    Both sides decode exactly ``max_new_tokens`` greedy tokens per prompt, EOS ignored (a model that
+    answers with EOS would otherwise give a comparison of 1-2 tokens). Comparisons use
+    :mod:`d2serve.compare` (float64; NaN/inf is a named failure, never "no difference").
+
+    Returns a JSON-ready dict: per prompt ``{"prompt", "prompt_tokens", "reference_tokens", "onnx_tokens",
+    "identical", "first_divergence" (index into the new tokens, or null), "greedy_agreement" (matched prefix /
+    reference length), "max_abs_logit_diff", "top1_agreement", "n_compared" (teacher-forced positions),
+    "n_content_compared" (of those, positions whose reference token is a content token: not EOS, pad or
+    another special token), "nonfinite"}`` and aggregates ``all_identical``, ``greedy_agreement``,
+    ``max_abs_logit_diff``, ``top1_agreement`` (teacher-forced, over all positions; None when a NaN/inf was
+    met), ``n_content_tokens_compared``, ``mean_content_tokens_per_prompt``, ``content_token_failure`` (a
+    message when the mean is below ``min_content_tokens_per_prompt``: the comparison is not evidence),
+    ``nonfinite`` (list), ``decode_tokens_per_s`` (ORT-GenAI tokens after the first / their seconds),
     ``prefill_first_token_ms`` (mean), ``transformers_tokens_per_s``.
 
     Raises:
@@ -177,54 +214,71 @@ def validate_genai(
     eos = hf_model.generation_config.eos_token_id
     if eos is None:
         eos = hf_model.config.eos_token_id
+    special = special_token_ids(tokenizer, extra=[eos] if eos is not None else [])
     rows = []
     dec_tok = dec_s = hf_tok = hf_s = 0.0
     first_ms = []
-    agree = total = matched = ref_total = 0
+    agree = total = matched = ref_total = content = 0
     worst = 0.0
-    for p in prompts:
+    nonfinite: list[dict] = []
+    for i, p in enumerate(prompts):
         ids = tokenizer(p, add_special_tokens=True)["input_ids"]
         if not ids:
             raise OnnxExportError(f"prompt {p!r} tokenizes to no tokens")
-        ref, ref_logits, secs = _hf_greedy(hf_model, ids, max_new_tokens, eos)
+        where = f"genai parity, prompt {i} ({p[:40]!r})"
+        row = {"prompt": p, "prompt_tokens": len(ids), "reference_tokens": [], "onnx_tokens": [], "identical": False,
+               "first_divergence": None, "greedy_agreement": None, "max_abs_logit_diff": None,
+               "top1_agreement": None, "n_compared": 0, "n_content_compared": 0, "nonfinite": None}
+        rows.append(row)
+        try:
+            ref, ref_logits, secs = _hf_greedy(hf_model, ids, max_new_tokens, where)
+            got, t_first, t_rest = _og_greedy(model, ids, max_new_tokens, where)
+            og_logits = _og_teacher_forced(model, ids, ref)
+            names, dims = ("transformers", "onnxruntime-genai"), ("new token", "vocab")
+            diff = max_abs_diff(ref_logits, og_logits, where=where + " teacher-forced", names=names, dims=dims)
+            same = top1_agreement(ref_logits, og_logits, where=where + " teacher-forced", names=names, dims=dims)[0]
+        except NonFiniteError as e:
+            row["nonfinite"] = e.to_json()
+            nonfinite.append(e.to_json())
+            continue
         hf_tok += len(ref)
         hf_s += secs
-        got, t_first, t_rest = _og_greedy(model, ids, max_new_tokens)
         first_ms.append(t_first * 1e3)
         dec_tok += max(len(got) - 1, 0)
         dec_s += t_rest
-        div = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
-        if div is None and len(ref) != len(got):
-            div = min(len(ref), len(got))
+        div = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), None)
         prefix = len(ref) if div is None else div
-        og_logits = _og_teacher_forced(model, ids, ref) if ref else np.zeros((0, 1), np.float32)
-        diff = float(np.max(np.abs(og_logits.astype(np.float64) - ref_logits))) if ref else 0.0
-        same = int(np.sum(og_logits.argmax(-1) == ref_logits.argmax(-1))) if ref else 0
-        rows.append(
-            {
-                "prompt": p,
-                "prompt_tokens": len(ids),
-                "reference_tokens": ref,
-                "onnx_tokens": got,
-                "identical": div is None,
-                "first_divergence": div,
-                "greedy_agreement": prefix / len(ref) if ref else 1.0,
-                "max_abs_logit_diff": diff,
-                "top1_agreement": same / len(ref) if ref else 1.0,
-            }
-        )
+        n_content = content_token_count(ref, special)
+        row.update({"reference_tokens": ref, "onnx_tokens": got, "identical": div is None, "first_divergence": div,
+                    "greedy_agreement": prefix / len(ref), "max_abs_logit_diff": diff,
+                    "top1_agreement": same / len(ref), "n_compared": len(ref), "n_content_compared": n_content})
         worst = max(worst, diff)
         agree += same
         total += len(ref)
         matched += prefix
         ref_total += len(ref)
+        content += n_content
+    mean_content = content / len(prompts) if prompts else 0.0
+    content_failure = None
+    if mean_content < min_content_tokens_per_prompt:
+        content_failure = (
+            f"only {content} content tokens compared over {len(prompts)} prompts (mean {mean_content:.1f} per prompt; "
+            f"per prompt: {', '.join(str(r['n_content_compared']) for r in rows)}) < min_content_tokens_per_prompt "
+            f"{min_content_tokens_per_prompt:g}: the reference output is EOS/special tokens, so the parity check is "
+            "not evidence")
+    ok = not nonfinite and total > 0
     return {
         "prompts": rows,
         "max_new_tokens": max_new_tokens,
-        "all_identical": all(r["identical"] for r in rows),
-        "greedy_agreement": matched / ref_total if ref_total else 1.0,
-        "max_abs_logit_diff": worst,
-        "top1_agreement": agree / total if total else 1.0,
+        "all_identical": ok and all(r["identical"] for r in rows),
+        "greedy_agreement": matched / ref_total if ok else None,
+        "max_abs_logit_diff": worst if ok else None,
+        "top1_agreement": agree / total if ok else None,
+        "n_content_tokens_compared": content,
+        "mean_content_tokens_per_prompt": mean_content,
+        "min_content_tokens_per_prompt": min_content_tokens_per_prompt,
+        "content_token_failure": content_failure,
+        "nonfinite": nonfinite,
         "decode_tokens_per_s": dec_tok / dec_s if dec_s > 0 else None,
         "prefill_first_token_ms": float(np.mean(first_ms)) if first_ms else None,
         "transformers_tokens_per_s": hf_tok / hf_s if hf_s > 0 else None,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d2serve.compare import NonFiniteError, max_abs_diff, top1_agreement
 from d2serve.export.onnx_files import OnnxExportError, dedupe_initializers, ort_session
 
 MODEL_FILE = "model.onnx"
@@ -60,6 +61,9 @@ def export_plain(model: torch.nn.Module, out_dir: Path) -> dict:
 
     Returns:
         ``{"export_s": float, "deduplicated_initializers": int}``.
+
+    Raises:
+        OnnxExportError: ``torch.onnx.export`` failed (see :func:`export_failure`); nothing was written.
     """
     t0 = time.perf_counter()
     b, s = TRACE_SHAPE
@@ -71,23 +75,58 @@ def export_plain(model: torch.nn.Module, out_dir: Path) -> dict:
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=int(getattr(model.config, "max_position_embeddings", 8192) or 8192))
     dyn = {k: {0: batch, 1: seq} for k in ("input_ids", "attention_mask", "position_ids")}
-    with torch.no_grad():
-        prog = torch.onnx.export(
-            LogitsOnly(model).eval(),
-            (ids, mask, pos),
-            dynamic_shapes=dyn,
-            input_names=["input_ids", "attention_mask", "position_ids"],
-            output_names=["logits"],
-            dynamo=True,
-            external_data=True,
-            optimize=True,
-            verbose=False,
-        )
+    try:
+        with torch.no_grad():
+            prog = torch.onnx.export(
+                LogitsOnly(model).eval(),
+                (ids, mask, pos),
+                dynamic_shapes=dyn,
+                input_names=["input_ids", "attention_mask", "position_ids"],
+                output_names=["logits"],
+                dynamo=True,
+                external_data=True,
+                optimize=True,
+                verbose=False,
+            )
+    except torch.onnx.OnnxExporterError as e:  # torch.export could not trace it, or no ONNX translation
+        raise export_failure(model, e) from e
     for node in prog.model.graph.all_nodes():
         node.metadata_props.clear()
     removed = dedupe_initializers(prog.model)
     prog.save(str(out_dir / MODEL_FILE), external_data=True)
     return {"export_s": time.perf_counter() - t0, "deduplicated_initializers": removed}
+
+
+# torch.onnx's exporter error classes (their module is private; matched by name) -> the step that failed.
+_EXPORT_STEPS = {
+    "TorchExportError": "torch.export (capturing the model graph)",
+    "DispatchError": "the ONNX translation (no ONNX function for an operator)",
+    "GraphConstructionError": "the ONNX graph construction",
+    "ConversionError": "the ONNX translation",
+}
+
+
+def export_failure(model: torch.nn.Module, e: BaseException) -> OnnxExportError:
+    """A one-paragraph :class:`OnnxExportError` for a failed ``torch.onnx.export``.
+
+    Names the architecture (``config.architectures``), the step that failed
+    (torch.export capture or ONNX translation, from the exporter's error class)
+    and the first line of the underlying error (the innermost ``__cause__``).
+    """
+    cfg = getattr(model, "config", None)
+    arch = ", ".join(getattr(cfg, "architectures", None) or [type(model).__name__])
+    step = next((_EXPORT_STEPS[c.__name__] for c in type(e).__mro__ if c.__name__ in _EXPORT_STEPS), "torch.onnx.export")
+    root = e
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    first = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")
+    if len(first) > 300:
+        first = first[:300] + "..."
+    return OnnxExportError(
+        f"{arch}: the plain ONNX export failed in {step}: {type(root).__name__}: {first} "
+        "(this architecture or configuration cannot be exported by torch.onnx.export(dynamo=True) with dynamic "
+        "batch and sequence axes; nothing was written)"
+    )
 
 
 @dataclass
@@ -118,10 +157,13 @@ def _cases(vocab: int, seed: int = 0) -> list[_Case]:
 def validate_plain(model: torch.nn.Module, model_path: Path) -> dict:
     """Compare ONNX Runtime logits with the PyTorch model on the fixed cases.
 
-    Only non-pad positions (mask == 1) are compared. Returns JSON-ready dict:
-    ``{"cases": [{"name", "shape", "max_abs_logit_diff", "top1_agreement",
-    "compared_positions", "max_abs_reference_logit"}], "max_abs_logit_diff", "top1_agreement",
-    "ort_load_s"}`` (agreement is a fraction in [0, 1], over all positions).
+    Only non-pad positions (mask == 1) are compared, with :mod:`d2serve.compare` (float64). Returns JSON-ready
+    dict: ``{"cases": [{"name", "shape", "max_abs_logit_diff", "top1_agreement", "compared_positions",
+    "max_abs_reference_logit", "nonfinite"}], "max_abs_logit_diff", "top1_agreement", "nonfinite", "ort_load_s"}``
+    (agreement is a fraction in [0, 1], over all positions). A NaN/inf logit on either side makes that case's
+    numbers None and its ``nonfinite`` (also listed in the top-level ``nonfinite``) name the side
+    (``transformers``/``onnxruntime``), case, position and vocabulary index; the overall numbers are then None,
+    so the parity check fails instead of reading NaN as "no difference".
 
     Raises:
         OnnxExportError: an external-data file is missing (named).
@@ -131,6 +173,7 @@ def validate_plain(model: torch.nn.Module, model_path: Path) -> dict:
     load_s = time.perf_counter() - t0
     cases = []
     worst, agree, total = 0.0, 0, 0
+    nonfinite: list[dict] = []
     for c in _cases(int(model.config.vocab_size)):
         (ort_logits,) = sess.run(["logits"], {"input_ids": c.ids, "attention_mask": c.mask, "position_ids": c.pos})
         with torch.no_grad():
@@ -138,20 +181,34 @@ def validate_plain(model: torch.nn.Module, model_path: Path) -> dict:
         if ort_logits.shape != ref.shape:
             raise OnnxExportError(f"ONNX logits shape {ort_logits.shape} != PyTorch {ref.shape} for case {c.name}")
         keep = c.mask.astype(bool)
-        a, r = ort_logits[keep].astype(np.float64), ref[keep].astype(np.float64)
-        diff = float(np.max(np.abs(a - r)))
-        same = int(np.sum(a.argmax(-1) == r.argmax(-1)))
+        r, a = ref[keep], ort_logits[keep]  # (non-pad positions, vocab)
+        where, names, dims = f"plain parity, case {c.name}", ("transformers", "onnxruntime"), ("position", "vocab")
+        n_pos = int(keep.sum())
+        try:
+            diff = max_abs_diff(r, a, where=where, names=names, dims=dims)
+            same = top1_agreement(r, a, where=where, names=names, dims=dims)[0]
+        except NonFiniteError as e:
+            nonfinite.append(e.to_json())
+            cases.append({"name": c.name, "shape": list(c.ids.shape), "max_abs_logit_diff": None,
+                          "top1_agreement": None, "compared_positions": n_pos, "max_abs_reference_logit": None,
+                          "nonfinite": e.to_json()})
+            continue
         cases.append(
             {
                 "name": c.name,
                 "shape": list(c.ids.shape),
                 "max_abs_logit_diff": diff,
-                "top1_agreement": same / int(keep.sum()),
-                "compared_positions": int(keep.sum()),
-                "max_abs_reference_logit": float(np.max(np.abs(r))),
+                "top1_agreement": same / n_pos,
+                "compared_positions": n_pos,
+                "max_abs_reference_logit": float(np.max(np.abs(r.astype(np.float64)))),
+                "nonfinite": None,
             }
         )
         worst = max(worst, diff)
         agree += same
-        total += int(keep.sum())
-    return {"cases": cases, "max_abs_logit_diff": worst, "top1_agreement": agree / total, "ort_load_s": load_s}
+        total += n_pos
+    if nonfinite or not total:
+        return {"cases": cases, "max_abs_logit_diff": None, "top1_agreement": None, "nonfinite": nonfinite,
+                "ort_load_s": load_s}
+    return {"cases": cases, "max_abs_logit_diff": worst, "top1_agreement": agree / total, "nonfinite": [],
+            "ort_load_s": load_s}

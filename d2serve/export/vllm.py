@@ -33,6 +33,8 @@ Parity protocol (the load check)
 
 from __future__ import annotations
 
+from d2serve.errors import CheckFailedError, InputError
+
 import importlib.util
 import json
 import os
@@ -47,12 +49,17 @@ from pathlib import Path
 
 import torch
 
+from d2serve.compare import NonFiniteError, check_finite, content_token_count, special_token_ids
 from d2serve.checkpoint import DTYPE_NAMES, CheckpointError, atomic_output_dir, prepare_output_dir, write_json
+from d2serve.console import in_steps, step
 from d2serve.export.checks import config_dtype, require_hf_checkpoint
+from d2serve.extras import require
 
 REPORT_NAME = "d2serve_export.json"
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_N_EXACT = 8
+# The parity check must compare at least this many content tokens (not EOS/pad/special) per prompt on average.
+DEFAULT_MIN_CONTENT_TOKENS_PER_PROMPT = 8
 # max |vLLM - transformers| chosen-token logprob (nats) by dtype; bfloat16 measured (docs/vllm.md): max 0.21 on
 # SmolLM2, i.e. one to two bfloat16 steps of a logit of magnitude 16-32 (step 0.125-0.25)
 LOGPROB_ATOL = {"bfloat16": 0.3, "float16": 0.1, "float32": 0.02}
@@ -78,7 +85,7 @@ PROMPTS = (
 )
 
 
-class VllmLoadError(RuntimeError):
+class VllmLoadError(CheckFailedError):
     """vLLM failed to start on, or to generate from, the exported checkpoint (message holds its traceback/log tail)."""
 
 
@@ -99,17 +106,25 @@ class PromptParity:
             that of vLLM's token, nats; small means a near-tie); else None.
         near_tie: the divergence is a near-tie (``hf_margin <= 2 * logprob_atol``).
         vllm_text, hf_text: decoded generations.
+        n_compared: generated tokens compared on the same context (the common prefix plus the divergent one).
+        n_content_compared: of those, transformers' tokens that are content tokens (not EOS, pad or another
+            special token); EOS is ignored by both engines, so an EOS-only model gives 0 here.
+        nonfinite: None, or the :meth:`d2serve.compare.NonFiniteError.to_json` of a NaN/inf logprob (engine,
+            token index).
     """
 
     prompt: str
     n_prompt_tokens: int
     first_divergence: int | None
     n_common: int
-    max_abs_logprob_diff: float
+    max_abs_logprob_diff: float | None
     divergence: dict | None
     near_tie: bool | None
     vllm_text: str
     hf_text: str
+    n_compared: int = 0
+    n_content_compared: int = 0
+    nonfinite: dict | None = None
 
 
 @dataclass
@@ -139,6 +154,9 @@ class ParityReport:
     vllm_worker_wall_s: float
     hf_generate_s: float
     prompts: list[PromptParity] = field(default_factory=list)
+    n_content_tokens_compared: int = 0
+    min_content_tokens_per_prompt: float = DEFAULT_MIN_CONTENT_TOKENS_PER_PROMPT
+    failures: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -170,8 +188,17 @@ def vllm_available() -> bool:
 
 
 def vllm_serve_command(model_dir: str | Path, dtype: str) -> list[str]:
-    """The ``vllm serve`` argv for an exported checkpoint (absolute path, explicit dtype)."""
-    return ["vllm", "serve", str(Path(model_dir).resolve()), "--dtype", dtype]
+    """The ``vllm serve`` argv for an exported checkpoint (absolute path, explicit dtype), run by this
+    interpreter in a form that works here (:func:`d2serve.serve.vllm_cli_argv`)."""
+    from d2serve.serve import vllm_cli_argv
+
+    return vllm_cli_argv(["serve", str(Path(model_dir).resolve()), "--dtype", dtype])
+
+
+def _d2serve_argv() -> list[str]:
+    from d2serve.serve import d2serve_cli_argv
+
+    return d2serve_cli_argv()
 
 
 def prompt_token_ids(model_dir: str | Path, prompts: tuple[str, ...] | list[str]) -> tuple[list[list[int]], str]:
@@ -312,11 +339,26 @@ def transformers_greedy(model_dir: Path, dtype: torch.dtype, prompt_ids: list[li
 
 
 def compare_greedy(prompts: list[str], prompt_ids: list[list[int]], vllm_out: list[dict], hf_out: list[dict],
-                   decode, n_exact: int, logprob_atol: float) -> list[PromptParity]:
-    """Per-prompt :class:`PromptParity` from the two engines' greedy outputs (see the module docstring)."""
+                   decode, n_exact: int, logprob_atol: float, special_ids=frozenset()) -> list[PromptParity]:
+    """Per-prompt :class:`PromptParity` from the two engines' greedy outputs (see the module docstring).
+
+    Every logprob is checked finite first (:func:`d2serve.compare.check_finite`): a NaN/inf is recorded in
+    the prompt's ``nonfinite`` (engine and token index named), never compared. ``special_ids`` are the token
+    ids that do not count as content (see :func:`d2serve.compare.special_token_ids`).
+    """
     rows = []
-    for p, ids, v, h in zip(prompts, prompt_ids, vllm_out, hf_out):
+    for i, (p, ids, v, h) in enumerate(zip(prompts, prompt_ids, vllm_out, hf_out)):
         vt, ht = v["token_ids"], h["token_ids"]
+        where = f"vllm parity, prompt {i} ({p[:40]!r})"
+        try:
+            check_finite(v["logprobs"], where=where, side="vLLM logprobs", dims=("new token",))
+            check_finite(h["logprobs"], where=where, side="transformers logprobs", dims=("new token",))
+            check_finite(h["other_logprobs"], where=where, side="transformers logprobs of vLLM's tokens",
+                         dims=("new token",))
+        except NonFiniteError as e:
+            rows.append(PromptParity(p, len(ids), None, 0, None, None, None, decode(vt), decode(ht),
+                                     0, 0, e.to_json()))
+            continue
         n = min(len(vt), len(ht))
         first = next((j for j in range(n) if vt[j] != ht[j]), None if len(vt) == len(ht) else n)
         common = n if first is None else first
@@ -328,13 +370,16 @@ def compare_greedy(prompts: list[str], prompt_ids: list[list[int]], vllm_out: li
                    "vllm_logprob": v["logprobs"][first], "hf_logprob": hf_own,
                    "hf_logprob_of_vllm_token": hf_of_vllm, "hf_margin": hf_own - hf_of_vllm}
         tie = None if div is None else div["hf_margin"] <= 2 * logprob_atol
-        rows.append(PromptParity(p, len(ids), first, common, max(diffs, default=0.0), div, tie, decode(vt), decode(ht)))
+        n_cmp = min(common + 1, len(ht)) if first is not None else len(ht)
+        rows.append(PromptParity(p, len(ids), first, common, max(diffs, default=0.0), div, tie, decode(vt), decode(ht),
+                                 n_cmp, content_token_count(ht[:n_cmp], special_ids)))
     return rows
 
 
 def load_check(model_dir: str | Path, *, n_prompts: int = 16, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                n_exact: int = DEFAULT_N_EXACT, logprob_atol: float | None = None,
-               timeout_s: float = WORKER_TIMEOUT_S) -> ParityReport:
+               timeout_s: float = WORKER_TIMEOUT_S,
+               min_content_tokens_per_prompt: float = DEFAULT_MIN_CONTENT_TOKENS_PER_PROMPT) -> ParityReport:
     """Load ``model_dir`` in vLLM and compare its greedy generations with transformers (module docstring).
 
     Args:
@@ -344,15 +389,22 @@ def load_check(model_dir: str | Path, *, n_prompts: int = 16, max_new_tokens: in
         n_exact: leading tokens that must be identical for every prompt.
         logprob_atol: max |logprob difference| in nats on the common prefix
             (None: :data:`LOGPROB_ATOL` of the checkpoint's dtype).
+        min_content_tokens_per_prompt: the check fails unless, on average per prompt, at least this many
+            content tokens (not EOS/pad/special) were compared: an EOS-only output is not evidence.
 
     Raises:
+        MissingExtraError: vLLM is not installed (``pip install 'd2serve[vllm]'``).
         ValueError: bad counts.
         VllmLoadError: vLLM could not load the checkpoint or generate.
     """
+    require("vllm", purpose="the vLLM load check")
     if not 1 <= n_prompts <= len(PROMPTS):
-        raise ValueError(f"n_prompts must be within 1..{len(PROMPTS)}, got {n_prompts}")
+        raise InputError(f"n_prompts must be within 1..{len(PROMPTS)}, got {n_prompts}")
     if not 1 <= n_exact <= max_new_tokens:
-        raise ValueError(f"n_exact must be within 1..max_new_tokens ({max_new_tokens}), got {n_exact}")
+        raise InputError(f"n_exact must be within 1..max_new_tokens ({max_new_tokens}), got {n_exact}")
+    if max_new_tokens < min_content_tokens_per_prompt:
+        raise InputError(f"max_new_tokens {max_new_tokens} < min_content_tokens_per_prompt "
+                         f"{min_content_tokens_per_prompt:g}: the parity check could never compare enough content tokens")
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -364,20 +416,41 @@ def load_check(model_dir: str | Path, *, n_prompts: int = 16, max_new_tokens: in
     ids, fmt = prompt_token_ids(model_dir, prompts)
     max_len = max(len(x) for x in ids) + max_new_tokens + 16
     max_len = min(max(max_len, 256), int(config.get("max_position_embeddings") or max_len))
+    step(f"vLLM: loading {model_dir.name} and generating {n_prompts} x {max_new_tokens} greedy tokens "
+         "(a fresh process; minutes on CPU)")
     v = run_vllm_worker(model_dir, dtype, ids, max_new_tokens, max_len, timeout_s)
+    step(f"transformers: the same {n_prompts} greedy generations for comparison")
     t0 = time.perf_counter()
     h, device = transformers_greedy(model_dir, DTYPE_NAMES[dtype], ids, max_new_tokens,
                                     [o["token_ids"] for o in v["outputs"]])
     hf_s = time.perf_counter() - t0
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    gen_cfg = model_dir / "generation_config.json"
+    gen_eos = json.loads(gen_cfg.read_text()).get("eos_token_id") if gen_cfg.is_file() else None
+    special = special_token_ids(tok, extra=[gen_eos] if gen_eos is not None else [])
     rows = compare_greedy(prompts, ids, v["outputs"], h, lambda t: tok.decode(t, skip_special_tokens=False),
-                          n_exact, logprob_atol)
-    firsts = [r.first_divergence for r in rows if r.first_divergence is not None]
-    max_diff = max((r.max_abs_logprob_diff for r in rows), default=0.0)
-    early = [r for r in rows if r.first_divergence is not None and r.first_divergence < n_exact]
-    passed = all(r.near_tie for r in early) and max_diff <= logprob_atol
+                          n_exact, logprob_atol, special)
+    failures = [r.nonfinite["message"] for r in rows if r.nonfinite]
+    finite = [r for r in rows if not r.nonfinite]
+    firsts = [r.first_divergence for r in finite if r.first_divergence is not None]
+    max_diff = max((r.max_abs_logprob_diff for r in finite), default=0.0)
+    early = [r for r in finite if r.first_divergence is not None and r.first_divergence < n_exact]
+    failures += [f"vllm parity, prompt {r.prompt!r}: the first {n_exact} tokens differ at {r.first_divergence} "
+                 f"(transformers margin {r.divergence['hf_margin']:.3g} nats > 2 * logprob_atol)"
+                 for r in early if not r.near_tie]
+    if max_diff > logprob_atol:
+        failures.append(f"vllm parity: max chosen-token logprob difference {max_diff:.3g} nats > logprob_atol "
+                        f"{logprob_atol:g}")
+    n_content = sum(r.n_content_compared for r in rows)
+    if n_content / len(rows) < min_content_tokens_per_prompt:
+        failures.append(
+            f"vllm parity: only {n_content} content tokens compared over {len(rows)} prompts (per prompt: "
+            f"{', '.join(str(r.n_content_compared) for r in rows)}) < min_content_tokens_per_prompt "
+            f"{min_content_tokens_per_prompt:g} on average: the outputs are EOS/special tokens, not evidence")
+    passed = not failures
     return ParityReport(
-        passed=passed, prompt_format=fmt, dtype=dtype, device=device, n_prompts=n_prompts,
+        passed=passed, n_content_tokens_compared=n_content, min_content_tokens_per_prompt=min_content_tokens_per_prompt,
+        failures=failures, prompt_format=fmt, dtype=dtype, device=device, n_prompts=n_prompts,
         max_new_tokens=max_new_tokens, n_exact=n_exact, logprob_atol=logprob_atol,
         n_prompts_fully_identical=sum(r.first_divergence is None for r in rows),
         n_early_near_tie_divergences=sum(bool(r.near_tie) for r in early),
@@ -388,9 +461,13 @@ def load_check(model_dir: str | Path, *, n_prompts: int = 16, max_new_tokens: in
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> None:
-    """Copy every file of a checkpoint directory except earlier d2serve export reports (flat; no subdirectories)."""
+    """Copy every file and folder of a checkpoint directory except earlier d2serve export reports and hidden names."""
     for p in sorted(src.iterdir()):
-        if p.is_file() and p.name != REPORT_NAME:
+        if p.name == REPORT_NAME or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name)
+        else:
             shutil.copy2(p, dst / p.name)
 
 
@@ -407,6 +484,7 @@ def _reference_base(base: str | Path | None, merged: Path | None) -> Path | None
     return None
 
 
+@in_steps  # long steps shown as stages with elapsed time (d2serve.console; the CLI shows them)
 def export_vllm(
     *,
     out: str | Path | None,
@@ -454,19 +532,19 @@ def export_vllm(
         FileExistsError: ``out`` is non-empty and ``overwrite`` is False.
         CheckpointError: the export fails a static check (listing every problem), or unreadable inputs.
         VllmLoadError: ``check`` and vLLM cannot load the export.
-        RuntimeError: ``check=True`` but vLLM is not installed.
+        MissingExtraError: ``check=True`` but vLLM is not installed (``pip install 'd2serve[vllm]'``).
     """
     t0 = time.perf_counter()
     if merged is not None and (adapter is not None):
-        raise ValueError("give either --merged or --base with --adapter, not both")
+        raise InputError("give either merged or base with adapter, not both")
     if merged is None and (base is None or adapter is None):
-        raise ValueError("give --base and --adapter (or an already merged checkpoint with --merged)")
+        raise InputError("give base and adapter (or an already merged checkpoint as merged)")
     if dtype != "auto" and (dtype not in DTYPE_NAMES or dtype == "float64"):
-        raise ValueError(f"--dtype {dtype!r} not supported; expected auto, float32, bfloat16 or float16")
+        raise InputError(f"dtype {dtype!r} not supported; expected auto, float32, bfloat16 or float16")
     if check is None:
         check = vllm_available()
-    elif check and not vllm_available():
-        raise RuntimeError("the vLLM load check needs vllm (pip install 'd2serve[vllm]'); or pass --no-check")
+    elif check:
+        require("vllm", purpose="the vLLM load check (check=True; or pass check=False)")
     merged_p = Path(merged) if merged is not None else None
     reference = _reference_base(base, merged_p)
     if merged_p is not None:
@@ -474,10 +552,11 @@ def export_vllm(
             raise CheckpointError(f"{merged_p}: no config.json; expected a merged HF checkpoint directory")
         have = config_dtype(json.loads((merged_p / "config.json").read_text()))
         if dtype not in ("auto", have):
-            raise ValueError(f"--dtype {dtype} differs from the merged checkpoint's {have}; "
-                             "--merged is exported as is (merge again with --dtype instead)")
+            raise InputError(f"dtype {dtype} differs from the merged checkpoint's {have}; "
+                             "a merged checkpoint is exported as is (merge again with that dtype instead)")
 
     def finish(target: Path, final: Path, merge_s: float | None) -> VllmExportReport:
+        step("static checks (config, tensors, tokenizer)")
         require_hf_checkpoint(target, reference)
         parity = load_check(target, n_prompts=n_prompts, max_new_tokens=max_new_tokens, n_exact=n_exact,
                             logprob_atol=logprob_atol) if check else None
@@ -488,13 +567,13 @@ def export_vllm(
             base=str(base) if base is not None else None, adapter=str(adapter) if adapter is not None else None,
             merged=str(merged_p) if merged_p is not None else None, dtype=out_dtype, static_checks="passed",
             load_check=parity, vllm_serve_command=shlex.join(vllm_serve_command(final, out_dtype)),
-            d2serve_serve_command=shlex.join(["d2serve", "serve", "--model", str(final.resolve())]),
+            d2serve_serve_command=shlex.join([*_d2serve_argv(), "serve", "--model", str(final.resolve())]),
             merge_seconds=merge_s, total_seconds=0.0,
         )
 
     if out is None:
         if merged_p is None:
-            raise ValueError("--out is required when merging --base with --adapter")
+            raise InputError("out is required when merging base with adapter")
         report = finish(merged_p, merged_p, None)  # in place: nothing written (inputs are never modified)
         report.total_seconds = time.perf_counter() - t0
         return report

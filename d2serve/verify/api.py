@@ -17,13 +17,17 @@ import torch
 from d2serve import __version__
 from d2serve.adapters.io import load_adapter, match_to_base
 from d2serve.checkpoint import DTYPE_NAMES, Checkpoint
-from d2serve.verify.data import WIKITEXT, data_file, resolve_data_dir
+from d2serve.compare import NonFiniteError, check_finite, max_abs_diff
+from d2serve.errors import InputError
+from d2serve.probe import read_probe
+from d2serve.verify.data import BUNDLED_ITEMS_PER_TASK, WIKITEXT, data_file, is_bundled, resolve_data_dir
 from d2serve.verify.generation import DEFAULT_PROMPTS, compare_generation
 from d2serve.verify.logits import LogitComparison, compare_logits, read_text, text_windows
 from d2serve.verify.stats import compare_paired
-from d2serve.verify.tasks import TASKS, hf_lm, parse_task_names, score_tasks
+from d2serve.verify.tasks import TASK_NAMES, hf_lm, load_tasks, parse_task_names, score_tasks
 from d2serve.verify.thresholds import Thresholds, parse_thresholds
 from d2serve.verify.weights import check_weights
+from d2serve.console import in_steps, step
 
 DEFAULT_LIMIT = 40
 DEFAULT_WINDOWS = 4
@@ -52,7 +56,7 @@ def _compute_dtype(name: str, merged: Checkpoint) -> torch.dtype:
     if name == "auto":
         return merged.dtype
     if name not in DTYPE_NAMES:
-        raise ValueError(f"merged compute dtype {name!r}: expected auto, float32, bfloat16, float16 or float64")
+        raise InputError(f"merged compute dtype {name!r}: expected auto, float32, bfloat16, float16 or float64")
     return DTYPE_NAMES[name]
 
 
@@ -61,8 +65,12 @@ def evaluate_thresholds(data: dict, th: Thresholds) -> list[str]:
     fails = []
     w = data.get("weights")
     if w:
+        for lay in w["layers"]:
+            if lay.get("n_nonfinite"):
+                fails.append(f"weights: tensor {lay['tensor']} of the merged checkpoint has {lay['n_nonfinite']} "
+                             f"non-finite value(s) (NaN/inf; first at {tuple(lay['worst_index'])})")
         for lay in sorted(w["layers"], key=lambda x: -x["max_err_over_tol"]):
-            if not lay["passed"]:
+            if not lay["passed"] and not lay.get("n_nonfinite"):
                 fails.append(
                     f"weights: layer {lay['module']}: {lay['n_out_of_tol']} of {lay['shape'][0] * lay['shape'][1]} "
                     f"elements differ from the float64 recomputation of the {data['inputs']['method']} merge by more "
@@ -75,19 +83,40 @@ def evaluate_thresholds(data: dict, th: Thresholds) -> list[str]:
         for name in w["missing_in_merged"]:
             fails.append(f"weights: tensor {name} of the base is missing from the merged checkpoint")
     for src in data.get("logits", {}).get("sources", []):
+        if src.get("nonfinite"):
+            fails.append(f"{src['nonfinite']['message']}: no logit comparison is possible")
+            continue
         if src["mean_kl"] > th.max_mean_kl:
             fails.append(f"logits[{src['source']}]: mean KL(unmerged || merged) {src['mean_kl']:.3g} nats > "
                          f"max_mean_kl {th.max_mean_kl:g}")
         if src["top1_agreement"] < th.min_top1_agreement:
             fails.append(f"logits[{src['source']}]: top-1 agreement {src['top1_agreement']:.4f} < "
                          f"min_top1_agreement {th.min_top1_agreement:g}")
+    probe = (data.get("logits") or {}).get("training_probe")
+    if probe and probe.get("nonfinite"):
+        fails.append(f"{probe['nonfinite']['message']} (the trainer's recorded logits vs our unmerged model)")
     gen = data.get("generation")
-    if gen and gen["n_prompts"]:
-        frac = gen["n_identical"] / gen["n_prompts"]
-        if frac < th.min_generation_identical:
-            fails.append(f"generation: {gen['n_identical']}/{gen['n_prompts']} greedy outputs identical "
-                         f"< min_generation_identical {th.min_generation_identical:g}")
-    for t in data.get("tasks", {}).get("per_task", []):
+    if gen is not None:
+        for p in gen["prompts"]:
+            if p.get("nonfinite"):
+                fails.append(p["nonfinite"]["message"])
+        n = gen["n_prompts"]
+        if n:
+            frac = gen["n_identical"] / n
+            if frac < th.min_generation_identical:
+                fails.append(f"generation: {gen['n_identical']}/{n} greedy outputs identical "
+                             f"< min_generation_identical {th.min_generation_identical:g}")
+        mean = gen["n_content_tokens_compared"] / n if n else 0.0
+        if mean < th.min_content_tokens_per_prompt:
+            per = ", ".join(str(p["n_content_compared"]) for p in gen["prompts"])
+            fails.append(f"generation: only {gen['n_content_tokens_compared']} content tokens compared over {n} "
+                         f"prompts (mean {mean:.1f} per prompt; per prompt: {per}) < min_content_tokens_per_prompt "
+                         f"{th.min_content_tokens_per_prompt:g}: the outputs are EOS/special tokens, so the greedy "
+                         "comparison is not evidence that the two models generate alike")
+    for t in (data.get("tasks") or {}).get("per_task", []):
+        if t.get("nonfinite"):
+            fails.append(t["nonfinite"]["message"])
+            continue
         if abs(t["gap_pp"]) > th.max_acc_gap_pp and t["mcnemar_p"] < th.alpha:
             fails.append(f"tasks[{t['task']}]: merged-unmerged accuracy gap {t['gap_pp']:+.2f} pp "
                          f"({t['n_flipped']} of {t['n']} items flipped, McNemar p={t['mcnemar_p']:.3g} < "
@@ -100,20 +129,30 @@ def _task_section(scores: dict, names: tuple[str, ...], limit: int | None) -> di
     for name in names:
         u, m = scores["unmerged"][name], scores["merged"][name]
         b = scores.get("base", {}).get(name)
+        nonfinite = None
+        for label, sc in (("unmerged", u), ("merged", m)):
+            for i, lls in enumerate(sc.loglikelihoods):
+                try:
+                    check_finite(lls, where=f"tasks[{name}] item {i}", side=f"{label} log-likelihood",
+                                 dims=("choice",))
+                except NonFiniteError as e:
+                    nonfinite = nonfinite or e.to_json()
+                    break
         pc = compare_paired(u.correct, m.correct)
         pb = compare_paired(u.correct, b.correct) if b else None
         pred_flips = sum(x != y for x, y in zip(u.predictions, m.predictions))
-        ll_diff = max((abs(x - y) for lu, lm in zip(u.loglikelihoods, m.loglikelihoods) for x, y in zip(lu, lm)),
-                      default=0.0)
+        ll_diff = None if nonfinite else max(
+            (max_abs_diff(lu, lm, where=f"tasks[{name}]", names=("unmerged", "merged"))
+             for lu, lm in zip(u.loglikelihoods, m.loglikelihoods)), default=0.0)
         per_task.append({
-            "task": name, "split": TASKS[name].split_note, "n": u.n,
+            "task": name, "split": u.split, "n": u.n,
             "acc_unmerged": u.acc, "acc_merged": m.acc, "acc_base": b.acc if b else None,
             "acc_norm_unmerged": u.acc_norm, "acc_norm_merged": m.acc_norm, "acc_norm_base": b.acc_norm if b else None,
             "gap_pp": pc.gap_pp, "n_flipped": pc.n_flipped, "n_prediction_changed": pred_flips,
             "flipped_to_wrong": pc.only_a_right, "flipped_to_right": pc.only_b_right,
             "mcnemar_p": pc.mcnemar_p, "bootstrap_ci_pp": [pc.ci_low_pp, pc.ci_high_pp],
             "max_abs_loglikelihood_diff": ll_diff,
-            "adapter_gain_pp": pb.gap_pp * -1 if pb else None,
+            "adapter_gain_pp": pb.gap_pp * -1 if pb else None, "nonfinite": nonfinite,
         })
     pooled_u = [c for n in names for c in scores["unmerged"][n].correct]
     pooled_m = [c for n in names for c in scores["merged"][n].correct]
@@ -128,6 +167,15 @@ def _task_section(scores: dict, names: tuple[str, ...], limit: int | None) -> di
     return {"limit": limit, "tasks": list(names), "per_task": per_task, "overall": overall}
 
 
+def _no_tqdm(lm):
+    """An lm-eval LM whose log-likelihood calls draw no tqdm bars (they would break the stage display)."""
+    import functools
+
+    lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
+    return lm
+
+
+@in_steps  # each progress message below is a stage with elapsed time (d2serve.console; shown by the CLI)
 def verify(
     *,
     base: str | Path,
@@ -149,6 +197,7 @@ def verify(
     batch_size: int = 8,
     overwrite: bool = False,
     log=None,
+    device: str | None = None,
 ) -> VerifyReport:
     """Verify that ``merged`` behaves like ``base`` + ``adapter`` (unmerged, float32) and write the report.
 
@@ -156,10 +205,13 @@ def verify(
         base / merged: HF checkpoint directories; adapter: adapter directory.
         report_dir: output folder for report.json / report.md / report.html (written atomically);
             None -> nothing written.
-        data_dir: evaluation data folder (default: $D2SERVE_DATA_DIR, else <repo>/../shared/data).
+        data_dir: evaluation data folder for the built-in tasks and WikiText-2 (default: $D2SERVE_DATA_DIR,
+            else the samples bundled with d2serve: 200 items per task, ~128 KB of WikiText-2).
         text_file: extra UTF-8 text for the teacher-forced logit comparison.
         limit: first N items per task; 0 or None -> full sets.
-        tasks: task names (comma-separated string or list); None -> all six; "" -> none.
+        tasks: task names (comma-separated string or list): built-in names, lm-eval task/group names
+            (data from the local Hugging Face datasets cache, offline) or task YAML paths;
+            None -> the six built-in tasks; "" -> none.
         thresholds: :class:`Thresholds`, a dict or ``key=value`` strings overriding the defaults.
         windows / window_len: teacher-forced token windows per text (tokens per window).
         wikitext: include WikiText-2 (text/wiki.test.raw of the data folder).
@@ -170,6 +222,10 @@ def verify(
         batch_size: lm-eval batch size.
         overwrite: replace a non-empty report_dir.
         log: optional callable(str) for progress messages.
+        device: where the models run: "cpu", "cuda" or "cuda:N"; None -> cuda when available, else cpu.
+            The dtypes are the same on every device: the unmerged reference in float32 (TF32 matmuls stay
+            off, torch's default) and the merged model in ``merged_compute_dtype``. The weight check always
+            runs on the CPU in float64.
 
     Returns:
         :class:`VerifyReport` (``.passed``, ``.failures``).
@@ -177,25 +233,39 @@ def verify(
     Raises:
         FileNotFoundError / CheckpointError / AdapterError / AdapterConfigError / ValueError: bad input
             (missing directories or data files, adapter not fitting the base, unknown task or threshold).
+        TaskNotAvailableError: a task name/YAML that is unknown, whose data is not available offline,
+            or that is not multiple-choice with ``acc`` (raised before any model is loaded).
+        InputError: ``device`` is unknown or not available on this machine.
     """
-    from d2serve.models import load_hf_model, load_tokenizer, load_unmerged_model
+    from d2serve.models import load_hf_model, load_tokenizer, load_unmerged_model, resolve_device
 
-    say = log or (lambda _m: None)
+    def say(message: str) -> None:
+        step(message)
+        if log:
+            log(message)
+    dev = resolve_device(device)
     th = parse_thresholds(thresholds)
-    names = parse_task_names(tasks)
+    specs = parse_task_names(tasks)
     limit = None if not limit else int(limit)
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise InputError(f"limit must be >= 0, got {limit}")
     base_ck, merged_ck = Checkpoint(base), Checkpoint(merged)
     adp = load_adapter(adapter)
     match_to_base(adp, base_ck)
     compute_dtype = _compute_dtype(merged_compute_dtype, merged_ck)
-    ddir = resolve_data_dir(data_dir) if (names or wikitext) else None
+    needs_dir = wikitext or any(n in TASK_NAMES for n in specs)
+    ddir = resolve_data_dir(data_dir) if needs_dir else None
+    names = tuple(load_tasks(specs, ddir))  # every task's data checked before any model is loaded; groups expanded
     texts: list[tuple[str, str]] = []
     if wikitext:
         texts.append(("wikitext2", read_text(data_file(ddir, WIKITEXT))))
     if text_file is not None:
         texts.append((Path(text_file).name, read_text(text_file)))
+    probe = read_probe(adapter)  # None when the adapter has no d2serve_probe.safetensors; a bad file raises here
+    if max_new_tokens < th.min_content_tokens_per_prompt:
+        raise InputError(f"max_new_tokens {max_new_tokens} < min_content_tokens_per_prompt "
+                         f"{th.min_content_tokens_per_prompt:g}: the greedy comparison could never compare enough "
+                         "content tokens; raise max_new_tokens or lower the threshold")
     if report_dir is not None:
         from d2serve.checkpoint import prepare_output_dir
 
@@ -207,8 +277,11 @@ def verify(
         "inputs": {"base": str(base), "adapter": str(adapter), "merged": str(merged), "method": adp.method,
                    "n_adapted_layers": len(adp.layers), "base_dtype": str(base_ck.dtype).removeprefix("torch."),
                    "merged_dtype": str(merged_ck.dtype).removeprefix("torch."),
-                   "data_dir": str(ddir) if ddir else None, "text_file": str(text_file) if text_file else None},
-        "settings": {"unmerged_dtype": "float32", "merged_compute_dtype": str(compute_dtype).removeprefix("torch."),
+                   "data_dir": str(ddir) if ddir else None,
+                   "data_source": (f"bundled sample ({BUNDLED_ITEMS_PER_TASK} items per built-in task)"
+                                   if ddir and is_bundled(ddir) else ("folder" if ddir else None)),
+                   "text_file": str(text_file) if text_file else None},
+        "settings": {"device": dev, "unmerged_dtype": "float32", "merged_compute_dtype": str(compute_dtype).removeprefix("torch."),
                      "limit": limit, "tasks": list(names), "windows": windows, "window_len": window_len,
                      "max_new_tokens": max_new_tokens, "lm_eval_batch_size": batch_size,
                      "decoding": {"greedy": True, "do_sample": False, "repetition_penalty": 1.0,
@@ -225,8 +298,8 @@ def verify(
     t = time.perf_counter()
     say("loading the unmerged (float32) and merged models")
     tok = load_tokenizer(base)
-    unmerged_m = load_unmerged_model(base, adp, dtype=torch.float32)
-    merged_m = load_hf_model(merged, dtype=compute_dtype)
+    unmerged_m = load_unmerged_model(base, adp, dtype=torch.float32, device=dev)
+    merged_m = load_hf_model(merged, dtype=compute_dtype, device=dev)
     timings["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -236,19 +309,20 @@ def verify(
         win = text_windows(tok, text, windows, window_len, source=name)
         sources.append(compare_logits(unmerged_m, merged_m, win, name))
     probe_section = None
-    try:
-        from d2serve.train import read_probe
-    except ImportError:  # trainer not installed
-        read_probe = None
-    probe = read_probe(adapter) if read_probe else None
     if probe is not None:
         say("logits: the adapter's training probe")
         ids = probe["input_ids"].to(torch.long)
         sources.append(compare_logits(unmerged_m, merged_m, ids, "training_probe"))
         with torch.inference_mode():
-            ours = unmerged_m(input_ids=ids).logits.float()
+            ours = unmerged_m(input_ids=ids.to(dev)).logits.float().cpu()
         probe_section = {"n_sequences": int(ids.shape[0]), "n_tokens": int(ids.shape[1]),
-                         "max_abs_logit_diff_trainer_vs_unmerged": float((ours - probe["logits"].float()).abs().max())}
+                         "max_abs_logit_diff_trainer_vs_unmerged": None, "nonfinite": None}
+        try:
+            probe_section["max_abs_logit_diff_trainer_vs_unmerged"] = max_abs_diff(
+                probe["logits"], ours, where="logits[training_probe]", names=("trainer", "unmerged"),
+                dims=("sequence", "position", "vocab"))
+        except NonFiniteError as e:
+            probe_section["nonfinite"] = e.to_json()
     data["logits"] = {"sources": [s.to_json() for s in sources], "training_probe": probe_section}
     timings["logits_s"] = time.perf_counter() - t
 
@@ -257,7 +331,9 @@ def verify(
     say(f"generation: greedy, {len(plist)} prompts x {max_new_tokens} tokens")
     gens = compare_generation(unmerged_m, merged_m, tok, plist, max_new_tokens)
     data["generation"] = {"max_new_tokens": max_new_tokens, "n_prompts": len(gens),
-                          "n_identical": sum(g.identical for g in gens), "prompts": [g.to_json() for g in gens]}
+                          "n_identical": sum(g.identical for g in gens),
+                          "n_content_tokens_compared": sum(g.n_content_compared for g in gens),
+                          "prompts": [g.to_json() for g in gens]}
     timings["generation_s"] = time.perf_counter() - t
 
     if names:
@@ -265,15 +341,15 @@ def verify(
         for label, model in (("unmerged", unmerged_m), ("merged", merged_m)):
             t = time.perf_counter()
             say(f"tasks: scoring the {label} model on {', '.join(names)} (limit {limit or 'none'})")
-            scores[label] = score_tasks(hf_lm(model, tok, batch_size), names, ddir, limit)
+            scores[label] = score_tasks(_no_tqdm(hf_lm(model, tok, batch_size)), specs, ddir, limit)
             timings[f"tasks_{label}_s"] = time.perf_counter() - t
         del unmerged_m, merged_m
         gc.collect()
         if base_accuracy:
             t = time.perf_counter()
             say("tasks: scoring the base model")
-            base_m = load_hf_model(base, dtype=torch.float32)
-            scores["base"] = score_tasks(hf_lm(base_m, tok, batch_size), names, ddir, limit)
+            base_m = load_hf_model(base, dtype=torch.float32, device=dev)
+            scores["base"] = score_tasks(_no_tqdm(hf_lm(base_m, tok, batch_size)), specs, ddir, limit)
             timings["tasks_base_s"] = time.perf_counter() - t
             del base_m
         data["tasks"] = _task_section(scores, names, limit)

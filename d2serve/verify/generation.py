@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from d2serve.compare import NonFiniteError, check_finite, content_token_count, special_token_ids
+
 DEFAULT_PROMPTS = (
     "The capital of France is",
     "Explain in one sentence why the sky is blue.",
@@ -25,12 +27,19 @@ DEFAULT_PROMPTS = (
 
 
 @torch.inference_mode()
-def greedy_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int]) -> list[int]:
-    """Greedy continuation of ``input_ids`` (int64 (1, T)); returns the new token ids (EOS included if produced)."""
+def greedy_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int], *,
+                  where: str = "generation", side: str = "model") -> list[int]:
+    """Greedy continuation of ``input_ids`` (int64 (1, T)); returns the new token ids (EOS included if produced).
+
+    Raises:
+        NonFiniteError: the logits at some step hold a NaN/inf (the message names ``where``, ``side``, the
+            new-token index and the vocabulary index); argmax of such a row would be meaningless.
+    """
     out = model(input_ids=input_ids, use_cache=True)
     new: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = int(out.logits[0, -1].argmax())
+    for step in range(max_new_tokens):
+        row = check_finite(out.logits[0, -1], where=where, side=side, dims=(f"new token {step}: vocab",))
+        nxt = int(row.argmax())
         new.append(nxt)
         if nxt in eos_ids:
             break
@@ -55,10 +64,16 @@ class GenerationComparison:
 
     Attributes:
         prompt: the prompt text.
-        identical: the two token sequences are equal.
+        identical: the two token sequences are equal (and finite logits throughout).
         first_divergence: index (0-based, among new tokens) of the first differing token; None if identical.
         n_tokens_a / n_tokens_b: new tokens produced.
         text_a / text_b: decoded new tokens.
+        n_compared: new tokens compared on the same context: all of them when identical, else up to and
+            including the first divergence.
+        n_content_compared: of those, the reference (A) tokens that are content tokens (not EOS, pad or
+            another special token): what the comparison is evidence of. A model that only emits EOS
+            gives 0 however many tokens are decoded.
+        nonfinite: None, or the :meth:`NonFiniteError.to_json` of a NaN/inf logit (model, new token, vocab index).
     """
 
     prompt: str
@@ -68,13 +83,17 @@ class GenerationComparison:
     n_tokens_b: int
     text_a: str
     text_b: str
+    n_compared: int = 0
+    n_content_compared: int = 0
+    nonfinite: dict | None = None
 
     def to_json(self) -> dict:
         """JSON-ready dict (A = unmerged, B = merged)."""
         d = asdict(self)
         return {"prompt": d["prompt"], "identical": d["identical"], "first_divergence": d["first_divergence"],
                 "n_tokens_unmerged": d["n_tokens_a"], "n_tokens_merged": d["n_tokens_b"],
-                "text_unmerged": d["text_a"], "text_merged": d["text_b"]}
+                "n_compared": d["n_compared"], "n_content_compared": d["n_content_compared"],
+                "nonfinite": d["nonfinite"], "text_unmerged": d["text_a"], "text_merged": d["text_b"]}
 
 
 def compare_generation(model_a, model_b, tokenizer, prompts, max_new_tokens: int = 32,
@@ -84,24 +103,37 @@ def compare_generation(model_a, model_b, tokenizer, prompts, max_new_tokens: int
     Args:
         chat: wrap prompts with the chat template; None -> only if the tokenizer has one.
         ignore_eos: decode exactly ``max_new_tokens`` tokens past any EOS (default), else stop at EOS.
+
+    Returns:
+        One :class:`GenerationComparison` per prompt, with the number of content tokens compared
+        (the gate on it is :func:`d2serve.verify.api.evaluate_thresholds`' ``min_content_tokens_per_prompt``).
+        A NaN/inf logit is recorded in ``nonfinite`` (not identical), never raised.
     """
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
     stop_ids = set() if ignore_eos else eos_ids
+    special = special_token_ids(tokenizer)
 
     def text(toks: list[int]) -> str:
         cut = next((i for i, t in enumerate(toks) if t in eos_ids), len(toks))
         return tokenizer.decode(toks[:cut], skip_special_tokens=True)
 
     results = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         ids = encode_prompt(tokenizer, prompt, chat)
-        a = greedy_tokens(model_a, ids, max_new_tokens, stop_ids)
-        b = greedy_tokens(model_b, ids, max_new_tokens, stop_ids)
-        div = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        where = f"generation[prompt {i}: {prompt[:40]!r}]"
+        try:
+            a = greedy_tokens(model_a, ids, max_new_tokens, stop_ids, where=where, side="unmerged")
+            b = greedy_tokens(model_b, ids, max_new_tokens, stop_ids, where=where, side="merged")
+        except NonFiniteError as e:
+            results.append(GenerationComparison(prompt, False, None, 0, 0, "", "", 0, 0, e.to_json()))
+            continue
+        div = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if div is None and len(a) != len(b):
             div = min(len(a), len(b))
-        results.append(GenerationComparison(prompt, a == b, div, len(a), len(b), text(a), text(b)))
+        n_cmp = len(a) if div is None else min(div + 1, len(a))
+        results.append(GenerationComparison(prompt, a == b, div, len(a), len(b), text(a), text(b), n_cmp,
+                                            content_token_count(a[:n_cmp], special)))
     return results

@@ -8,13 +8,17 @@ next token.
 
 from __future__ import annotations
 
+from d2serve.errors import InputError, InputNotFoundError
+
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from d2serve.compare import NonFiniteError, kl_per_row, max_abs_diff, top1_agreement
 
-class TextTooShortError(ValueError):
+
+class TextTooShortError(InputError):
     """A text file yields fewer tokens than one window."""
 
 
@@ -34,7 +38,7 @@ def text_windows(tokenizer, text: str, n_windows: int, window_len: int, source: 
         TextTooShortError: fewer than ``window_len`` tokens in the text.
     """
     if window_len < 2 or n_windows < 1:
-        raise ValueError(f"need window_len >= 2 and n_windows >= 1, got {window_len} and {n_windows}")
+        raise InputError(f"need window_len >= 2 and n_windows >= 1, got {window_len} and {n_windows}")
     need = n_windows * window_len
     chars = need * 6
     while True:
@@ -62,19 +66,22 @@ class LogitComparison:
         top1_agreement: fraction of positions where argmax A == argmax B.
         ppl_a, ppl_b: perplexity of each model on the next token (exp of mean NLL over n_windows*(window_len-1) tokens).
         kl_per_position: mean KL(A || B) at each position index, over windows (length window_len).
+        nonfinite: None, or (a model produced NaN/inf logits) the :meth:`NonFiniteError.to_json` naming the model,
+            window, position and vocabulary index; the metrics are then None (nothing meaningful was compared).
     """
 
     source: str
     n_windows: int
     window_len: int
     n_positions: int
-    max_abs_logit_diff: float
-    mean_kl: float
-    max_kl: float
-    top1_agreement: float
-    ppl_a: float
-    ppl_b: float
+    max_abs_logit_diff: float | None
+    mean_kl: float | None
+    max_kl: float | None
+    top1_agreement: float | None
+    ppl_a: float | None
+    ppl_b: float | None
     kl_per_position: list[float]
+    nonfinite: dict | None = None
 
     def to_json(self) -> dict:
         """JSON-ready dict (stable keys; A = unmerged, B = merged)."""
@@ -83,29 +90,43 @@ class LogitComparison:
             "n_positions": self.n_positions, "max_abs_logit_diff": self.max_abs_logit_diff,
             "mean_kl": self.mean_kl, "max_kl": self.max_kl, "top1_agreement": self.top1_agreement,
             "ppl_unmerged": self.ppl_a, "ppl_merged": self.ppl_b, "kl_per_position": self.kl_per_position,
+            "nonfinite": self.nonfinite,
         }
 
 
 @torch.inference_mode()
 def compare_logits(model_a, model_b, windows: torch.Tensor, source: str) -> LogitComparison:
-    """Run both models on ``windows`` (int64 (n, L)) one window at a time and compare their next-token distributions."""
+    """Run both models on ``windows`` (int64 (n, L)) one window at a time and compare their next-token distributions.
+
+    Uses :mod:`d2serve.compare` (float64). A NaN/inf logit of either model is not an error of this
+    function: it returns a comparison whose ``nonfinite`` names the model (``unmerged``/``merged``),
+    window, position and vocabulary index, and whose metrics are None, so the caller records a failure.
+    """
     n, length = windows.shape
     kl_sum = torch.zeros(length, dtype=torch.float64)
     max_kl, max_diff, agree = 0.0, 0.0, 0
     nll_a = nll_b = 0.0
-    for w in windows:
-        ids = w.unsqueeze(0)
-        la = model_a(input_ids=ids).logits[0].to(torch.float64)  # (L, V)
-        lb = model_b(input_ids=ids).logits[0].to(torch.float64)
-        max_diff = max(max_diff, float((la - lb).abs().max()))
-        lpa, lpb = torch.log_softmax(la, -1), torch.log_softmax(lb, -1)
-        kl = (lpa.exp() * (lpa - lpb)).sum(-1).clamp_min(0.0)  # (L,)
-        kl_sum += kl
-        max_kl = max(max_kl, float(kl.max()))
-        agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
-        tgt = w[1:].unsqueeze(1)
-        nll_a -= float(lpa[:-1].gather(1, tgt).sum())
-        nll_b -= float(lpb[:-1].gather(1, tgt).sum())
+    where = f"logits[{source}]"
+    names = ("unmerged", "merged")
+    try:
+        for wi, w in enumerate(windows):
+            ids = w.unsqueeze(0)
+            la = model_a(input_ids=ids).logits[0]  # (L, V)
+            lb = model_b(input_ids=ids).logits[0]
+            dims = (f"window {wi}: position", "vocab")
+            max_diff = max(max_diff, max_abs_diff(la, lb, where=where, names=names, dims=dims))
+            kl = kl_per_row(la, lb, where=where, names=names, dims=dims)  # (L,)
+            kl_sum += kl
+            max_kl = max(max_kl, float(kl.max()))
+            agree += top1_agreement(la, lb, where=where, names=names, dims=dims)[0]
+            lpa, lpb = torch.log_softmax(la.double(), -1), torch.log_softmax(lb.double(), -1)
+            tgt = w[1:].unsqueeze(1)
+            nll_a -= float(lpa[:-1].gather(1, tgt).sum())
+            nll_b -= float(lpb[:-1].gather(1, tgt).sum())
+    except NonFiniteError as e:
+        return LogitComparison(source=source, n_windows=n, window_len=length, n_positions=n * length,
+                               max_abs_logit_diff=None, mean_kl=None, max_kl=None, top1_agreement=None,
+                               ppl_a=None, ppl_b=None, kl_per_position=[], nonfinite=e.to_json())
     n_pred = n * (length - 1)
     return LogitComparison(
         source=source, n_windows=n, window_len=length, n_positions=n * length,
@@ -124,5 +145,5 @@ def read_text(path: str | Path) -> str:
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: text file not found")
+        raise InputNotFoundError(f"{p}: text file not found")
     return p.read_text(encoding="utf-8", errors="replace")

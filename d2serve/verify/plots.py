@@ -18,21 +18,33 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _short_layer_name(module: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``3.self_attn.q_proj`` (plot labels)."""
+    return module.removeprefix("model.").removeprefix("layers.")
+
+
 def layer_error_plot(weights: dict) -> bytes:
-    """Per-layer max error / tolerance (log scale, 1 = rounding bound) and fraction of the update lost to the cast."""
+    """Per-layer max error / tolerance (log scale, 1 = rounding bound) and fraction of the update lost to the cast.
+
+    Horizontal bars, one labelled row per adapted layer (adapter order, top to bottom).
+    """
     lay = weights["layers"]
-    x = range(len(lay))
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    n = len(lay)
+    y = list(range(n))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, max(3.0, 0.17 * n + 1.4)), sharey=True)
     ratios = [max(e["max_err_over_tol"], 1e-6) for e in lay]
-    a1.bar(x, ratios, color=["tab:red" if not e["passed"] else "tab:blue" for e in lay])
-    a1.axhline(1.0, color="k", ls="--", lw=1, label="tolerance (rounding bound)")
-    a1.set_yscale("log")
-    a1.set_ylabel("max |merged - ref64| / tol")
-    a1.legend(loc="upper right")
-    a1.set_title(f"Per-layer merge error ({weights['merged_dtype']} checkpoint vs float64 recomputation)")
-    a2.bar(x, [e["frac_update_lost"] for e in lay], color="tab:orange")
-    a2.set_ylabel("fraction of update\nlost to the cast")
-    a2.set_xlabel("adapted layer (adapter order)")
+    a1.barh(y, ratios, color=["tab:red" if not e["passed"] else "tab:blue" for e in lay])
+    a1.axvline(1.0, color="k", ls="--", lw=1, label="tolerance (rounding bound)")
+    a1.set_xscale("log")
+    a1.set_xlabel("max |merged - ref64| / tol")
+    a1.legend(loc="lower right", fontsize=8)
+    a1.set_yticks(y, [_short_layer_name(e["module"]) for e in lay], fontsize=7 if n > 40 else 8)
+    a1.invert_yaxis()
+    a1.set_title(f"Merge error per layer ({weights['merged_dtype']} vs float64)", fontsize=10)
+    lost = [e["frac_update_lost"] for e in lay]
+    a2.barh(y, lost, color="tab:orange")
+    a2.set_xlim(0, max(max(lost, default=0.0), 1e-3) * 1.1)  # 0 stays at the left edge when nothing was lost
+    a2.set_xlabel("fraction of update lost to the cast")
     return _png(fig)
 
 

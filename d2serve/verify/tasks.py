@@ -1,25 +1,38 @@
-"""Multiple-choice tasks read from the local data folder and scored with lm-evaluation-harness.
+"""Multiple-choice tasks scored with lm-evaluation-harness: built-in (local files), lm-eval registry names, user YAMLs.
 
-Each task is an lm-eval ``ConfigurableTask`` built from a config dict whose
-prompt fields (``doc_to_text``, ``doc_to_choice``, ``doc_to_target``,
-``target_delimiter``, metrics) are those of lm-eval 0.4's own YAML for the
-task (``lm_eval/tasks/...``; a test checks they stay equal). Only the data
-source differs: a ``custom_dataset`` loader reads the local file in place
-(no copy, no network, no datasets cache) and converts each row to the schema
-of the Hugging Face dataset the upstream YAML expects.
+Three kinds of task name are accepted (see :func:`parse_task_names` and :func:`load_tasks`):
 
-Scoring is lm-eval's: the log-likelihood of each choice continuation given
-the context; ``acc`` picks the highest sum of log-probs, ``acc_norm`` the
+* the six built-in names (:data:`TASK_NAMES`) read the evaluation data folder (the samples
+  bundled with d2serve by default, or ``data_dir``; see :mod:`d2serve.verify.data`). Each is an
+  lm-eval ``ConfigurableTask`` built from a config dict whose prompt fields (``doc_to_text``,
+  ``doc_to_choice``, ``doc_to_target``, ``target_delimiter``, metrics) are those of lm-eval
+  0.4's own YAML for the task (``lm_eval/tasks/...``; a test checks they stay equal). Only the
+  data source differs: a ``custom_dataset`` loader reads the local file in place (no network,
+  no datasets cache) and converts each row to the schema of the Hugging Face dataset the
+  upstream YAML expects.
+* any other lm-eval task or group name (e.g. ``hellaswag``, ``mmlu``) is resolved by lm-eval's
+  own ``TaskManager`` and loaded from the local Hugging Face datasets cache, offline: nothing is
+  downloaded. A group scores each of its tasks.
+* a path to a user's lm-eval task YAML (``*.yaml`` / ``*.yml``), loaded by lm-eval
+  (e.g. ``dataset_path: json`` with local ``dataset_kwargs.data_files``).
+
+Only ``multiple_choice`` tasks with an ``acc`` metric are accepted (verify compares per-item
+correctness of two models). Scoring is lm-eval's: the log-likelihood of each choice
+continuation given the context; ``acc`` picks the highest sum of log-probs, ``acc_norm`` the
 highest per-byte (length-normalised) one.
 """
 
 from __future__ import annotations
 
+from d2serve.errors import InputError
+
 import csv
+import functools
 import json
 import logging
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +43,7 @@ _ACC = {"metric": "acc", "aggregation": "mean", "higher_is_better": True}
 _ACC_NORM = {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}
 
 
-class TaskDataError(ValueError):
+class TaskDataError(InputError):
     """A local task file has a row that does not fit its documented format."""
 
 
@@ -200,11 +213,32 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+class TaskNotAvailableError(InputError):
+    """A task name or YAML that cannot be scored here (unknown, data not available offline, not multiple-choice)."""
+
+
+_YAML_SUFFIXES = (".yaml", ".yml")
+_HOW_TO_PROVIDE = (
+    "provide its data locally: the six built-in tasks ({builtin}) read the evaluation data folder "
+    "(data_dir, CLI: --data DIR); any other task can be a local lm-eval task YAML passed as the task name "
+    "(e.g. dataset_path: json with dataset_kwargs.data_files pointing at your files); an lm-eval task name works "
+    "when its dataset is already in the Hugging Face datasets cache (nothing is downloaded)"
+)
+
+
+def is_task_yaml(name: str) -> bool:
+    """Whether a task name is a path to an lm-eval task YAML (ends in .yaml / .yml)."""
+    return name.lower().endswith(_YAML_SUFFIXES)
+
+
 def parse_task_names(names: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """Task names from a comma-separated string or a list; None/"all" -> every task; "" / "none" -> no task.
+    """Task names from a comma-separated string or a list; None/"all" -> the six built-in tasks; "" / "none" -> none.
+
+    A name is a built-in task (:data:`TASK_NAMES`), an lm-eval task/group name (checked by
+    :func:`load_tasks`) or a path to a task YAML (``*.yaml``/``*.yml``).
 
     Raises:
-        ValueError: an unknown task name (the message lists the known ones).
+        TaskNotAvailableError: a YAML path that is not a file.
     """
     if names is None:
         return TASK_NAMES
@@ -214,10 +248,116 @@ def parse_task_names(names: str | list[str] | tuple[str, ...] | None) -> tuple[s
         if names.strip().lower() in ("", "none"):
             return ()
         names = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {list(TASK_NAMES)}")
+    for n in names:
+        if is_task_yaml(n) and not Path(n).is_file():
+            raise TaskNotAvailableError(f"task YAML {n}: file not found")
     return tuple(dict.fromkeys(names))
+
+
+@contextmanager
+def _datasets_offline():
+    """Make ``datasets`` / ``huggingface_hub`` use only the local cache (no download, no network retry)."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    old = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = old
+
+
+@functools.cache
+def _task_manager():
+    """lm-eval's TaskManager over its own task registry (indexing the YAMLs takes a few seconds, done once)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def _check_scorable(label: str, task) -> None:
+    cfg = task.config
+    metrics = [m.get("metric") for m in (cfg.metric_list or [])]
+    if cfg.output_type != "multiple_choice" or "acc" not in metrics:
+        raise TaskNotAvailableError(
+            f"task {label}: output_type {cfg.output_type!r} with metrics {metrics}; verify scores multiple_choice "
+            "tasks with an 'acc' metric (per-item correctness of two models is compared)"
+        )
+
+
+def _load_external(name: str) -> dict:
+    """lm-eval tasks for one registry name or YAML path: {task name: Task} (a group gives each of its tasks)."""
+    yaml = is_task_yaml(name)
+    label = f"YAML {name}" if yaml else repr(name)
+    if yaml:
+        from lm_eval.tasks import TaskManager
+
+        tm, spec = TaskManager(include_defaults=False), str(Path(name).resolve())
+    else:
+        tm, spec = _task_manager(), name
+    dataset = None
+    if not yaml:
+        entry = tm.task_index.get(name)
+        if entry is None:
+            raise TaskNotAvailableError(
+                f"task {name!r}: not a built-in task ({', '.join(TASK_NAMES)}), not an lm-eval task, group or tag "
+                "name, and not a task YAML path (*.yaml)"
+            )
+        dataset = (entry.cfg or {}).get("dataset_path")
+    lm_log = logging.getLogger("lm_eval")
+    old_level = lm_log.level
+    lm_log.setLevel(logging.ERROR)
+    try:
+        with _datasets_offline():
+            loaded = tm.load([spec])["tasks"]
+    except (OSError, ValueError, KeyError, TypeError) as e:  # OSError: ConnectionError / DatasetNotFoundError
+        what = f"its data (dataset {dataset!r}) " if dataset else "its data "
+        raise TaskNotAvailableError(
+            f"task {label}: {what}could not be loaded offline ({type(e).__name__}: {e}); "
+            + _HOW_TO_PROVIDE.format(builtin=", ".join(TASK_NAMES))
+        ) from e
+    finally:
+        lm_log.setLevel(old_level)
+    for tname, task in loaded.items():
+        _check_scorable(f"{tname} (from {label})", task)
+    return dict(loaded)
+
+
+def load_tasks(names: tuple[str, ...], data_dir: Path | None) -> dict:
+    """Build the lm-eval task objects for ``names`` (see :func:`parse_task_names`), checking their data.
+
+    Args:
+        names: built-in names, lm-eval task/group names and/or task YAML paths.
+        data_dir: the evaluation data folder for the built-in tasks (may be None if none is asked for).
+
+    Returns:
+        report name -> lm-eval ``Task``, in request order (a group expands to its tasks).
+        Built-in tasks keep their d2serve name (their lm-eval task is ``d2serve_<name>``).
+
+    Raises:
+        DataNotFoundError / TaskDataError: a built-in task's local file is missing or malformed.
+        TaskNotAvailableError: an unknown name, data not available offline, a task that is not
+            multiple-choice with ``acc``, or two tasks with the same name.
+    """
+    from lm_eval.api.task import ConfigurableTask
+
+    out: dict = {}
+    for name in names:
+        if name in TASKS:
+            spec = TASKS[name]
+            if data_dir is None:
+                raise TaskNotAvailableError(f"task {name!r} needs the evaluation data folder; data_dir is None")
+            for rel in spec.files:
+                data_file(data_dir, rel)
+            got = {name: ConfigurableTask(config=lm_eval_config(spec, data_dir))}
+        else:
+            got = _load_external(name)
+        for k, task in got.items():
+            if k in out:
+                raise TaskNotAvailableError(f"task name {k!r} requested twice (from {name!r}); task names must be unique")
+            out[k] = task
+    return out
 
 
 def lm_eval_config(spec: TaskSpec, data_dir: Path) -> dict:
@@ -245,6 +385,7 @@ class TaskScores:
         loglikelihoods: per item, the summed log-prob (nats) of each choice continuation.
         predictions: per item, argmax choice index by summed log-prob.
         targets: per item, the gold choice index.
+        split: which split / data was scored (for the report).
     """
 
     task: str
@@ -254,6 +395,7 @@ class TaskScores:
     loglikelihoods: list[list[float]]
     predictions: list[int]
     targets: list[int]
+    split: str = ""
 
     @property
     def acc(self) -> float:
@@ -276,32 +418,44 @@ def hf_lm(model, tokenizer, batch_size: int = 8):
     return HFLM(pretrained=inner, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def score_tasks(lm, names: tuple[str, ...], data_dir: Path, limit: int | None) -> dict[str, TaskScores]:
+def _split_note(name: str, task) -> str:
+    if name in TASKS:
+        return TASKS[name].split_note
+    cfg = task.config
+    split = cfg.test_split if task.has_test_docs() else cfg.validation_split
+    return f"{split} ({cfg.dataset_path}{'/' + cfg.dataset_name if cfg.dataset_name else ''})"
+
+
+def _target_index(task, sample: dict) -> int:
+    """The gold choice index of one logged sample (lm-eval's own rule: a string target is looked up in the choices)."""
+    target = sample["target"]
+    if isinstance(target, str) and not target.strip().lstrip("-").isdigit():
+        choices = task.doc_to_choice(sample["doc"])
+        return choices.index(target) if target in choices else -100
+    return int(target)
+
+
+def score_tasks(lm, names: tuple[str, ...], data_dir: Path | None, limit: int | None) -> dict[str, TaskScores]:
     """Score one model on several tasks with ``lm_eval.evaluator.evaluate`` (zero-shot, per-item samples logged).
 
     Args:
         lm: an lm-eval LM (see :func:`hf_lm`).
-        names: task names (see :data:`TASK_NAMES`).
-        data_dir: the evaluation data folder.
+        names: task names, as for :func:`load_tasks` (tasks are built afresh for every call).
+        data_dir: the evaluation data folder (built-in tasks).
         limit: first ``limit`` items of each task; None or 0 -> all items.
 
     Returns:
-        task name -> :class:`TaskScores`.
+        report task name -> :class:`TaskScores` (a group's tasks appear one by one).
 
     Raises:
-        DataNotFoundError / TaskDataError: missing or malformed local files.
+        DataNotFoundError / TaskDataError / TaskNotAvailableError: see :func:`load_tasks`.
     """
     from lm_eval import evaluator
-    from lm_eval.api.task import ConfigurableTask
 
-    tasks = {}
-    for name in names:
-        spec = TASKS[name]
-        for rel in spec.files:
-            data_file(data_dir, rel)
-        tasks[f"d2serve_{name}"] = ConfigurableTask(config=lm_eval_config(spec, data_dir))
-    if not tasks:
+    built = load_tasks(names, data_dir)
+    if not built:
         return {}
+    tasks = {task.task_name: task for task in built.values()}
     lm_log = logging.getLogger("lm_eval")
     old_level = lm_log.level
     lm_log.setLevel(logging.ERROR)  # per-item truncation warnings would flood the console
@@ -310,10 +464,10 @@ def score_tasks(lm, names: tuple[str, ...], data_dir: Path, limit: int | None) -
     finally:
         lm_log.setLevel(old_level)
     out = {}
-    for name in names:
-        samples = sorted(res["samples"][f"d2serve_{name}"], key=lambda s: s["doc_id"])
+    for name, task in built.items():
+        samples = sorted(res["samples"][task.task_name], key=lambda s: s["doc_id"])
         lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
-        has_norm = "acc_norm" in TASKS[name].metrics
+        has_norm = all("acc_norm" in s for s in samples) and bool(samples)
         out[name] = TaskScores(
             task=name,
             n=len(samples),
@@ -321,6 +475,7 @@ def score_tasks(lm, names: tuple[str, ...], data_dir: Path, limit: int | None) -
             correct_norm=[bool(s["acc_norm"]) for s in samples] if has_norm else None,
             loglikelihoods=lls,
             predictions=[max(range(len(ll)), key=ll.__getitem__) for ll in lls],
-            targets=[int(s["target"]) for s in samples],
+            targets=[_target_index(task, s) for s in samples],
+            split=_split_note(name, task),
         )
     return out

@@ -14,9 +14,15 @@ Defaults (overridable with ``--threshold key=value``):
 * ``min_generation_identical`` = 0.0: fraction of prompts whose greedy output
   must be identical (reported, not gated, by default: bf16 rounding may change
   a near-tie token late in a long output).
+* ``min_content_tokens_per_prompt`` = 8: the greedy comparison must compare, on
+  average over prompts, at least this many *content* tokens (not EOS, pad or
+  another special token) of the unmerged model's output; fewer (e.g. a model
+  that answers every prompt with EOS) is not evidence and fails the check.
 """
 
 from __future__ import annotations
+
+from d2serve.errors import InputError
 
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -32,6 +38,7 @@ class Thresholds:
     max_acc_gap_pp: float = 1.0
     alpha: float = 0.05
     min_generation_identical: float = 0.0
+    min_content_tokens_per_prompt: float = 8.0
 
     def to_json(self) -> dict:
         """The thresholds as a dict."""
@@ -55,19 +62,19 @@ def parse_thresholds(overrides: dict[str, float] | list[str] | None, base: Thres
     else:
         for s in overrides:
             if "=" not in s:
-                raise ValueError(f"threshold {s!r}: expected key=value, e.g. max_mean_kl=0.005")
+                raise InputError(f"threshold {s!r}: expected key=value, e.g. max_mean_kl=0.005")
             k, v = s.split("=", 1)
             items[k.strip()] = v.strip()
     known = {f.name for f in fields(Thresholds)}
     out = {}
     for k, v in items.items():
         if k not in known:
-            raise ValueError(f"unknown threshold {k!r}; known: {sorted(known)}")
+            raise InputError(f"unknown threshold {k!r}; known: {sorted(known)}")
         try:
             fv = float(v)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"threshold {k}={v!r}: expected a number") from e
+            raise InputError(f"threshold {k}={v!r}: expected a number") from e
         if not fv >= 0 or fv == float("inf"):
-            raise ValueError(f"threshold {k}={v}: must be a finite number >= 0")
+            raise InputError(f"threshold {k}={v}: must be a finite number >= 0")
         out[k] = fv
     return replace(base, **out)

@@ -21,18 +21,28 @@ touch but that differ from the (cast) base.
 
 from __future__ import annotations
 
+from d2serve.errors import InputError
+
 from dataclasses import asdict, dataclass
 
 import torch
 
 from d2serve.adapters.io import Adapter, match_to_base
 from d2serve.adapters.methods import get_method
+from d2serve.architecture import (
+    check_base_copies,
+    check_layer_kinds,
+    compare_tensor_list,
+    require_full_precision_base,
+    tie_plan,
+    to_out_in,
+)
 from d2serve.checkpoint import Checkpoint
 
 _EPS32 = torch.finfo(torch.float32).eps
 
 
-class WeightLayoutError(ValueError):
+class WeightLayoutError(InputError):
     """The merged checkpoint lacks an adapted tensor or stores it with another shape."""
 
 
@@ -51,7 +61,9 @@ class LayerError:
         n_out_of_tol: elements with |merged - ref| > tol.
         update_rel_norm: ||ref - W0||_F / ||W0||_F, the size of the merge update.
         frac_update_lost: fraction of elements with ref != W0 but merged == cast(W0).
-        worst_index: (row, col) of the element with the largest err/tol.
+        worst_index: (row, col) of the element with the largest err/tol (of the first NaN/inf if any).
+        n_nonfinite: elements of the merged tensor that are NaN or infinite (each also counts in
+            ``n_out_of_tol``; the error statistics above are over the finite elements).
     """
 
     module: str
@@ -65,6 +77,7 @@ class LayerError:
     update_rel_norm: float
     frac_update_lost: float
     worst_index: tuple[int, int]
+    n_nonfinite: int = 0
 
     @property
     def passed(self) -> bool:
@@ -100,10 +113,15 @@ def layer_error(module: str, tensor: str, w0: torch.Tensor, ref: torch.Tensor, m
     """
     w0d = w0.to(torch.float64)
     m = merged.to(torch.float64)
-    err = (m - ref).abs()
+    nonfinite = ~torch.isfinite(m)  # NaN/inf never compare as "within tolerance" (nan > tol is False too)
+    n_bad = int(nonfinite.sum())
+    bad_at = tuple(int(i) for i in torch.nonzero(nonfinite)[0].tolist()) if n_bad else None
+    err_raw = (m - ref).abs()
+    err = err_raw.masked_fill(nonfinite, 0.0)  # statistics over the finite elements; n_nonfinite reports the rest
     tol = tol_ulps * ulp(ref, merged.dtype) + fp32_slack * _EPS32 * (w0d.abs() + (ref - w0d).abs())
     ratio = err / tol
     flat = int(ratio.argmax())
+    m = m.masked_fill(nonfinite, 0.0)
     changed = ref != w0d
     lost = changed & (merged == w0.to(merged.dtype))
     ref_norm = float(torch.linalg.vector_norm(ref))
@@ -116,10 +134,11 @@ def layer_error(module: str, tensor: str, w0: torch.Tensor, ref: torch.Tensor, m
         max_abs_err=float(err.max()),
         rel_err=float(torch.linalg.vector_norm(m - ref)) / ref_norm if ref_norm else float(err.max()),
         max_err_over_tol=float(ratio.max()),
-        n_out_of_tol=int((err > tol).sum()),
+        n_out_of_tol=int((~(err_raw <= tol)).sum()),
         update_rel_norm=float(torch.linalg.vector_norm(ref - w0d)) / w0_norm if w0_norm else float("inf"),
         frac_update_lost=float(lost.sum()) / max(int(changed.sum()), 1),
-        worst_index=(flat // ref.shape[1], flat % ref.shape[1]),
+        worst_index=bad_at or (flat // ref.shape[1], flat % ref.shape[1]),
+        n_nonfinite=n_bad,
     )
 
 
@@ -129,8 +148,11 @@ class WeightReport:
 
     Attributes:
         layers: one :class:`LayerError` per adapted layer, in adapter order.
-        untouched_changed: names of non-adapted tensors whose merged value differs from cast(base).
-        missing_in_merged: non-adapted base tensors absent from the merged checkpoint.
+        untouched_changed: names of non-adapted tensors whose merged value differs from what the
+            unmerged model uses: cast(base), cast(adapter's ``modules_to_save`` tensor), or, for
+            ``lm_head`` untied by the merge (d2serve.architecture.tie_plan), cast(original embedding).
+        missing_in_merged: non-adapted tensors absent from the merged checkpoint, and tensors of the
+            merged architecture's full list that it does not store (transformers would re-initialise them).
         merged_dtype: dtype name of the merged adapted weights.
     """
 
@@ -171,13 +193,23 @@ def check_weights(base: str, adapter: Adapter, merged: str, *, tol_ulps: float =
         adapter: the loaded adapter.
         tol_ulps / fp32_slack: tolerance parameters (module docstring).
 
+    Conv1D weights (stored (in, out)) are compared in their (out, in) form; tie
+    semantics come from :func:`d2serve.architecture.tie_plan`, as in the merge.
+
     Raises:
+        CheckpointError: the base is quantized or lacks tensors of its architecture.
         AdapterError: the adapter does not fit the base.
-        WeightLayoutError: an adapted tensor is missing from ``merged`` or has another shape.
+        WeightLayoutError: an adapted tensor is missing from ``merged`` or has another shape;
+            merged tensors with the wrong shape or integer dtype for the architecture.
     """
     base_ck, merged_ck = Checkpoint(base), Checkpoint(merged)
+    require_full_precision_base(base_ck)
     names = match_to_base(adapter, base_ck)
+    check_layer_kinds(base_ck, adapter)
+    ties = tie_plan(base_ck, adapter)
+    check_base_copies(base_ck, adapter)
     method = get_method(adapter.method)
+    arch = base_ck.architecture
     layers = []
     for module, factors in adapter.layers.items():
         base_name = names[module]
@@ -190,18 +222,34 @@ def check_weights(base: str, adapter: Adapter, merged: str, *, tol_ulps: float =
             raise WeightLayoutError(
                 f"{merged_ck.path}: tensor {mname} has shape {tuple(merged_t.shape)}, base {base_name} has {tuple(w0.shape)}"
             )
+        kind = arch.layer(module)  # Conv1D weights are stored (in, out): compare in (out, in)
+        w0, merged_t = to_out_in(w0, kind), to_out_in(merged_t, kind)
         ref = method.merged_weight(w0, factors, dtype=torch.float64)
         layers.append(layer_error(module, mname, w0, ref, merged_t, tol_ulps, fp32_slack))
-    adapted = {f"{m}.weight" for m in adapter.layers} | set(adapter.modules_to_save)
+    adapted = {f"{m}.weight" for m in adapter.layers}
     changed, missing = [], []
+    # every other tensor the merged model uses, with the base tensor (or adapter tensor) it must be a cast of
+    expected_from: dict[str, tuple[str, torch.Tensor | None]] = {}
     for name in base_ck.tensors:
-        if name in adapted:
-            continue
-        if name not in merged_ck.tensors:
+        if name not in adapted:
+            expected_from[name] = (name, adapter.modules_to_save.get(name))
+    if ties.lm_head_from is not None and ties.lm_head not in adapted:
+        expected_from[ties.lm_head] = (ties.lm_head_from, None)  # untied: lm_head keeps the original embedding
+    merged_tied = merged_ck.tied_embeddings
+    for name, (src, replacement) in expected_from.items():
+        stored = name
+        if name not in merged_ck.tensors and name == ties.lm_head and merged_tied:
+            stored = ties.embedding  # the merged model ties lm_head to its (possibly replaced) embedding
+        if stored not in merged_ck.tensors:
             missing.append(name)
             continue
-        b, m = base_ck.get_tensor(name), merged_ck.get_tensor(name)
+        b = replacement if replacement is not None else base_ck.get_tensor(src)
+        m = merged_ck.get_tensor(stored)
         if b.shape != m.shape or not torch.equal(b.to(m.dtype), m):
             changed.append(name)
+    diff = compare_tensor_list(merged_ck.tensors, merged_ck.architecture)  # what transformers would re-initialise
+    missing += [n for n in diff.missing if n not in missing]
+    if diff.wrong_shape or diff.not_float:
+        raise WeightLayoutError("\n".join(diff.problems(merged_ck.path, extra=False)))
     dtype = layers[0].dtype if layers else str(merged_ck.dtype).removeprefix("torch.")
     return WeightReport(layers, changed, missing, dtype)

@@ -12,17 +12,23 @@ def get_backend(name: str):
 
     Raises:
         ValueError: unknown backend name.
+        MissingExtraError: the vllm / onnx backend without its ``d2serve[vllm]`` / ``d2serve[onnx]`` extra.
     """
+    from d2serve.errors import InputError
+    from d2serve.extras import require
+
     if name == "hf":
         from .hf import HFBackend
 
         return HFBackend
     if name == "vllm":
+        require("vllm", purpose="the vllm bench backend")
         from .vllm import VLLMBackend
 
         return VLLMBackend
     if name == "onnx":
+        require("onnx", "onnx", "onnxruntime", "onnxruntime_genai", purpose="the onnx bench backend")
         from .onnx import OnnxGenAIBackend
 
         return OnnxGenAIBackend
-    raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    raise InputError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

@@ -1,7 +1,8 @@
 """A long-lived vLLM worker for the bench: loads one model, then answers JSON-line requests on stdin.
 
-Run as ``python -m d2serve.bench.backends._vllm_worker MODEL_DIR DTYPE MAX_MODEL_LEN`` (vLLM spawns
-processes, hence the ``__main__`` guard). Requests (one JSON object per line):
+Run as ``python -m d2serve.bench.backends._vllm_worker MODEL_DIR DTYPE MAX_MODEL_LEN [PREFIX_CACHING]``
+(vLLM spawns processes, hence the ``__main__`` guard). ``PREFIX_CACHING`` is ``0`` (default: off, so a
+repeated prompt is recomputed every time, as a timing must) or ``1``. Requests (one JSON object per line):
 ``{"op": "generate", "prompts": [[ids]], "max_tokens": N}`` -> ``{"seconds", "new_tokens": [n per row]}``
 (greedy, ``ignore_eos``, ``min_tokens = max_tokens``);
 ``{"op": "score", "prompts": [[ids]]}`` -> ``{"seconds", "prompt_logprobs": [[lp per position]]}``;
@@ -18,6 +19,7 @@ import time
 def main(argv: list[str]) -> int:
     """Serve requests until ``quit`` or EOF."""
     model, dtype, max_len = argv[0], argv[1], int(argv[2])
+    prefix_caching = len(argv) > 3 and argv[3] == "1"
     import os
 
     # The protocol gets a private copy of fd 1; fd 1 itself (inherited by vLLM's spawned engine
@@ -30,7 +32,8 @@ def main(argv: list[str]) -> int:
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, max_model_len=max_len, enforce_eager=True, seed=0)
+    llm = LLM(model=model, dtype=dtype, max_model_len=max_len, enforce_eager=True, seed=0,
+              enable_prefix_caching=prefix_caching)
     out.write(json.dumps({"ready": True, "vllm": vllm.__version__, "startup_s": time.perf_counter() - t0}) + "\n")
     out.flush()
     for line in sys.stdin:
@@ -52,7 +55,7 @@ def main(argv: list[str]) -> int:
             lps = []
             for p, r in zip(req["prompts"], res):
                 row = [None] + [float(d[tok].logprob) for tok, d in zip(p[1:], r.prompt_logprobs[1:])]
-                lps.append(row)
+                lps.append(row)  # NaN/inf travel as JSON NaN/Infinity; the parent rejects them (finite_scalar)
             ans = {"seconds": secs, "prompt_logprobs": lps}
         out.write(json.dumps(ans) + "\n")
         out.flush()

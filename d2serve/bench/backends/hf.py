@@ -1,10 +1,19 @@
-"""The transformers backend: eager PyTorch on CPU (or CUDA when present), all four arms in one process."""
+"""The transformers backend: eager PyTorch on CPU or CUDA, all four arms in one process.
+
+Device: ``device`` ("cpu", "cuda", "cuda:N"; :func:`d2serve.models.resolve_device` validates it). The
+dtype is the caller's (``d2serve bench`` defaults to float32 on the CPU, bfloat16 on CUDA), the same
+for every arm; CUDA timings synchronise the device.
+"""
 
 from __future__ import annotations
 
 import platform
 
 import torch
+
+from d2serve.models import resolve_device
+
+from d2serve.compare import finite_scalar
 
 from ..arms import ARM_NAMES, ArmSpec, load_arm_model
 from ..timing import now
@@ -33,17 +42,20 @@ class HFBackend:
 
     Args:
         dtype: compute dtype of every arm (torch dtype).
-        device: ``"cpu"`` or ``"cuda"``.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; None -> cuda when available, else cpu.
         tokenizer_dir: the directory whose tokenizer every arm shares (the base).
+
+    Raises:
+        InputError: ``device`` is unknown or not available on this machine.
     """
 
     name = "hf"
     arms_supported = ARMS_SUPPORTED
 
-    def __init__(self, *, dtype: torch.dtype, device: str, tokenizer_dir):
+    def __init__(self, *, dtype: torch.dtype, device: str | None, tokenizer_dir):
         from transformers import AutoTokenizer
 
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device = dtype, resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -120,6 +132,9 @@ class HFBackend:
                 scores[i] = float(logp[r, keep - n - 1 : keep - 1].gather(-1, tgt[:, None]).sum())
         self._sync()
         seconds = now() - t0
+        for req, sc in zip(requests, scores):  # a NaN score would never win an argmax nor fail one
+            finite_scalar(sc, where=f"bench eval, arm {arm!r}, example {req.example} choice {req.choice}",
+                          side="continuation log-likelihood")
         n_ex = max(r.example for r in requests) + 1
         best: dict[int, tuple[float, int]] = {}
         for req, sc in zip(requests, scores):

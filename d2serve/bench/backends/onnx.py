@@ -7,6 +7,8 @@ inter-token latency are timed directly. The eval-throughput workload is not run 
 
 from __future__ import annotations
 
+from d2serve.errors import InputError
+
 import json
 import shutil
 import tempfile
@@ -32,7 +34,7 @@ class OnnxGenAIBackend:
         from transformers import AutoTokenizer
 
         if str(dtype) != "torch.float32":
-            raise ValueError("the onnx backend exports fp32 models; use --dtype float32")
+            raise InputError("the onnx backend exports fp32 models; use dtype float32")
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         self.models: dict = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="d2serve-bench-onnx-"))

