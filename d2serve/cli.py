@@ -90,6 +90,20 @@ export_app = _Typer(no_args_is_help=True, help="Export a merged model for a serv
 app.add_typer(export_app, name="export")
 
 
+class _BenchGroup(typer.core.TyperGroup):
+    """``d2serve bench serve ...`` runs the online serving benchmark; anything else (``d2serve bench --base ...``,
+    ``d2serve bench --help``) runs the offline ``bench run`` command, so the original syntax keeps working."""
+
+    def parse_args(self, ctx, args):
+        if not args or args[0] not in self.commands:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+bench_app = _Typer(cls=_BenchGroup, help="Benchmark base / merged / unmerged arms (offline; `bench serve`: online).")
+app.add_typer(bench_app, name="bench")
+
+
 @app.callback()
 def _console_setup() -> None:
     # one place: third-party logs filtered, long steps shown (d2serve.console)
@@ -255,7 +269,7 @@ def _eval_file(data: Optional[Path]) -> Optional[Path]:
     return None if data is None else resolve_data_dir(data) / DEFAULT_EVAL_DATA
 
 
-@app.command("bench")
+@bench_app.command("run")
 def bench_cmd(
     base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory" + _HUB_HELP + "."),
     report: Path = typer.Option(..., "--report", help="Output directory for bench.json, bench.md and plots."),
@@ -284,7 +298,8 @@ def bench_cmd(
         False, "--allow-not-comparable", help="Label non-comparable arms NOT COMPARABLE instead of refusing."
     ),
 ) -> None:
-    """Benchmark base / merged / unmerged arms (eval throughput, generation latency) with identical settings."""
+    """Benchmark base / merged / unmerged arms (eval throughput, generation latency) with identical settings.
+    Online serving under load (vLLM server + vLLM's load generator): `d2serve bench serve --help`."""
     from dataclasses import replace
 
     from d2serve.bench import FULL_PLAN, QUICK_PLAN, bench
@@ -334,15 +349,104 @@ def bench_cmd(
     console.print(f"report: {report}/bench.json, {report}/bench.md")
 
 
+@bench_app.command("serve")
+def bench_serve_cmd(
+    base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory."),
+    merged: Path = typer.Option(..., "--merged", help="Merged checkpoint from `d2serve merge` of this base."),
+    report: Path = typer.Option(..., "--report", help="Output directory (online.json, online.md, plots, raw/)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="The adapter merged into --merged (provenance "
+                                           "check; the unmerged arm when `d2serve serve` serves adapters)."),
+    arms: Optional[str] = typer.Option(None, "--arms", help="Comma list of base,merged,unmerged (default: all)."),
+    request_rates: str = typer.Option("1,2,4", "--request-rates", help="Poisson request rates (req/s), e.g. 1,2,4."),
+    concurrencies: str = typer.Option("1,4", "--concurrencies", help="Max-concurrency points, e.g. 1,4,16."),
+    num_prompts: int = typer.Option(32, "--num-prompts", help="Requests per load point."),
+    input_len: int = typer.Option(128, "--input-len", help="Prompt tokens per request (exact)."),
+    output_len: int = typer.Option(32, "--output-len", help="Generated tokens per request (exact, EOS ignored)."),
+    repeats: int = typer.Option(2, "--repeats", help="Server starts per arm; every load point runs once per start."),
+    warmups: int = typer.Option(2, "--warmups", help="Discarded warm-up requests before each load point."),
+    goodput: Optional[list[str]] = typer.Option(None, "--goodput", help="SLOs as vLLM's bench takes them: "
+                                                "ttft:MS tpot:MS e2el:MS (repeat the option or quote the list)."),
+    slo_attainment: float = typer.Option(0.9, "--slo-attainment", help="Fraction of requests that must meet "
+                                         "every SLO for a rate to count as sustainable."),
+    dtype: str = typer.Option("auto", "--dtype", help="vLLM --dtype for every arm (auto: each checkpoint's; "
+                              "arms whose dtypes differ are refused)."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Default input+output+16."),
+    max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="vLLM scheduler batch limit, every arm."),
+    kv_cache_gib: float = typer.Option(1.0, "--kv-cache-gib", help="VLLM_CPU_KVCACHE_SPACE (CPU backend)."),
+    prefix_caching: bool = typer.Option(False, "--prefix-caching", help="Enable vLLM prefix caching (off: every "
+                                        "request pays its prefill)."),
+    enforce_eager: bool = typer.Option(True, "--enforce-eager/--no-enforce-eager", help="vLLM compile mode."),
+    server_arg: Optional[list[str]] = typer.Option(None, "--server-arg", help="Extra vLLM server option for every "
+                                                   "arm, e.g. --server-arg=--gpu-memory-utilization=0.8."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data folder with text/wiki.test.raw "
+                                        "(default $D2SERVE_DATA_DIR, else the bundled samples)."),
+    seed: int = typer.Option(0, "--seed", help="Arrival-time seed (the same for every arm)."),
+    allow_not_comparable: bool = typer.Option(
+        False, "--allow-not-comparable", help="Label non-comparable arms NOT COMPARABLE instead of refusing."),
+) -> None:
+    """Online serving benchmark: each arm behind `d2serve serve` on loopback, driven by vLLM's `bench serve`
+    (Poisson request-rate sweep + max-concurrency sweep); TTFT/ITL/TPOT/E2EL, throughput, goodput, ratios."""
+    import shlex
+
+    from d2serve.bench.online import EngineOptions, OnlinePlan, bench_serve
+
+    def nums(text: str, name: str, cast):
+        try:
+            return tuple(cast(x) for x in text.split(",") if x.strip())
+        except ValueError as e:
+            raise InputError(f"{name} expects comma-separated numbers, got {text!r}") from e
+
+    slo = {}
+    for pair in " ".join(goodput or []).replace(",", " ").split():
+        k, _, v = pair.partition(":")
+        try:
+            slo[k] = float(v)
+        except ValueError as e:
+            raise InputError(f"--goodput expects KEY:MS pairs (ttft, tpot, e2el), got {pair!r}") from e
+    plan = OnlinePlan(request_rates=nums(request_rates, "--request-rates", float),
+                      concurrencies=nums(concurrencies, "--concurrencies", int), num_prompts=num_prompts,
+                      input_len=input_len, output_len=output_len, repeats=repeats, warmups=warmups, goodput=slo,
+                      slo_attainment=slo_attainment, seed=seed)
+    engine = EngineOptions(dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                           kv_cache_gib=kv_cache_gib, prefix_caching=prefix_caching, enforce_eager=enforce_eager,
+                           extra_args=tuple(a for x in server_arg or [] for a in shlex.split(x)))
+    try:
+        res = bench_serve(base=base, merged=merged, adapter=adapter, report=report, plan=plan, engine=engine,
+                          arms=tuple(a.strip() for a in arms.split(",")) if arms else None, data_dir=data,
+                          strict=not allow_not_comparable, log=lambda m: err_console.print(escape(m)))
+    except KeyboardInterrupt as e:
+        err_console.print(f"[yellow]interrupted; servers stopped, completed results saved in {report}[/yellow]")
+        raise typer.Exit(130) from e
+    from rich.table import Table
+
+    t = Table(title="d2serve bench serve: merged/base per load point (median over repeats)")
+    for col in ("load", "output tok/s", "p50 TTFT", "p50 TPOT", "p99 E2EL"):
+        t.add_column(col)
+    f = lambda r: "-" if not r or r.get("merged_over_base") is None else f"{r['merged_over_base']:.3f}"  # noqa: E731
+    for key, r in res.get("ratios", {}).items():
+        t.add_row(key, f(r["output_throughput"]), f(r["median_ttft_ms"]), f(r["median_tpot_ms"]), f(r["p99_e2el_ms"]))
+    console.print(t)
+    for arm, m in res.get("max_sustainable_rate", {}).items():
+        console.print(f"{arm}: highest sustainable rate under the SLOs: "
+                      + (f"{m['rate']:g} req/s" if m.get("rate") is not None else m.get("note", "none")))
+    if not res["comparability"]["comparable"]:
+        console.print("[red]NOT COMPARABLE[/red]\n" + escape("\n".join(res["comparability"]["diffs"])))
+    console.print(f"report: {report}/online.json, {report}/online.md")
+
+
 @export_app.command("onnx")
 def export_onnx_cmd(
     merged: Path = typer.Option(..., "--merged", help="Merged HF checkpoint directory."),
     out: Path = typer.Option(..., "--out", help="Output folder (self-contained; gets d2serve_export.json)."),
     target: str = typer.Option("genai", "--target", help="genai (ORT-GenAI decoder, KV cache) | plain (logits graph)."),
-    precision: str = typer.Option("fp32", "--precision", help="genai: fp32 | int4; plain: fp32."),
+    precision: str = typer.Option("fp32", "--precision", help="genai: fp32 | int4 | int8; plain: fp32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="genai parity prompts, one per line."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="genai greedy tokens compared per prompt."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="genai: auto (fastest recipe that passes the fidelity gate) or recipe name(s), comma-separated; see docs/onnx.md."),
+    threshold: Optional[list[str]] = typer.Option(None, "--threshold", help="--quant gate override, key=value (min_top1_agreement, max_acc_gap_pp, max_mean_kl, min_greedy_agreement)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="--quant: evaluation data folder (default $D2SERVE_DATA_DIR, else the bundled samples)."),
+    limit: int = typer.Option(30, "--limit", help="--quant: items per task for the accuracy gate."),
 ) -> None:
     """Export to ONNX and validate parity against transformers (exit 1 on a parity failure, report kept)."""
     from d2serve.export.onnx import MANIFEST, export_onnx
@@ -350,6 +454,28 @@ def export_onnx_cmd(
     prompts = None
     if prompts_file is not None:
         prompts = [ln for ln in _read_text(prompts_file, "prompts file").splitlines() if ln.strip()]
+    if quant is not None:
+        from d2serve.export.onnx_quant import export_quantized
+
+        if target != "genai" or precision != "fp32":
+            raise InputError("--quant picks the precision itself: use it with --target genai and no --precision")
+        man = export_quantized(merged=merged, out=out, quant=quant, overwrite=overwrite, thresholds=threshold,
+                               data_dir=data, limit=limit, prompts=prompts, max_new_tokens=max_new_tokens)
+        for t in man["quant"]["tried"]:
+            fid, sp = t.get("fidelity") or {}, t.get("speed") or {}
+            w, tk = fid.get("wikitext2") or {}, fid.get("tasks") or {}
+            console.print(
+                f"{t['recipe']}: {'PASS' if t['passed'] else 'fail'}"
+                + (f", top-1 {w['top1_agreement']:.4f}, KL {w['mean_kl']:.3g}" if w else "")
+                + (f", greedy {fid['greedy']['agreement']:.3f}" if fid.get("greedy") else "")
+                + (f", task gap {tk['gap_pp']:+.2f} pp" if tk else "")
+                + (f", {sp['decode_tokens_per_s']:.1f} tok/s, {t['size_bytes'] / 2**20:.1f} MiB" if sp else "")
+                + (f" ({t['error']})" if t.get("error") else ""))
+        if not man["passed"]:
+            err_console.print("[red]QUANT GATE FAILED[/red]\n" + "\n".join(man["failures"]) + f"\nreport: {out / MANIFEST}")
+            raise typer.Exit(1)
+        console.print(f"[green]kept {man['quant']['recipe']}[/green]; report: {out / MANIFEST}")
+        return
     rep = export_onnx(
         merged=merged, out=out, target=target, precision=precision, overwrite=overwrite, prompts=prompts,
         max_new_tokens=max_new_tokens,
@@ -375,7 +501,7 @@ def verify_cmd(
     base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory" + _HUB_HELP + "."),
     adapter: Path = typer.Option(..., "--adapter", help="Adapter directory (applied unmerged, float32)" + _HUB_HELP
                                  + "."),
-    merged: Path = typer.Option(..., "--merged", help="Merged checkpoint to verify."),
+    merged: Path = typer.Option(..., "--merged", help="Merged checkpoint to verify, or an ONNX Runtime GenAI export folder (genai_config.json; d2serve export onnx) to verify the deployed artifact."),
     report: Path = typer.Option(..., "--report", help="Output folder for report.json, report.md, report.html."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data folder for the built-in tasks and WikiText-2 (default $D2SERVE_DATA_DIR, else the bundled samples)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Extra UTF-8 text file for the teacher-forced logit check."),
@@ -401,8 +527,11 @@ def verify_cmd(
                  merged_compute_dtype=merged_compute_dtype, overwrite=overwrite, device=device)  # stages: d2serve.console
     d = rep.data
     w = d["weights"]
-    console.print(f"weights: {w['n_layers']} layers, {w['n_layers_failed']} beyond rounding tolerance "
-                  f"(max err/tol {w['max_err_over_tol']:.3g}, update lost to the cast {w['mean_frac_update_lost']:.3g})")
+    if w is None:  # an ONNX export under test
+        console.print(f"weights: {d['settings'].get('weights_check', 'skipped')}")
+    else:
+        console.print(f"weights: {w['n_layers']} layers, {w['n_layers_failed']} beyond rounding tolerance "
+                      f"(max err/tol {w['max_err_over_tol']:.3g}, update lost to the cast {w['mean_frac_update_lost']:.3g})")
     for s in d["logits"]["sources"]:
         if s.get("nonfinite"):
             console.print(f"logits[{s['source']}]: NOT COMPARED: {s['nonfinite']['message']}")

@@ -1,10 +1,19 @@
 """The streaming merge engine: base shards x adapter method -> merged HF checkpoint + manifest.
 
 The engine reads the base one safetensors shard at a time, replaces each
-adapted weight with ``method.merged_weight`` (looked up in the registry; the
-engine knows no formula) computed in float64, checks it is finite, casts it
-once to the output dtype, and writes the shard under the same name. Peak memory
-is about one shard (in and out) plus the adapter, never the whole model.
+adapted weight with ``method.merge`` (looked up in the registry; the engine
+knows no formula) computed in float64 in row blocks, checks it is finite, casts
+it once to the output dtype, and writes the shard under the same name. Peak
+memory is about the largest tensor (in and out) plus the adapter, never the
+whole model.
+
+Three threads overlap the work: one reads the next source tensors (hashing
+each base shard for the manifest in the same pass), the caller's thread merges
+(torch ops use every torch thread), one writes finished tensors. The bytes in
+flight are capped at the largest single tensor's input + output, so the
+pipeline never holds more than the sequential engine did. Untouched tensors
+are written as the bytes read (no decode/encode); the statistics of the
+manifest come from the same pass as the merge.
 
 The output is a complete HF checkpoint written into a temporary directory and
 renamed into place at the end: config (no ``quantization_config``, ``dtype``
@@ -18,7 +27,11 @@ from __future__ import annotations
 from d2serve.errors import InputError
 
 import json
+import math
+import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +39,14 @@ import torch
 
 from d2serve import __version__
 from d2serve.adapters.io import Adapter, load_adapter, match_to_base
-from d2serve.adapters.methods import MergeMathError, get_method, row_norm
+from d2serve.adapters.methods import Merged, MergeMathError, get_method, row_norm
 from d2serve.architecture import check_base_copies, check_layer_kinds, require_full_precision_base, tie_plan
 from d2serve.sysinfo import peak_rss_bytes
 from d2serve.checkpoint import (
     DTYPE_NAMES,
     INDEX_FILE,
     Checkpoint,
+    HashingShardReader,
     ShardWriter,
     atomic_output_dir,
     copy_side_entries,
@@ -40,6 +54,7 @@ from d2serve.checkpoint import (
     set_config_dtype,
     sha256_file,
     write_json,
+    write_order,
 )
 
 MANIFEST_NAME = "d2serve_merge.json"
@@ -90,16 +105,31 @@ def _cast_checked(name: str, w: torch.Tensor, dtype: torch.dtype, what: str = "m
     Raises:
         MergeMathError: naming ``what`` and the tensor.
     """
-    if not torch.isfinite(w).all():
-        raise MergeMathError(f"{what} {name} has {int((~torch.isfinite(w)).sum())} NaN/Inf value(s)")
+    big = _check_finite(name, w, what)
     out = w.to(dtype)
-    if out.dtype != w.dtype and not torch.isfinite(out).all():
-        big = float(w.abs().max())
-        raise MergeMathError(
-            f"{what} {name} overflows {dtype} (max |value| {big:.4g} > "
-            f"{torch.finfo(dtype).max:.4g}); choose the output dtype bfloat16 or float32"
-        )
+    _check_no_overflow(name, big, out, what)
     return out
+
+
+def _check_finite(name: str, w: torch.Tensor, what: str) -> float:
+    """max |w| (0 for an empty tensor), refusing NaN/Inf: one ``aminmax`` pass (NaN and +-Inf propagate
+    into min/max), several times cheaper than ``isfinite(w).all()``; the count is taken only on failure."""
+    if not w.numel():
+        return 0.0
+    lo, hi = (float(x) for x in torch.aminmax(w))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise MergeMathError(f"{what} {name} has {int((~torch.isfinite(w)).sum())} NaN/Inf value(s)")
+    return max(-lo, hi)
+
+
+def _check_no_overflow(name: str, big: float, out: torch.Tensor, what: str) -> None:
+    """Refuse a cast ``out`` that overflowed its dtype; ``big`` = max |value| before the cast (a value up
+    to the dtype's max cannot overflow, so the cast is scanned only when ``big`` exceeds it)."""
+    if out.is_floating_point() and big > torch.finfo(out.dtype).max and not torch.isfinite(out).all():
+        raise MergeMathError(
+            f"{what} {name} overflows {out.dtype} (max |value| {big:.4g} > "
+            f"{torch.finfo(out.dtype).max:.4g}); choose the output dtype bfloat16 or float32"
+        )
 
 
 class _LayerStats:
@@ -112,17 +142,28 @@ class _LayerStats:
         self.n_changed = self.n_lost = 0
         self.max_err = self.max_abs = 0.0
 
-    def add(self, w0: torch.Tensor, merged64: torch.Tensor, out: torch.Tensor, dw: torch.Tensor, scale) -> None:
-        """Account one row block: W0 (stored dtype), W_hat (float64), its cast, dW (float64), row scale or None."""
-        self.dw_sq += float(dw.pow(2).sum())
-        self.w0_sq += float(w0.double().pow(2).sum())
-        if scale is not None:
-            self.scale_min, self.scale_max = min(self.scale_min, float(scale.min())), max(self.scale_max, float(scale.max()))
-        changed = merged64 != w0
-        self.n_changed += int(changed.sum())
-        self.n_lost += int((changed & (out == w0.to(out.dtype))).sum())
-        self.max_err = max(self.max_err, float((out.double() - merged64).abs().max()))
-        self.max_abs = max(self.max_abs, float(merged64.abs().max()))
+    def add(self, w0: torch.Tensor, w64: torch.Tensor, norms: torch.Tensor, merged: Merged, max_abs: float,
+            out: torch.Tensor, dw: torch.Tensor) -> None:
+        """Account one row block from values the merge already has (no second computation of the row scale):
+        W0 as stored and in float64, its row norms ||W0|| (out,), the method's :class:`Merged` (W_hat float64,
+        row scale or None), max |W_hat|, the cast W_hat, dW (float64)."""
+        flat = dw.reshape(-1)
+        self.dw_sq += float(torch.dot(flat, flat))
+        self.w0_sq += float(torch.dot(norms, norms))
+        if merged.scale is not None:
+            lo, hi = torch.aminmax(merged.scale)
+            self.scale_min, self.scale_max = min(self.scale_min, float(lo)), max(self.scale_max, float(hi))
+        # W_hat == W0 implies cast(W_hat) == cast(W0), so "changed but equal after the cast" is
+        # #(cast equal) - #(unchanged), and #(unchanged) is counted only where the cast is equal
+        exact = torch.promote_types(w0.dtype, out.dtype) == out.dtype  # W0 converts to out's dtype exactly
+        same_cast = torch.eq(out, w0 if exact else w0.to(out.dtype))
+        n_same_cast = int(torch.count_nonzero(same_cast))
+        n_same = int(torch.count_nonzero(merged.weight[same_cast] == w64[same_cast])) if n_same_cast else 0
+        self.n_changed += out.numel() - n_same
+        self.n_lost += n_same_cast - n_same
+        lo, hi = torch.aminmax(torch.sub(out, merged.weight))  # out is promoted to float64 inside the op
+        self.max_err = max(self.max_err, -float(lo), float(hi))
+        self.max_abs = max(self.max_abs, max_abs)
 
     def to_json(self) -> dict:
         """The manifest entry of the layer."""
@@ -154,28 +195,135 @@ def _merge_layer(
     out = stored.t() if transposed else stored  # a view: writing its rows fills the stored layout
     w = w.t() if transposed else w
     stats = _LayerStats(w.shape)
+    b_all, a = method.low_rank(f, torch.float64)  # dW = B' @ A': factors folded and made float64 once per layer
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
     for start in range(0, w.shape[0], rows):
         end = min(start + rows, w.shape[0])
         fb = f.row_block(start, end, method.row_factors)
-        w64 = w[start:end].double()
+        w0 = w[start:end]
+        w64 = w0.to(torch.float64)
+        norms = row_norm(w64)
         if check_fingerprint is not None and fb.magnitude is not None:
-            check_fingerprint(w64, fb.magnitude)
-        dw = method.delta(fb, torch.float64)
-        merged64 = method.merged_weight(w64, fb, torch.float64, dw=dw)
-        cast = _cast_checked(target, merged64, out_dtype)
-        stats.add(w64, merged64, cast, dw, method.row_scale(w64, dw, fb) if method.row_scale else None)
-        out[start:end] = cast
+            check_fingerprint(w64, fb.magnitude, norms)
+        dw = torch.mm(b_all[start:end], a)
+        merged = method.merge(w64, fb, torch.float64, dw, norms)
+        big = _check_finite(target, merged.weight, "merged tensor")
+        block = out[start:end]
+        block.copy_(merged.weight)  # the one cast
+        _check_no_overflow(target, big, block, "merged tensor")
+        stats.add(w0, w64, norms, merged, big, block, dw)
     return stored, stats.to_json()
 
 
-def _check_fingerprint(module: str, w0: torch.Tensor, magnitude: torch.Tensor, base: Path, rtol: float) -> float:
+class _Budget:
+    """Bytes in flight between the reader, merge and writer threads, capped at ``limit`` (one item may
+    always enter an empty pipeline, however big); :meth:`close` wakes and stops every waiter."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.closed = limit, 0, False
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> bool:
+        """Wait until ``n`` bytes fit; False when closed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.closed or self.used == 0 or self.used + n <= self.limit)
+            if self.closed:
+                return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
+class _Prefetcher:
+    """A thread that reads the source tensors in the order the merge consumes them, ``budget`` permitting,
+    and computes each base shard's sha256 in the same pass (:class:`HashingShardReader`).
+
+    ``items``: shard -> [(source tensor name, bytes it holds in flight: input + output)], in merge order.
+    """
+
+    _DONE = object()
+
+    def __init__(self, ckpt: Checkpoint, items: dict[str, list[tuple[str, int]]], budget: _Budget):
+        self.ckpt, self.items, self.budget = ckpt, items, budget
+        self.sha256: dict[str, str] = {}
+        self._q: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="d2serve-merge-read", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for shard, todo in self.items.items():
+                reader = HashingShardReader(self.ckpt.path / shard)
+                try:
+                    for src, cost in todo:
+                        if not self.budget.acquire(cost):
+                            return
+                        self._q.put(reader.read(self.ckpt.tensors[src]))
+                except BaseException:
+                    reader.close()
+                    raise
+                self.sha256[shard] = reader.finish()
+            self._q.put(self._DONE)
+        except BaseException as e:  # handed to the merging thread, which raises it
+            self._q.put(e)
+
+    def get(self) -> torch.Tensor:
+        """The next source tensor; re-raises an error of the reading thread."""
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def finish(self) -> dict[str, str]:
+        """Wait for the thread to end (after every shard was hashed); shard -> hex sha256."""
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            raise item
+        self._thread.join()
+        return self.sha256
+
+    def stop(self) -> None:
+        """Stop early (on an error of the merge): unblock the thread and wait for it."""
+        self.budget.close()
+        self._thread.join()
+
+
+def _in_flight_bytes(info, out_dtype: torch.dtype, new_output: bool) -> int:
+    """Bytes one tensor holds in the pipeline: its input, plus its output when that is a new tensor."""
+    n = info.end - info.begin
+    if new_output:
+        n += math.prod(info.shape) * out_dtype.itemsize
+    return n
+
+
+def _write(writer: ShardWriter, target: str, t: torch.Tensor, budget: _Budget, cost: int) -> None:
+    """Write one tensor (in the writer thread) and give its bytes back to the pipeline's budget."""
+    try:
+        writer.write(target, t)
+    finally:
+        budget.release(cost)
+
+
+def _check_fingerprint(
+    module: str, w0: torch.Tensor, magnitude: torch.Tensor, base: Path, rtol: float, norms: torch.Tensor | None = None
+) -> float:
     """Refuse a base whose rows' norms differ from the adapter's ``d2_magnitude`` (rows of W0 and magnitude alike).
+
+    ``norms``: ``row_norm`` of ``w0`` in float64 when the caller already has it.
 
     Returns:
         the largest relative row difference found (at most the tolerance).
     """
-    norms = row_norm(w0.double())
+    norms = row_norm(w0.double()) if norms is None else norms
     rtol = max(rtol, 2 * torch.finfo(magnitude.dtype).eps)  # a fingerprint stored in bf16 is only that precise
     rel = ((norms - magnitude.double()).abs() / norms.clamp_min(1e-30)).max()
     if float(rel) > rtol:
@@ -195,10 +343,11 @@ class _Fingerprints:
         self.max_rel: dict[str, float] = {}
 
     def checker(self, module: str):
-        """``check(W0 rows float64, fingerprint rows)`` for :func:`_merge_layer`, recording the worst difference."""
+        """``check(W0 rows float64, fingerprint rows, their norms)`` for :func:`_merge_layer`, recording the worst
+        difference."""
 
-        def check(rows: torch.Tensor, mag: torch.Tensor) -> None:
-            rel = _check_fingerprint(module, rows, mag, self.base, self.rtol)
+        def check(rows: torch.Tensor, mag: torch.Tensor, norms: torch.Tensor | None = None) -> None:
+            rel = _check_fingerprint(module, rows, mag, self.base, self.rtol, norms)
             self.max_rel[module] = max(self.max_rel.get(module, 0.0), rel)
 
         return check
@@ -320,34 +469,60 @@ def merge(
     bar = shown.__enter__()
     try:
         with atomic_output_dir(out, overwrite) as tmp:
+            # per shard: the tensors in write order; a shard's sources are taken in file order, so that
+            # (within one output element size) the base shard is read, and hashed, front to back once
+            specs: dict[str, list] = {}
+            items: dict[str, list[tuple[str, int]]] = {}
             for shard, outputs in plan.items():
-                specs = []
-                for target, (src, _) in outputs.items():
+                specs[shard] = []
+                for target, (src, _) in sorted(outputs.items(), key=lambda kv: ckpt.tensors[kv[1][0]].begin):
                     info = ckpt.tensors[src]
-                    specs.append((target, out_dtype if info.dtype.is_floating_point else info.dtype, info.shape))
-                with ShardWriter(tmp / shard, specs, {"format": "pt"}) as writer:
-                    for target in writer.order:
-                        src, module = outputs[target]
-                        w = ckpt.get_tensor(src)
-                        if module is not None:
-                            kind = arch.layer(module)
-                            t, layer_stats[module] = _merge_layer(
-                                target, w, adp.layers[module], method, out_dtype,
-                                fingerprints.checker(module),
-                                transposed=kind is not None and kind.transposed,
-                            )
-                        elif target in adp.modules_to_save:
-                            t = _cast_checked(target, adp.modules_to_save[target], out_dtype, "modules_to_save tensor")
-                        elif w.dtype.is_floating_point:
-                            t = _cast_checked(target if target == src else f"{src} (written as {target})", w,
-                                              out_dtype, "base tensor")
-                        else:  # integer buffers/extras the architecture keeps as integers: passed through intact
-                            t = w
-                        writer.write(target, t)
-                        weight_map[target] = shard
-                        total_size += t.numel() * t.element_size()
-                        del w, t
-                        bar.advance()
+                    specs[shard].append((target, out_dtype if info.dtype.is_floating_point else info.dtype, info.shape))
+                new_out = {t: outputs[t][1] is not None or t in adp.modules_to_save or
+                           (ckpt.tensors[outputs[t][0]].dtype.is_floating_point and
+                            ckpt.tensors[outputs[t][0]].dtype != out_dtype) for t in outputs}
+                items[shard] = [(outputs[t][0], _in_flight_bytes(ckpt.tensors[outputs[t][0]], out_dtype, new_out[t]))
+                                for t in write_order(specs[shard])]
+            budget = _Budget(max((c for todo in items.values() for _, c in todo), default=0))
+            prefetch = _Prefetcher(ckpt, items, budget)
+            pool = ThreadPoolExecutor(1, thread_name_prefix="d2serve-merge-write")
+            try:
+                for shard, outputs in plan.items():
+                    pending = []
+                    with ShardWriter(tmp / shard, specs[shard], {"format": "pt"}) as writer:
+                        try:
+                            for target, (_, cost) in zip(writer.order, items[shard], strict=True):
+                                src, module = outputs[target]
+                                w = prefetch.get()
+                                if module is not None:
+                                    kind = arch.layer(module)
+                                    t, layer_stats[module] = _merge_layer(
+                                        target, w, adp.layers[module], method, out_dtype,
+                                        fingerprints.checker(module),
+                                        transposed=kind is not None and kind.transposed,
+                                    )
+                                elif target in adp.modules_to_save:
+                                    t = _cast_checked(target, adp.modules_to_save[target], out_dtype,
+                                                      "modules_to_save tensor")
+                                elif w.dtype.is_floating_point:  # same dtype: the bytes read, written as they are
+                                    t = _cast_checked(target if target == src else f"{src} (written as {target})", w,
+                                                      out_dtype, "base tensor")
+                                else:  # integer buffers/extras the architecture keeps as integers: passed through intact
+                                    t = w
+                                pending.append(pool.submit(_write, writer, target, t, budget, cost))
+                                weight_map[target] = shard
+                                total_size += t.numel() * t.element_size()
+                                del w, t
+                                bar.advance()
+                        finally:  # never close the file under a pending write
+                            for f in pending:
+                                f.exception()
+                        for f in pending:
+                            f.result()
+                base_shards_sha256 = prefetch.finish()
+            finally:
+                prefetch.stop()
+                pool.shutdown(wait=True)
             if ckpt.sharded:
                 index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
                 write_json(tmp / INDEX_FILE, index)
@@ -374,7 +549,7 @@ def merge(
                 "embeddings": ties.reason,
                 "sha256": {
                     "adapter": {p.name: sha256_file(p) for p in adp.files},
-                    "base_shards": {s: sha256_file(ckpt.path / s) for s in ckpt.shards},
+                    "base_shards": {s: base_shards_sha256[s] for s in ckpt.shards},  # hashed while read
                 },
                 "num_layers_merged": len(layer_stats),
                 "layers": layer_stats,

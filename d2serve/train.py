@@ -107,7 +107,8 @@ def chat_parts(tok, row: dict, where: str = "record", max_length: int | None = N
     """Prompt ids and answer ids of one record, formatted with the tokenizer's chat template.
 
     The user turn is ``row["prompt"]`` (stripped), the assistant turn ``row["answer"]``
-    (stripped). The prompt ids are the template with ``add_generation_prompt=True``
+    verbatim: the bundled BoolQ answers are " yes" / " no", the very tokens lm-eval scores
+    after "Answer:", so what the chat turn learns carries over to that plain-text format. The prompt ids are the template with ``add_generation_prompt=True``
     (everything up to and including the assistant header); the answer ids are the
     assistant message's content tokens followed by the template's end-of-turn token
     (``tok.eos_token_id``, e.g. SmolLM2's ``<|im_end|>``), so the model learns to
@@ -121,12 +122,13 @@ def chat_parts(tok, row: dict, where: str = "record", max_length: int | None = N
             extend the generation prompt with the answer, or the answer has no
             tokens (messages name ``where``).
     """
+    answer = row["answer"]
+    if not answer.strip():
+        raise InputError(f"{where}: field 'answer' is empty; every record needs answer tokens")
     if not getattr(tok, "chat_template", None):
         raise InputError(f"{where}: the base model's tokenizer has no chat template (tokenizer_config.json / "
-                         "chat_template.jinja); chat-format training needs one")
-    answer = row["answer"].strip()
-    if not answer:
-        raise InputError(f"{where}: field 'answer' is empty; every record needs answer tokens")
+                         "chat_template.jinja); chat-format training needs one (setting chat_template=False trains on raw "
+                         "prompt + answer text instead)")
     content = row["prompt"].strip()
     for _ in range(4):  # shorten the user message until the whole record fits (re-tokenising may shift by a token)
         user = [{"role": "user", "content": content}]

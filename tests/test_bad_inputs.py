@@ -288,7 +288,7 @@ def test_diverging_training_writes_nothing(tiny_llama_dir, tmp_path):
     data.write_text(json.dumps({"prompt": "Question: is fire cold?", "answer": " no"}) + "\n")
     with pytest.raises(FloatingPointError, match="training diverged"):
         train(base=tiny_llama_dir, out=tmp_path / "ad", data=data,
-              settings=TrainSettings(r=2, max_steps=3, batch_size=1, lr=1e30, max_length=16))
+              settings=TrainSettings(r=2, max_steps=3, batch_size=1, lr=1e30, max_length=16, chat_template=False))
     assert not (tmp_path / "ad").exists()
     with pytest.raises(ValueError, match=r"lr=inf"):
         train(base=tiny_llama_dir, out=tmp_path / "ad", data=data, settings=TrainSettings(lr=float("inf")))

@@ -60,13 +60,16 @@ def diff_settings(left: str, a: dict, right: str, b: dict, allowed=ALLOWED_TO_DI
     return SettingsDiff(left, right, diffs)
 
 
-def check_comparable(settings: dict[str, dict], *, strict: bool = True) -> list[SettingsDiff]:
+def check_comparable(settings: dict[str, dict], *, strict: bool = True,
+                     allowed=ALLOWED_TO_DIFFER) -> list[SettingsDiff]:
     """Diff every arm against the first one.
 
     Args:
         settings: ``{arm_name: settings_dict}`` (at least one arm).
         strict: raise on any difference; otherwise return the diffs so the caller labels
             the comparison NOT COMPARABLE.
+        allowed: keys that may differ (default :data:`ALLOWED_TO_DIFFER`; the online serving bench adds
+            the served model name and the unapplied generation config file).
 
     Returns:
         One ``SettingsDiff`` per arm after the first.
@@ -79,7 +82,7 @@ def check_comparable(settings: dict[str, dict], *, strict: bool = True) -> list[
         raise InputError("no arms to compare")
     names = list(settings)
     ref = names[0]
-    diffs = [diff_settings(ref, settings[ref], n, settings[n]) for n in names[1:]]
+    diffs = [diff_settings(ref, settings[ref], n, settings[n], allowed) for n in names[1:]]
     bad = [d for d in diffs if not d.comparable]
     if strict and bad:
         raise NotComparableError(

@@ -4,7 +4,8 @@ Two targets (see ``docs/onnx.md``):
 
 * ``genai``: a KV-cache decoder for ONNX Runtime GenAI, built by the
   onnxruntime-genai model builder (:mod:`d2serve.export.onnx_genai`);
-  precision ``fp32`` or ``int4``.
+  precision ``fp32``, ``int4`` or ``int8`` (quantization recipes and their fidelity gate:
+  :mod:`d2serve.export.onnx_quant`).
 * ``plain``: the logits graph from ``torch.onnx.export(dynamo=True)``
   (:mod:`d2serve.export.onnx_plain`); precision ``fp32``.
 
@@ -34,7 +35,7 @@ from d2serve.export.onnx_files import OnnxExportError, file_records, initializer
 
 MANIFEST = "d2serve_export.json"
 TARGETS = ("genai", "plain")
-PRECISIONS = {"genai": ("fp32", "int4"), "plain": ("fp32",)}
+PRECISIONS = {"genai": ("fp32", "int4", "int8"), "plain": ("fp32",)}
 MAX_INITIALIZER_RATIO = 1.05
 
 # Pass/fail tolerances per (target, precision); written verbatim into the manifest.
@@ -51,6 +52,9 @@ TOLERANCES: dict[tuple[str, str], dict] = {
     # int4: a broken-export detector only (a wrong graph gives ~0), not a quality claim; SmolLM2-135M with the
     # builder's default int4 (RTN, block 32, int4 tied embedding) measured 0.60-0.63 teacher-forced top-1.
     ("genai", "int4"): {"max_abs_logit_diff": None, "min_top1_agreement": 0.4, "require_identical_greedy": False,
+                        "min_content_tokens_per_prompt": onnx_genai.MIN_CONTENT_TOKENS_PER_PROMPT},
+    # int8: the same broken-export detector; fidelity is gated by d2serve.export.onnx_quant (export --quant).
+    ("genai", "int8"): {"max_abs_logit_diff": None, "min_top1_agreement": 0.4, "require_identical_greedy": False,
                         "min_content_tokens_per_prompt": onnx_genai.MIN_CONTENT_TOKENS_PER_PROMPT},
 }
 
@@ -195,6 +199,7 @@ def export_onnx(
     prompts: list[str] | None = None,
     tolerances: dict | None = None,
     max_new_tokens: int = onnx_genai.MAX_NEW_TOKENS,
+    builder_options: list[str] | None = None,
 ) -> OnnxExportReport:
     """Export ``merged`` to ONNX (``target`` genai|plain), validate against transformers, write the manifest.
 
@@ -206,11 +211,13 @@ def export_onnx(
         merged: HF safetensors checkpoint directory (e.g. the output of ``d2serve merge``).
         out: output folder; must be empty or absent unless ``overwrite``.
         target: "genai" (ORT-GenAI decoder, KV cache) or "plain" (logits graph).
-        precision: genai: "fp32" | "int4"; plain: "fp32".
+        precision: genai: "fp32" | "int4" | "int8"; plain: "fp32".
         overwrite: replace a non-empty ``out``.
         prompts: genai prompt set (default :data:`onnx_genai.DEFAULT_PROMPTS`); ignored by plain.
         tolerances: overrides merged into :data:`TOLERANCES` for this run (recorded in the manifest).
         max_new_tokens: genai greedy tokens generated per prompt (default 32).
+        builder_options: extra ``key=value`` options for the genai model builder (``--extra_options``), e.g. a
+            quantization recipe of :mod:`d2serve.export.onnx_quant`; recorded in ``parity.builder_args``.
 
     Returns:
         The report (also written as ``<out>/d2serve_export.json``). ``passed``
@@ -261,7 +268,7 @@ def export_onnx(
             builder_log = temp_sibling(out, f"builder-{time.time_ns()}.log")
             step(f"building the ORT-GenAI decoder ({precision}; minutes on CPU)")
             try:
-                info = onnx_genai.build_genai(merged, tmp, precision, tied, builder_log)
+                info = onnx_genai.build_genai(merged, tmp, precision, tied, builder_log, options=builder_options)
             finally:
                 builder_log.unlink(missing_ok=True)
             model_path = tmp / json.loads((tmp / "genai_config.json").read_text())["model"]["decoder"]["filename"]

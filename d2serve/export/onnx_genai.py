@@ -50,17 +50,19 @@ MAX_NEW_TOKENS = 32
 MIN_CONTENT_TOKENS_PER_PROMPT = 8
 
 
-def build_genai(merged: Path, out_dir: Path, precision: str, tied: bool, log_path: Path) -> dict:
+def build_genai(merged: Path, out_dir: Path, precision: str, tied: bool, log_path: Path,
+                options: list[str] | None = None) -> dict:
     """Run the ORT-GenAI model builder on ``merged`` into ``out_dir`` (CPU execution provider, offline).
 
     Args:
         merged: local HF checkpoint directory.
         out_dir: empty output directory (receives model.onnx, model.onnx.data,
             genai_config.json, tokenizer files).
-        precision: "fp32" or "int4" (builder's ``-p``).
+        precision: "fp32", "int4" or "int8" (builder's ``-p``).
         tied: the checkpoint ties its embeddings (``tie_word_embeddings``):
             the builder is asked to share one embedding/LM-head matrix.
         log_path: where the builder's stdout+stderr is written.
+        options: further ``key=value`` builder ``--extra_options`` (quantization recipe settings).
 
     Returns:
         ``{"export_s": float, "builder_args": [str]}``.
@@ -72,7 +74,7 @@ def build_genai(merged: Path, out_dir: Path, precision: str, tied: bool, log_pat
     Raises:
         OnnxExportError: the builder exited non-zero (message has the log tail).
     """
-    extra = ["shared_embeddings=true"] if tied else []
+    extra = (["shared_embeddings=true"] if tied else []) + list(options or [])
     with tempfile.TemporaryDirectory(prefix="d2serve-genai-cache-") as cache:
         args = ["-i", str(merged.resolve()), "-o", str(out_dir.resolve()), "-p", precision, "-e", "cpu", "-c", cache]
         if extra:

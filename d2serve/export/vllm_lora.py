@@ -186,3 +186,92 @@ def read_vllm_lora_manifest(folder: str | Path) -> dict:
     """The manifest of a folder written by :func:`export_vllm_lora` ({} when absent)."""
     p = Path(folder) / MANIFEST_NAME
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _cache_root() -> Path:
+    """Where :func:`prepare_served_adapters` keeps folded folders: ``$D2SERVE_CACHE_DIR`` or ~/.cache/d2serve."""
+    import os
+
+    return Path(os.environ.get("D2SERVE_CACHE_DIR") or Path.home() / ".cache" / "d2serve") / "vllm-lora"
+
+
+def plugin_problem() -> str | None:
+    """None when vLLM will load d2serve's plugin (entry point installed, not excluded by ``VLLM_PLUGINS``)."""
+    import os
+    from importlib.metadata import entry_points
+
+    if not any(e.name == "d2serve" for e in entry_points(group="vllm.general_plugins")):
+        return ("d2serve's vLLM plugin entry point (vllm.general_plugins: d2serve) is not installed; reinstall "
+                "d2serve (pip install -e . or pip install .)")
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and "d2serve" not in [p.strip() for p in allowed.split(",")]:
+        return f"VLLM_PLUGINS={allowed!r} excludes d2serve's vLLM plugin"
+    return None
+
+
+def prepare_served_adapters(base: str | Path, adapters: dict[str, Path]) -> tuple[dict[str, Path], int]:
+    """Fold each adapter for ``base`` into a cache folder (reused when base, adapter and d2serve are unchanged).
+
+    Args:
+        base: the served base checkpoint.
+        adapters: served name -> adapter directory (D2-LoRA, PEFT LoRA or PEFT DoRA).
+
+    Returns:
+        (served name -> folded folder, vLLM ``max_lora_rank`` covering every folder).
+
+    Raises:
+        InputError: a name is empty or reused, an adapter cannot be served unmerged (see :func:`fold_adapter`),
+            or d2serve's vLLM plugin would not be loaded while some folder needs it.
+    """
+    import hashlib
+
+    ckpt = Checkpoint(base)
+    base_sha = {s: sha256_file(ckpt.path / s) for s in ckpt.shards}
+    folders, ranks, needs_plugin = {}, [], []
+    for name, adapter in adapters.items():
+        adapter = Path(adapter)
+        files = sorted(p for p in adapter.iterdir() if p.is_file()) if adapter.is_dir() else []
+        h = hashlib.sha256(json.dumps([__version__, FORMAT_VERSION, base_sha,
+                                       [(p.name, sha256_file(p)) for p in files]]).encode()).hexdigest()[:24]
+        folder = _cache_root() / h
+        manifest = read_vllm_lora_manifest(folder)
+        if not manifest:
+            manifest = export_vllm_lora(base=base, adapter=adapter, out=folder, overwrite=folder.exists())
+        folders[name] = folder
+        ranks.append(manifest["rank"])
+        if manifest["needs_plugin"]:
+            needs_plugin.append(name)
+    problem = plugin_problem()
+    if needs_plugin and problem:
+        raise InputError(f"adapters {needs_plugin} need d2serve's vLLM plugin (row scales): {problem}")
+    return folders, vllm_max_lora_rank(max(ranks))
+
+
+def lora_serve_args(base: str | Path, adapters: dict[str, Path]) -> list[str]:
+    """vLLM ``serve`` options that serve ``adapters`` unmerged on ``base`` (folded by :func:`prepare_served_adapters`):
+    ``--enable-lora --lora-modules NAME=FOLDER ... --max-lora-rank R --max-loras N+1`` (one spare slot, see
+    d2serve.export.vllm_lora_check.cpu_safe_max_loras)."""
+    from d2serve.export.vllm_lora_check import cpu_safe_max_loras
+
+    folders, rank = prepare_served_adapters(base, adapters)
+    args = ["--enable-lora", "--lora-modules", *[f"{n}={f}" for n, f in folders.items()],
+            "--max-lora-rank", str(rank), "--max-loras", str(cpu_safe_max_loras(len(folders)))]
+    return args
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
+    """``["NAME=DIR", ...]`` -> {NAME: DIR}.
+
+    Raises:
+        InputError: a spec without ``=``, an empty name or directory, or a name given twice.
+    """
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise InputError(f"adapter {spec!r}: expected NAME=DIR (the served model name, then the adapter directory)")
+        if name in out:
+            raise InputError(f"adapter name {name!r} is given twice")
+        out[name] = Path(path)
+    return out

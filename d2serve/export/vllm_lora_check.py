@@ -27,6 +27,17 @@ from d2serve.export.vllm import (
 MIXED_ATOL = 1e-4  # float32: the same request in a mixed batch vs alone (batch shape changes GEMM rounding only)
 
 
+def cpu_safe_max_loras(n_adapters: int) -> int:
+    """``max_loras`` for serving ``n_adapters``: one spare slot that no adapter ever fills.
+
+    vLLM 0.32's CPU LoRA ops (vllm/lora/ops/torch_ops/lora_ops.py, ``bgmv_shrink`` / ``bgmv_expand``) index the
+    stacked weights with the token's slot, and a base token's slot is -1, i.e. the LAST slot: when every slot
+    holds an adapter, base requests batched with adapter requests get the last adapter's LoRA (measured on the
+    tiny model: base tokens changed from the 1st token). With a spare last slot (all zeros) they get none.
+    """
+    return n_adapters + 1
+
+
 def run_jobs(jobs: list[dict], timeout_s: float = WORKER_TIMEOUT_S, env: dict | None = None) -> dict:
     """Run :mod:`d2serve.export._vllm_lora_worker` on ``jobs`` in a fresh process group; its result dict.
 
@@ -119,7 +130,7 @@ def parity_check(base: str | Path, adapters: dict[str, tuple[Path, Path]], *, dt
     runs = [{"name": "mixed", "requests": mixed}]
     runs += [{"name": f"alone:{k}", "requests": [r]} for k, r in enumerate(mixed)]
     jobs = [{"model": str(base), **common, "loras": {n: str(adapters[n][0]) for n in names},
-             "max_lora_rank": max_lora_rank, "max_loras": len(names), "runs": runs},
+             "max_lora_rank": max_lora_rank, "max_loras": cpu_safe_max_loras(len(names)), "runs": runs},
             {"model": str(base), **common, "runs": [{"name": "ref", "requests": reqs(None)}]}]
     jobs += [{"model": str(adapters[n][1]), **common, "runs": [{"name": "ref", "requests": reqs(None)}]} for n in names]
     res = run_jobs(jobs, env=env)

@@ -23,6 +23,7 @@ from d2serve.probe import read_probe
 from d2serve.verify.data import BUNDLED_ITEMS_PER_TASK, WIKITEXT, data_file, is_bundled, resolve_data_dir
 from d2serve.verify.generation import DEFAULT_PROMPTS, compare_generation
 from d2serve.verify.logits import LogitComparison, compare_logits, read_text, text_windows
+from d2serve.verify.onnx_model import OrtGenaiLM, OrtGenaiModel, is_onnx_export, onnx_label
 from d2serve.verify.stats import compare_paired
 from d2serve.verify.tasks import TASK_NAMES, hf_lm, load_tasks, parse_task_names, score_tasks
 from d2serve.verify.thresholds import Thresholds, parse_thresholds
@@ -249,10 +250,13 @@ def verify(
     limit = None if not limit else int(limit)
     if limit is not None and limit < 0:
         raise InputError(f"limit must be >= 0, got {limit}")
-    base_ck, merged_ck = Checkpoint(base), Checkpoint(merged)
+    # An ORT-GenAI export folder (genai_config.json) as ``merged``: the deployed artifact is the model under test.
+    onnx_under_test = is_onnx_export(merged)
+    base_ck = Checkpoint(base)
+    merged_ck = None if onnx_under_test else Checkpoint(merged)
     adp = load_adapter(adapter)
     match_to_base(adp, base_ck)
-    compute_dtype = _compute_dtype(merged_compute_dtype, merged_ck)
+    compute_dtype = None if onnx_under_test else _compute_dtype(merged_compute_dtype, merged_ck)
     needs_dir = wikitext or any(n in TASK_NAMES for n in specs)
     ddir = resolve_data_dir(data_dir) if needs_dir else None
     names = tuple(load_tasks(specs, ddir))  # every task's data checked before any model is loaded; groups expanded
@@ -276,12 +280,12 @@ def verify(
         "d2serve_version": __version__,
         "inputs": {"base": str(base), "adapter": str(adapter), "merged": str(merged), "method": adp.method,
                    "n_adapted_layers": len(adp.layers), "base_dtype": str(base_ck.dtype).removeprefix("torch."),
-                   "merged_dtype": str(merged_ck.dtype).removeprefix("torch."),
+                   "merged_dtype": (onnx_label(merged) if onnx_under_test else str(merged_ck.dtype).removeprefix("torch.")),
                    "data_dir": str(ddir) if ddir else None,
                    "data_source": (f"bundled sample ({BUNDLED_ITEMS_PER_TASK} items per built-in task)"
                                    if ddir and is_bundled(ddir) else ("folder" if ddir else None)),
                    "text_file": str(text_file) if text_file else None},
-        "settings": {"device": dev, "unmerged_dtype": "float32", "merged_compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "settings": {"device": dev, "unmerged_dtype": "float32", "merged_compute_dtype": ("onnxruntime-genai (CPU)" if onnx_under_test else str(compute_dtype).removeprefix("torch.")),
                      "limit": limit, "tasks": list(names), "windows": windows, "window_len": window_len,
                      "max_new_tokens": max_new_tokens, "lm_eval_batch_size": batch_size,
                      "decoding": {"greedy": True, "do_sample": False, "repetition_penalty": 1.0,
@@ -290,16 +294,22 @@ def verify(
     }
 
     t = time.perf_counter()
-    say("weights: comparing every adapted tensor with a float64 recomputation")
-    data["weights"] = check_weights(str(base), adp, str(merged), tol_ulps=th.weight_tol_ulps,
-                                    fp32_slack=th.weight_fp32_slack).to_json()
+    if onnx_under_test:
+        data["weights"] = None
+        data["settings"]["weights_check"] = ("skipped: the model under test is an ONNX export (its weights may be "
+                                             "quantized and are not safetensors); logits, generation and tasks run "
+                                             "through ONNX Runtime GenAI")
+    else:
+        say("weights: comparing every adapted tensor with a float64 recomputation")
+        data["weights"] = check_weights(str(base), adp, str(merged), tol_ulps=th.weight_tol_ulps,
+                                        fp32_slack=th.weight_fp32_slack).to_json()
     timings["weights_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     say("loading the unmerged (float32) and merged models")
     tok = load_tokenizer(base)
     unmerged_m = load_unmerged_model(base, adp, dtype=torch.float32, device=dev)
-    merged_m = load_hf_model(merged, dtype=compute_dtype, device=dev)
+    merged_m = OrtGenaiModel(merged) if onnx_under_test else load_hf_model(merged, dtype=compute_dtype, device=dev)
     timings["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -341,7 +351,9 @@ def verify(
         for label, model in (("unmerged", unmerged_m), ("merged", merged_m)):
             t = time.perf_counter()
             say(f"tasks: scoring the {label} model on {', '.join(names)} (limit {limit or 'none'})")
-            scores[label] = score_tasks(_no_tqdm(hf_lm(model, tok, batch_size)), specs, ddir, limit)
+            lm = (OrtGenaiLM(model, like=hf_lm(unmerged_m, tok, batch_size)) if isinstance(model, OrtGenaiModel)
+                  else hf_lm(model, tok, batch_size))
+            scores[label] = score_tasks(_no_tqdm(lm), specs, ddir, limit)
             timings[f"tasks_{label}_s"] = time.perf_counter() - t
         del unmerged_m, merged_m
         gc.collect()
