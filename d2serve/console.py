@@ -135,9 +135,20 @@ class StageHandle:
 
 def _new_progress(console: Console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=30),
-                    MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+    class _IfCountable:  # bar and done/total only for countable work; a spinner alone otherwise
+        def __init__(self, column):
+            self.column = column
+
+        def __call__(self, task):
+            return self.column(task) if task.total is not None else Text("")
+
+        def __getattr__(self, name):
+            return getattr(self.column, name)
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), _IfCountable(BarColumn(bar_width=30)),
+                    _IfCountable(MofNCompleteColumn()), TimeElapsedColumn(), console=console, transient=True)
 
 
 @contextmanager

@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from d2serve.checkpoint import CheckpointError
+from d2serve.checkpoint import CheckpointError, read_json
 from d2serve.export.checks import config_dtype
 from d2serve.export.vllm import kill_process_group
 from d2serve.extras import require
@@ -129,7 +129,7 @@ def build_serve_command(
         raise InputError(f"{owned} are set by d2serve serve itself; use its --model/--host/--port options")
     cmd = vllm_cli_argv(["serve", str(model.resolve()), "--host", host, "--port", str(port)])
     if "--dtype" not in given:
-        dtype = config_dtype(json.loads((model / "config.json").read_text()))
+        dtype = config_dtype(read_json(model / "config.json"))
         if dtype:
             cmd += ["--dtype", dtype]
     if "--served-model-name" not in given:

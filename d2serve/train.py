@@ -56,7 +56,7 @@ class TrainSettings:
     max_steps: int = 24
     batch_size: int = 4
     max_length: int = 192
-    lr: float = 5e-4
+    lr: float = 2e-4
     weight_decay: float = 0.0
     seed: int = 0
     probe_records: int = 2
@@ -106,9 +106,8 @@ def read_records(path: str | Path) -> list[dict]:
 def chat_parts(tok, row: dict, where: str = "record", max_length: int | None = None) -> tuple[list[int], list[int]]:
     """Prompt ids and answer ids of one record, formatted with the tokenizer's chat template.
 
-    The user turn is ``row["prompt"]`` (stripped), the assistant turn ``row["answer"]``
-    verbatim: the bundled BoolQ answers are " yes" / " no", the very tokens lm-eval scores
-    after "Answer:", so what the chat turn learns carries over to that plain-text format. The prompt ids are the template with ``add_generation_prompt=True``
+    The user turn is ``row["prompt"]``, the assistant turn ``row["answer"]`` (both
+    stripped, as a chat answer is written: "yes", not the " yes" of plain-text records). The prompt ids are the template with ``add_generation_prompt=True``
     (everything up to and including the assistant header); the answer ids are the
     assistant message's content tokens followed by the template's end-of-turn token
     (``tok.eos_token_id``, e.g. SmolLM2's ``<|im_end|>``), so the model learns to
@@ -122,8 +121,8 @@ def chat_parts(tok, row: dict, where: str = "record", max_length: int | None = N
             extend the generation prompt with the answer, or the answer has no
             tokens (messages name ``where``).
     """
-    answer = row["answer"]
-    if not answer.strip():
+    answer = row["answer"].strip()
+    if not answer:
         raise InputError(f"{where}: field 'answer' is empty; every record needs answer tokens")
     if not getattr(tok, "chat_template", None):
         raise InputError(f"{where}: the base model's tokenizer has no chat template (tokenizer_config.json / "

@@ -45,16 +45,16 @@ def test_chat_labels_cover_exactly_the_assistant_answer(chat_tiny_dir):
     # independent tokenisations: the template's own, of the prompt turn and of the whole conversation
     prompt_ids = list(tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
                       ["input_ids"])
-    full_ids = list(tok.apply_chat_template(user + [{"role": "assistant", "content": " yes"}], tokenize=True,
+    full_ids = list(tok.apply_chat_template(user + [{"role": "assistant", "content": "yes"}], tokenize=True,
                                             return_dict=True)["input_ids"])
     n_prompt = sum(x == -100 for x in labels)
     assert labels[:n_prompt] == [-100] * n_prompt and -100 not in labels[n_prompt:]
     assert ids[:n_prompt] == prompt_ids
     assert ids == full_ids[: len(ids)]
     assert tok.decode(full_ids[len(ids):]) == "\n"  # only the newline after </s> is dropped
-    # the answer verbatim (" yes": the token lm-eval scores after "Answer:") and the end-of-turn token
-    assert labels[n_prompt:] == ids[n_prompt:] == tok(" yes", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert tok.decode(ids[n_prompt:]) == " yes</s>"
+    # the answer as a chat answer ("yes", stripped) and the end-of-turn token
+    assert labels[n_prompt:] == ids[n_prompt:] == tok("yes", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(ids[n_prompt:]) == "yes</s>"
 
 
 def test_chat_truncation_keeps_the_template_header_and_the_answer(chat_tiny_dir):
@@ -67,8 +67,8 @@ def test_chat_truncation_keeps_the_template_header_and_the_answer(chat_tiny_dir)
     assert len(ids) <= 48
     n_prompt = sum(x == -100 for x in labels)
     text = tok.decode(ids)
-    assert text.startswith("<s>user\n") and text.endswith("Question: is fire cold?\nAnswer:</s>\n<s>assistant\n no</s>")
-    assert tok.decode(ids[n_prompt:]) == " no</s>"
+    assert text.startswith("<s>user\n") and text.endswith("Question: is fire cold?\nAnswer:</s>\n<s>assistant\nno</s>")
+    assert tok.decode(ids[n_prompt:]) == "no</s>"
 
 
 def test_chat_format_needs_a_template(tiny_llama_dir):
@@ -172,3 +172,6 @@ def test_demo_end_to_end_on_smollm2(smollm2_dir, tmp_path):
     assert 0 < res.probe["bfloat16"]["mean_kl"] < 1e-2
     assert res.merge_peak_rss_bytes["bfloat16"] < 3 * res.largest_shard_bytes
     assert json.loads((tmp_path / "demo.json").read_text())["passed"] is True
+    # 2 steps at the default lr leave SmolLM2 answering chat prompts (the old raw-prompt adapter made it stop at once)
+    assert "Paris" in res.chat["base"] and "Paris" in res.chat["merged bfloat16"], res.chat
+    assert "mean of the last 5 steps" in dict(res.rows())["train time"]

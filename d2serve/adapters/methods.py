@@ -4,6 +4,8 @@ Every method is a pair of pure tensor functions for ONE nn.Linear layer:
 
 * ``delta(f, dtype)``: the low-rank update dW, shape (out_features, in_features).
 * ``merged_weight(W0, f, dtype)``: the merged weight W_hat, same shape as W0.
+* ``fold(W0, f, dtype)``: the layer for unmerged serving, (s, A', B') with W_hat = diag(s) W0 + B' @ A'
+  exactly (s scales the base layer's output rows, B' A' is a plain LoRA; d2serve.export.vllm_lora).
 * ``merge(W0, f, dtype, dw, base_norms)``: :class:`Merged`, W_hat and the per-row rescaling it
   applied (what the merge statistics need, computed once); ``merged_weight`` is its ``weight``.
 * ``low_rank(f, dtype)``: (B', A') with dW = B' @ A', B' (out_features, k), A' (k, in_features):

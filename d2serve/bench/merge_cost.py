@@ -1,4 +1,5 @@
-"""Merge cost: time and peak RSS of ``d2serve merge`` vs a plain safetensors load+save of the same checkpoint.
+"""Merge cost: time and peak RSS of ``d2serve merge`` vs a plain safetensors load+save of the same checkpoint,
+PEFT's load -> merge_and_unload -> save_pretrained, and a transformers full-model load+save.
 
 Each measurement runs in a fresh child process (``python -m d2serve.bench.merge_cost JOB.json``) that
 reports its own wall time and peak RSS (VmHWM, the kernel's RSS high-water mark), so runs never share memory.
@@ -15,12 +16,15 @@ from pathlib import Path
 
 from d2serve.sysinfo import peak_rss_bytes
 
-KINDS = ("d2serve_merge", "plain_load_save", "full_model_load_save")
+KINDS = ("d2serve_merge", "plain_load_save", "peft_merge", "full_model_load_save")
 
 
 def _child(job: dict) -> dict:
     """Run one job in this process; returns its timings (s) and RSS (bytes)."""
-    import torch  # noqa: F401  - imported before the baseline RSS so every kind pays the same import cost
+    import torch  # imported before the baseline RSS so every kind pays the same import cost
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
 
     base, out = Path(job["base"]), Path(job["out"])
     rss_before = peak_rss_bytes()
@@ -40,10 +44,18 @@ def _child(job: dict) -> dict:
 
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto", local_files_only=True)
         model.save_pretrained(str(out))
+    elif job["kind"] == "peft_merge":
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto", local_files_only=True)
+        model = PeftModel.from_pretrained(model, job["adapter"]).merge_and_unload()
+        model.save_pretrained(str(out))
     else:
         raise ValueError(f"unknown job kind {job['kind']!r}; expected one of {KINDS}")
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "rss_after_imports_bytes": rss_before}
+    return {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "rss_after_imports_bytes": rss_before,
+            "torch_threads": torch.get_num_threads()}
 
 
 def run_job(
@@ -52,7 +64,7 @@ def run_job(
     """Run one measurement in a child process.
 
     Args:
-        threads: OMP_NUM_THREADS for the child (None: the default).
+        threads: torch threads (``torch.set_num_threads``) and OMP_NUM_THREADS for the child (None: the default).
 
     Returns:
         ``{"kind", "seconds", "peak_rss_bytes", "rss_after_imports_bytes", "wall_s"}``.
@@ -60,7 +72,7 @@ def run_job(
     Raises:
         RuntimeError: the child failed (its stderr tail is in the message).
     """
-    job = {"kind": kind, "base": str(base), "out": str(out), "adapter": adapter and str(adapter)}
+    job = {"kind": kind, "base": str(base), "out": str(out), "adapter": adapter and str(adapter), "threads": threads}
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     if threads:
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

@@ -50,7 +50,9 @@ from pathlib import Path
 import torch
 
 from d2serve.compare import NonFiniteError, check_finite, content_token_count, special_token_ids
-from d2serve.checkpoint import DTYPE_NAMES, CheckpointError, atomic_output_dir, prepare_output_dir, write_json
+from d2serve.checkpoint import (
+    DTYPE_NAMES, CheckpointError, atomic_output_dir, prepare_output_dir, read_json, write_json,
+)
 from d2serve.console import in_steps, step
 from d2serve.export.checks import config_dtype, require_hf_checkpoint
 from d2serve.extras import require
@@ -550,7 +552,7 @@ def export_vllm(
     if merged_p is not None:
         if not (merged_p / "config.json").is_file():
             raise CheckpointError(f"{merged_p}: no config.json; expected a merged HF checkpoint directory")
-        have = config_dtype(json.loads((merged_p / "config.json").read_text()))
+        have = config_dtype(read_json(merged_p / "config.json"))
         if dtype not in ("auto", have):
             raise InputError(f"dtype {dtype} differs from the merged checkpoint's {have}; "
                              "a merged checkpoint is exported as is (merge again with that dtype instead)")

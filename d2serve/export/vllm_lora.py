@@ -159,7 +159,7 @@ def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, 
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "use_rslora": False,
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in folded}), "bias": "none",
-        "modules_to_save": None, "base_model_name_or_path": str(ckpt.path),
+        "modules_to_save": None, "base_model_name_or_path": str(ckpt.path.resolve()),
         # vanilla vLLM refuses use_dora ("vLLM does not yet support DoRA"): without d2serve's plugin a folder whose
         # s is not 1 must never load as a plain LoRA (it would silently serve the wrong model)
         "use_dora": needs_scales,
@@ -167,7 +167,7 @@ def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, 
     }
     manifest = {
         "d2serve_version": __version__, "format": FORMAT_VERSION, "method": method,
-        "base": str(ckpt.path), "adapter": str(Path(adapter)), "rank": rank, "lora_alpha": rank,
+        "base": str(ckpt.path.resolve()), "adapter": str(Path(adapter).resolve()), "rank": rank, "lora_alpha": rank,
         "vllm_max_lora_rank": vllm_max_lora_rank(rank), "needs_plugin": needs_scales,
         "num_modules": len(folded), "row_scale_min": float(all_s.min()), "row_scale_max": float(all_s.max()),
         "sha256": {"base_shards": base_sha, "adapter": {p.name: sha256_file(p) for p in adp.files}},
@@ -275,3 +275,34 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
             raise InputError(f"adapter name {name!r} is given twice")
         out[name] = Path(path)
     return out
+
+
+def check_vllm_lora(*, base: str | Path, adapter: str | Path, folder: str | Path, dtype: str = "auto",
+                    n_prompts: int = 4, max_tokens: int = 32) -> dict:
+    """Parity gate of one folded folder: merge ``adapter`` into ``base`` (``dtype``) in a temporary folder and run
+    d2serve.export.vllm_lora_check.parity_check (base + folder vs the merged checkpoint, in vLLM).
+
+    Raises:
+        MissingExtraError: vLLM is not installed. InputError: n_prompts outside 1..16, plugin not loadable.
+        VllmLoadError: vLLM failed to start or generate.
+    """
+    import tempfile
+
+    from d2serve.export.vllm import PROMPTS
+    from d2serve.export.vllm_lora_check import parity_check
+    from d2serve.extras import require
+    from d2serve.merge import merge, resolve_dtype
+
+    require("vllm", purpose="the unmerged vLLM parity check")
+    if not 1 <= n_prompts <= len(PROMPTS):
+        raise InputError(f"n_prompts must be within 1..{len(PROMPTS)}, got {n_prompts}")
+    problem = plugin_problem()
+    if problem:
+        raise InputError(problem)
+    dt = str(resolve_dtype(dtype, Checkpoint(base))).removeprefix("torch.")
+    man = read_vllm_lora_manifest(folder)
+    with tempfile.TemporaryDirectory(prefix="d2serve-merged-") as td:
+        merged = Path(td) / "merged"
+        merge(base=base, adapter=adapter, out=merged, dtype=dt)
+        return parity_check(base, {"adapter": (Path(folder), merged)}, dtype=dt, n_prompts=n_prompts,
+                            max_tokens=max_tokens, max_lora_rank=vllm_max_lora_rank(man["rank"]))
