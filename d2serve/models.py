@@ -83,12 +83,16 @@ def load_unmerged_model(
         device: where the model runs ("cpu", "cuda", "cuda:N"); built on the CPU, then moved.
 
     Raises:
-        AdapterError: the adapter does not fit the base (see :func:`match_to_base`).
+        AdapterError: the adapter does not fit the base (see :func:`match_to_base`), or has a layer of a kind its
+            method is not defined on (:func:`d2serve.architecture.check_layer_kinds`).
     """
     from d2serve.layers import d2lora_layers, inject_d2lora
 
+    from d2serve.architecture import check_layer_kinds
+
     adp = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     match_to_base(adp, Checkpoint(base))
+    check_layer_kinds(Checkpoint(base), adp)  # e.g. D2-LoRA on an embedding: refused by name, as the merge does
     model = load_hf_model(base, dtype)
     if adp.method != "d2lora":
         from peft import PeftModel

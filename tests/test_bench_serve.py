@@ -185,7 +185,7 @@ def test_tiny_online_run_writes_the_schema(serve_arms, tmp_path):
                       repeats=1, warmups=1, goodput={"ttft": 60000, "e2el": 120000})
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     res = bench_serve(base=base, merged=merged, report=rep, plan=plan, arms=("base", "merged"),
-                      engine=EngineOptions(max_num_seqs=4, kv_cache_gib=0.25))
+                      engine=EngineOptions(max_num_seqs=4, kv_cache_gib=1))
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before  # servers stopped
     assert res["status"] == "complete" and res["comparability"]["comparable"]
     assert set(res["points"]) == {"base", "merged"}

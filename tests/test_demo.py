@@ -9,6 +9,7 @@ import torch
 
 from d2serve.demo import CHAT_PROMPT, chat_answer, run_demo
 from d2serve.models import load_hf_model, load_tokenizer
+from d2serve.verify.tasks import TASKS
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
@@ -33,6 +34,16 @@ def test_demo_on_a_tiny_chat_model(tiny_llama_dir, tmp_path):
     assert res.chat["merged bfloat16"] == chat_answer(merged, tok)
     assert res.chat["base"] == chat_answer(load_hf_model(base, torch.float32), tok)
     assert f"{CHAT_PROMPT!r} -> " in rows["chat answer (merged bfloat16)"]
+    # the task check: base vs merged accuracy on held-out items, with how often each answers "yes"
+    from d2serve.verify.data import resolve_data_dir
+    from d2serve.verify.tasks import hf_lm, score_tasks
+
+    assert set(res.tasks) == {"boolq_chat", "arc_easy"}
+    direct = score_tasks(hf_lm(merged, tok, 8), ("boolq_chat",), resolve_data_dir(None), 40)["boolq_chat"]
+    t = res.tasks["boolq_chat"]
+    assert t["n"] == 40 and t["acc_merged"] == direct.acc and t["pred_yes_merged"] == sum(direct.predictions)
+    assert t["gold_yes"] == sum(d["label"] for d in TASKS["boolq"].loader(resolve_data_dir(None))[:40])
+    assert "boolq_chat accuracy, 40 held-out items" in rows
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert saved["passed"] is True and saved["final_loss_mean_last5"] == res.final_loss and saved["chat"] == res.chat
 

@@ -143,3 +143,62 @@ def test_builder_dies_with_a_sigkilled_parent(tiny_llama_dir, tmp_path):
     assert left, "the killed run's temporary output should be there to clean"
     assert sorted(clean_stale(out)) == sorted(left)  # the next run on the same out removes it
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".genai.")]
+
+
+def _tiny_gemma_head_dim_12(out: Path) -> Path:
+    """A tiny random Gemma (hidden 48, 4 heads of head_dim 12): transformers runs it, ORT's GQA kernel cannot."""
+    from transformers import GemmaConfig, GemmaForCausalLM, GenerationConfig
+
+    tok = make_tiny_tokenizer()
+    cfg = GemmaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=128,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_genai_head_dim_not_multiple_of_8_exits_2_up_front_and_leaves_nothing(tmp_path):
+    """head_dim 12: refused before the builder runs (exit 2, architecture, head_dim and requirement named)."""
+    merged = _tiny_gemma_head_dim_12(tmp_path / "gemma")
+    out = tmp_path / "onnx"
+    t0 = time.perf_counter()
+    r = subprocess.run(_cli("export", "onnx", "--merged", merged, "--out", out, "--target", "genai"),
+                       capture_output=True, text=True, timeout=900, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"})
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert "GemmaForCausalLM has head_dim 12" in err and "multiple of 8" in err, err[-2000:]
+    assert "building the ORT-GenAI decoder" not in r.stdout + r.stderr  # refused before the builder
+    assert time.perf_counter() - t0 < 120
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx.")]
+
+
+def test_genai_head_dim_12_really_fails_in_onnxruntime(tmp_path, monkeypatch):
+    """The limit is ORT's, not d2serve's: with the up-front check bypassed, the built decoder fails in ONNX Runtime
+    ("head_size must be a multiple of 8") and the failed export leaves nothing behind."""
+    from d2serve.export import onnx_genai
+    from d2serve.export.onnx import export_onnx
+
+    merged = _tiny_gemma_head_dim_12(tmp_path / "gemma")
+    out = tmp_path / "onnx"
+    monkeypatch.setattr(onnx_genai, "check_genai_limits", lambda config, where: None)
+    with pytest.raises(Exception, match="multiple of 8"):
+        export_onnx(merged=merged, out=out, target="genai", max_new_tokens=8)
+    assert not out.exists()
+
+
+def test_check_genai_limits_head_dim_rule():
+    """head_dim from the config, else hidden_size // num_attention_heads; multiples of 8 pass."""
+    from d2serve.export.onnx_files import OnnxExportError
+    from d2serve.export.onnx_genai import check_genai_limits
+
+    check_genai_limits({"hidden_size": 64, "num_attention_heads": 4, "model_type": "llama"}, "m")  # 16
+    check_genai_limits({"hidden_size": 48, "num_attention_heads": 4, "head_dim": 16}, "m")
+    with pytest.raises(OnnxExportError, match=r"m: LlamaForCausalLM has head_dim 12; .*multiple of 8"):
+        check_genai_limits({"hidden_size": 48, "num_attention_heads": 4, "architectures": ["LlamaForCausalLM"]}, "m")

@@ -178,11 +178,11 @@ def test_cli_quant_passing_recipe_exits_0(gate_setup, tmp_path):
 
     out = tmp_path / "q"
     res = CliRunner().invoke(app, [
-        "export", "onnx", "--merged", str(gate_setup["good"]), "--out", str(out), "--quant", "int8-fp32head-acc1",
+        "export", "onnx", "--merged", str(gate_setup["good"]), "--out", str(out), "--quant", "int8-acc1",
         "--limit", "4", "--max-new-tokens", "16", "--threshold", "min_top1_agreement=0.9"])
     assert res.exit_code == 0, res.output
     man = json.loads((out / "d2serve_export.json").read_text())
-    assert man["passed"] is True and man["quant"]["recipe"] == "int8-fp32head-acc1"
+    assert man["passed"] is True and man["quant"]["recipe"] == "int8-acc1"
     assert man["quant"]["tried"][0]["fidelity"]["wikitext2"]["top1_agreement"] >= 0.9
 
 

@@ -91,7 +91,7 @@ def test_data_dir_option_and_env_override(tmp_path, monkeypatch):
     small = _small_data_dir(tmp_path / "mine", 3)
     monkeypatch.delenv("D2SERVE_DATA_DIR", raising=False)
     assert resolve_data_dir(small) == small.resolve()
-    assert [len(TASKS[n].loader(resolve_data_dir(small))) for n in TASKS] == [3] * 6
+    assert [len(TASKS[n].loader(resolve_data_dir(small))) for n in TASKS] == [3] * len(TASKS)
     monkeypatch.setenv("D2SERVE_DATA_DIR", str(small))
     assert resolve_data_dir() == small.resolve()
     assert resolve_data_dir(DATA) == DATA  # an explicit folder wins over the variable
@@ -135,7 +135,7 @@ def test_verify_cli_data_option_reads_the_named_folder(tmp_path, tiny_llama_dir,
 
 
 def test_task_names_parse():
-    assert parse_task_names(None) == parse_task_names("all") == tuple(TASKS)
+    assert parse_task_names(None) == parse_task_names("all") == tuple(n for n in TASKS if not TASKS[n].chat)
     assert parse_task_names("none") == ()
     assert parse_task_names("arc_easy, hellaswag,arc_easy") == ("arc_easy", "hellaswag")
     with pytest.raises(TaskNotAvailableError, match="task YAML nope/t.yaml: file not found"):
@@ -192,15 +192,21 @@ def test_user_task_yaml_scored_on_the_tiny_model(tmp_path, tiny_llama_dir):
         load_tasks((str(bad),), DATA)
 
 
-def _hand_loglik(model, tok, context: str, continuation: str) -> float:
-    """Sum of log p(continuation tokens | context), tokenised as lm-eval does (whole string, context prefix)."""
+def _hand_loglik(model, tok, context: str, continuation: str, max_length: int | None = None) -> float:
+    """Sum of log p(continuation tokens | context), tokenised as lm-eval does (whole string, context prefix);
+    with ``max_length``, the input keeps only its last ``max_length`` tokens (lm-eval's left truncation).
+    Trailing white space of the context moves to the continuation (lm-eval's ``_encode_pair`` rule)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tok(context, add_special_tokens=False)["input_ids"]
     cont = whole[len(ctx):]
-    ids = torch.tensor([whole])
+    inp = whole[:-1] if max_length is None else whole[-(max_length + 1):][:-1]
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-    return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+        logp = torch.log_softmax(model(input_ids=torch.tensor([inp])).logits[0].double(), -1)
+    first = len(inp) - len(cont)  # position predicting the first continuation token
+    return float(sum(logp[first + i, t] for i, t in enumerate(cont)))
 
 
 def test_scoring_matches_hand_computed_loglikelihoods(tiny_llama_dir):
@@ -250,3 +256,36 @@ def test_ulp():
     assert float(y.to(torch.bfloat16).double() - 1.0) == pytest.approx(float(ulp(y, torch.bfloat16)[0]))
     assert math.isclose(float(ulp(torch.tensor([0.0], dtype=torch.float64), torch.float32)[0]),
                         torch.finfo(torch.float32).tiny * torch.finfo(torch.float32).eps)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def test_boolq_chat_scores_yes_no_as_the_assistant_turn_by_hand(tiny_llama_dir):
+    """boolq_chat: the BoolQ prompt is the user turn of the chat template; "no"/"yes" open the assistant turn
+    (no target delimiter). Log-likelihoods equal a hand computation; the plain boolq task in the same call is
+    scored without the template."""
+    model, tok = load_hf_model(tiny_llama_dir), load_tokenizer(tiny_llama_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    lm = hf_lm(model, tok, batch_size=4)
+    scores = score_tasks(lm, ("boolq", "boolq_chat"), DATA, limit=3)
+    docs = TASKS["boolq"].loader(DATA)[:3]
+    for i, d in enumerate(docs):
+        user = f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:"
+        ctx = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+        assert ctx.endswith("<s>assistant\n")
+        hand_chat = [_hand_loglik(model, tok, ctx, c, lm.max_length) for c in ("no", "yes")]
+        hand_plain = [_hand_loglik(model, tok, user, " " + c, lm.max_length) for c in ("no", "yes")]
+        assert scores["boolq_chat"].loglikelihoods[i] == pytest.approx(hand_chat, abs=1e-4)
+        assert scores["boolq"].loglikelihoods[i] == pytest.approx(hand_plain, abs=1e-4)
+        assert scores["boolq_chat"].targets[i] == d["label"]
+    assert scores["boolq_chat"].loglikelihoods != scores["boolq"].loglikelihoods
+
+
+def test_chat_task_needs_a_chat_template(tiny_llama_dir):
+    model, tok = load_hf_model(tiny_llama_dir), load_tokenizer(tiny_llama_dir)
+    assert not tok.chat_template
+    with pytest.raises(TaskNotAvailableError, match=r"\['boolq_chat'\] are asked through the chat template, but the "
+                                                    "model's tokenizer has none"):
+        score_tasks(hf_lm(model, tok, batch_size=4), ("boolq_chat",), DATA, limit=2)

@@ -307,10 +307,14 @@ def match_to_base(adapter: Adapter, base: Checkpoint) -> dict[str, str]:
                 + (" (the adapter looks transposed)" if (a.shape[1], b.shape[0]) == (out_f, in_f) else "")
             )
     for name, t in adapter.modules_to_save.items():
-        if name not in base.tensors:
+        # a tied base stores no lm_head.weight: its counterpart is the input embedding it is tied to
+        # (architecture.tie_plan unties the output; the saved copy becomes lm_head.weight)
+        src = base_weight_name(name.removesuffix(".weight"), base) if name.endswith(".weight") else name
+        if src not in base.tensors:
             problems.append(f"modules_to_save tensor {name} has no counterpart in the base checkpoint")
-        elif tuple(base.tensors[name].shape) != tuple(t.shape):
-            problems.append(f"modules_to_save tensor {name} has shape {tuple(t.shape)}, base has {base.tensors[name].shape}")
+        elif tuple(base.tensors[src].shape) != tuple(t.shape):
+            problems.append(f"modules_to_save tensor {name} has shape {tuple(t.shape)}, base has "
+                            f"{tuple(base.tensors[src].shape)}" + (f" (as {src})" if src != name else ""))
     if problems:
         raise AdapterError(f"{where} does not fit base {base.path}:\n  - " + "\n  - ".join(problems))
     return {m: base_weight_name(m, base) for m in adapter.layers}

@@ -297,6 +297,9 @@ class Method:
         fold(W0, factors, dtype): the layer for unmerged serving as (s (out,), A' (R, in), B' (out, R)) with
             W_hat = diag(s) W0 + B' @ A' exactly (``lora_fold``, ``dora_fold``, ``d2lora_fold``); s scales
             the base layer's output rows (not its bias), B' A' is a plain LoRA (d2serve.export.vllm_lora).
+        layer_kinds: the layer kinds (d2serve.architecture: ``linear``, ``conv1d``, ``embedding``) the method is
+            defined and merged on: LoRA on all three (PEFT ``lora.Linear`` / Conv1D / ``lora.Embedding``), DoRA on
+            linear and Conv1D (PEFT's DoRA embedding norms another axis; not merged), D2-LoRA on nn.Linear only.
     """
 
     name: str
@@ -315,6 +318,7 @@ class Method:
     uses_base_norms: bool = False
     branches: tuple[str, ...] = ()
     fold: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    layer_kinds: tuple[str, ...] = ("linear", "conv1d")
 
     @property
     def factor_names(self) -> tuple[str, ...]:
@@ -336,13 +340,21 @@ def _weight_keys(*names: str) -> dict[str, str]:
     return {f"{n}.weight": n for n in names}
 
 
+# PEFT's LoRA on nn.Embedding (``lora.Embedding``) stores its factors as plain parameters: lora_embedding_A
+# (r, num_embeddings) is A (r, in_features) and lora_embedding_B (embedding_dim, r) is B (out_features, r) of
+# the embedding read as a layer whose weight is stored (in_features, out_features), like Conv1D: PEFT's
+# ``Embedding.get_delta_weight`` = (B @ A).T * scaling = the stored-layout transpose of scale * B @ A.
+_EMBEDDING_KEYS = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
+
+
 METHODS: dict[str, Method] = {
     "lora": Method("lora", "LORA", (("lora_A", "lora_B"),), lora_delta, lora_merged, lora_merge,
-                   file_keys=_weight_keys("lora_A", "lora_B"), fold=lora_fold),
+                   file_keys=_weight_keys("lora_A", "lora_B") | _EMBEDDING_KEYS, fold=lora_fold,
+                   layer_kinds=("linear", "conv1d", "embedding")),
     "dora": Method("dora", "LORA", (("lora_A", "lora_B"),), lora_delta, dora_merged, dora_merge,
                    vectors=("lora_magnitude_vector",), selector="use_dora",
                    file_keys=_weight_keys("lora_A", "lora_B", "lora_magnitude_vector")
-                   | {"lora_magnitude_vector": "lora_magnitude_vector"},
+                   | {"lora_magnitude_vector": "lora_magnitude_vector"} | _EMBEDDING_KEYS,
                    config_fields=("use_dora",), uses_base_norms=True, fold=dora_fold),
     "d2lora": Method(
         "d2lora", "D2LORA",
@@ -354,7 +366,7 @@ METHODS: dict[str, Method] = {
         file_keys=_weight_keys("lora_A_plus", "lora_B_plus", "lora_A_minus", "lora_B_minus"),
         tau_key="d2_tau", fingerprint_key="d2_magnitude",
         config_fields=("tau", "magnitude_axis"), uses_base_norms=True, branches=("plus", "minus"),
-        fold=d2lora_fold,
+        fold=d2lora_fold, layer_kinds=("linear",),
     ),
 }
 

@@ -138,7 +138,7 @@ class EngineOptions:
         dtype: vLLM ``--dtype``; ``auto`` records each arm's config dtype (a difference refuses the run).
         max_model_len: ``--max-model-len`` (None: input_len + output_len + 16).
         max_num_seqs: ``--max-num-seqs`` (the scheduler's batch limit).
-        kv_cache_gib: ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache on the CPU backend; ignored on GPUs).
+        kv_cache_gib: ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB of KV cache on the CPU backend; ignored on GPUs).
         prefix_caching: ``--enable-prefix-caching`` (off by default: every request pays its prefill).
         enforce_eager: ``--enforce-eager`` (no graph compilation / CUDA graphs; the compile mode).
         extra_args: further vLLM server options, passed unchanged to every arm (e.g. ``--gpu-memory-utilization 0.8``).
@@ -147,7 +147,7 @@ class EngineOptions:
     dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 16
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: int = 1
     prefix_caching: bool = False
     enforce_eager: bool = True
     extra_args: tuple[str, ...] = ()
@@ -242,7 +242,7 @@ def arm_settings(arm: ServeArm, *, plan: OnlinePlan, engine: EngineOptions, prom
     dtype = engine.dtype if engine.dtype != "auto" else (config_dtype(cfg) or "auto")
     max_len = engine.max_model_len or plan.input_len + plan.output_len + 16
     env = {k: os.environ.get(k) for k in ENV_KEYS_RECORDED}
-    env["VLLM_CPU_KVCACHE_SPACE"] = _fmt_gib(engine.kv_cache_gib)
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)
     return {
         "arm": arm.name,
         "adapter_mode": arm.adapter_mode,
@@ -271,10 +271,6 @@ def arm_settings(arm: ServeArm, *, plan: OnlinePlan, engine: EngineOptions, prom
         "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
     }
-
-
-def _fmt_gib(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 def free_port() -> int:
@@ -506,8 +502,9 @@ def bench_serve(
     plan = plan or OnlinePlan()
     engine = engine or EngineOptions()
     plan.validate()
-    if engine.max_num_seqs < 1 or engine.kv_cache_gib <= 0:
-        raise InputError(f"max_num_seqs must be >= 1 and kv_cache_gib > 0, got {engine.max_num_seqs}, "
+    if engine.max_num_seqs < 1 or not isinstance(engine.kv_cache_gib, int) or engine.kv_cache_gib < 1:
+        raise InputError(f"max_num_seqs must be >= 1 and kv_cache_gib a whole number of GiB >= 1 (vLLM reads "
+                         f"VLLM_CPU_KVCACHE_SPACE as an integer), got {engine.max_num_seqs}, "
                          f"{engine.kv_cache_gib}")
     base, merged, report = Path(base), Path(merged), Path(report)
     adapter = Path(adapter) if adapter is not None else None
@@ -560,7 +557,7 @@ def bench_serve(
     raw = report / "raw"
     raw.mkdir(exist_ok=True)
     server_env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-                               "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": _fmt_gib(engine.kv_cache_gib)}
+                               "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib)}
     logs = Path(tempfile.mkdtemp(prefix="d2serve-bench-serve-"))
     points = plan.points()
 

@@ -239,6 +239,8 @@ def export_onnx(
 
     merged, out = Path(merged), Path(out)
     ckpt = _check_args(merged, out, target, precision, overwrite, prompts, max_new_tokens)
+    if target == "genai":
+        onnx_genai.check_genai_limits(ckpt.config, merged)
     tol = {**TOLERANCES[(target, precision)], **(tolerances or {})}
     unknown = set(tol) - set(TOLERANCES[(target, precision)])
     if unknown:

@@ -50,6 +50,36 @@ MAX_NEW_TOKENS = 32
 MIN_CONTENT_TOKENS_PER_PROMPT = 8
 
 
+# ONNX Runtime's CPU GroupQueryAttention kernel (the attention op the genai builder emits) needs head_size % 8 == 0
+GQA_HEAD_SIZE_MULTIPLE = 8
+
+
+def check_genai_limits(config: dict, where: str | Path) -> None:
+    """Refuse, before any build, a checkpoint whose decoder the genai builder writes but ONNX Runtime cannot run.
+
+    The builder's attention head size is ``config.head_dim`` when set, else ``hidden_size // num_attention_heads``
+    (``onnxruntime_genai.models.builders.base.Model.__init__``); ORT's ``GroupQueryAttention`` kernel raises
+    "head_size must be a multiple of 8" when the session first runs it, after minutes of building.
+
+    Args:
+        config: the checkpoint's parsed ``config.json``.
+        where: the checkpoint directory, for the message.
+
+    Raises:
+        OnnxExportError: naming the architecture, its head_dim and the requirement.
+    """
+    head_dim = config.get("head_dim")
+    if head_dim is None and config.get("hidden_size") and config.get("num_attention_heads"):
+        head_dim = config["hidden_size"] // config["num_attention_heads"]
+    if isinstance(head_dim, int) and head_dim % GQA_HEAD_SIZE_MULTIPLE:
+        arch = (config.get("architectures") or [config.get("model_type", "this architecture")])[0]
+        raise OnnxExportError(
+            f"{where}: {arch} has head_dim {head_dim}; ONNX Runtime's GroupQueryAttention (the attention of the "
+            f"genai decoder) needs head_dim to be a multiple of {GQA_HEAD_SIZE_MULTIPLE}, so the genai target cannot "
+            "run this model (the plain target has no such limit); nothing was written"
+        )
+
+
 def build_genai(merged: Path, out_dir: Path, precision: str, tied: bool, log_path: Path,
                 options: list[str] | None = None) -> dict:
     """Run the ORT-GenAI model builder on ``merged`` into ``out_dir`` (CPU execution provider, offline).
@@ -112,7 +142,11 @@ def open_genai_model(folder: Path):
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise OnnxExportError(f"{cfg_path}: expected model.decoder.filename: {e}") from e
     check_external_data(folder / fname)
-    return og.Model(str(folder.resolve()))
+    try:
+        return og.Model(str(folder.resolve()))
+    except RuntimeError as e:  # ORT session creation (e.g. a kernel's unsupported attribute), one line, named
+        raise OnnxExportError(f"{folder}: ONNX Runtime GenAI cannot load the decoder {fname}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
 
 
 def _og_greedy(model, prompt_ids: list[int], max_new: int, where: str) -> tuple[list[int], float, float]:

@@ -25,7 +25,7 @@ from d2serve.verify.generation import DEFAULT_PROMPTS, compare_generation
 from d2serve.verify.logits import LogitComparison, compare_logits, read_text, text_windows
 from d2serve.verify.onnx_model import OrtGenaiLM, OrtGenaiModel, is_onnx_export, onnx_label
 from d2serve.verify.stats import compare_paired
-from d2serve.verify.tasks import TASK_NAMES, hf_lm, load_tasks, parse_task_names, score_tasks
+from d2serve.verify.tasks import TASKS, hf_lm, load_tasks, parse_task_names, score_tasks
 from d2serve.verify.thresholds import Thresholds, parse_thresholds
 from d2serve.verify.weights import check_weights
 from d2serve.console import in_steps, step
@@ -257,7 +257,7 @@ def verify(
     adp = load_adapter(adapter)
     match_to_base(adp, base_ck)
     compute_dtype = None if onnx_under_test else _compute_dtype(merged_compute_dtype, merged_ck)
-    needs_dir = wikitext or any(n in TASK_NAMES for n in specs)
+    needs_dir = wikitext or any(n in TASKS for n in specs)
     ddir = resolve_data_dir(data_dir) if needs_dir else None
     names = tuple(load_tasks(specs, ddir))  # every task's data checked before any model is loaded; groups expanded
     texts: list[tuple[str, str]] = []

@@ -59,6 +59,9 @@ class TaskSpec:
         metrics: lm-eval metric names (``acc`` and, where upstream defines it, ``acc_norm``).
         upstream_yaml: the lm-eval YAML (relative to ``lm_eval/tasks``) these prompts mirror.
         split_note: which local split is scored.
+        chat: score through the model's chat template (lm-eval ``apply_chat_template=True``:
+            the prompt is the user turn, each choice is the start of the assistant turn, no
+            target delimiter), the format a chat-trained adapter is prompted with when served.
     """
 
     name: str
@@ -68,6 +71,7 @@ class TaskSpec:
     metrics: tuple[str, ...]
     upstream_yaml: str
     split_note: str = ""
+    chat: bool = False
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -187,13 +191,18 @@ def load_social_iqa(data_dir: Path) -> list[dict]:
     return docs
 
 
+_BOOLQ_PROMPT = {"doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:", "doc_to_target": "label",
+                 "doc_to_choice": ["no", "yes"]}
 _ARC_PROMPT = {"doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": "{{choices.label.index(answerKey)}}",
                "doc_to_choice": "{{choices.text}}"}
 
 TASKS: dict[str, TaskSpec] = {
-    "boolq": TaskSpec("boolq", ("boolq/val.jsonl",), load_boolq,
-                      {"doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:", "doc_to_target": "label",
-                       "doc_to_choice": ["no", "yes"]}, ("acc",), "super_glue/boolq/default.yaml", "dev (SuperGLUE val)"),
+    "boolq": TaskSpec("boolq", ("boolq/val.jsonl",), load_boolq, _BOOLQ_PROMPT, ("acc",), "super_glue/boolq/default.yaml",
+                      "dev (SuperGLUE val)"),
+    # the same items and prompt, asked through the chat template (how a chat model is served and how
+    # `d2serve train` formats its records): the answer "yes"/"no" opens the assistant turn
+    "boolq_chat": TaskSpec("boolq_chat", ("boolq/val.jsonl",), load_boolq, _BOOLQ_PROMPT, ("acc",),
+                           "super_glue/boolq/default.yaml", "dev (SuperGLUE val), chat template", chat=True),
     "arc_easy": TaskSpec("arc_easy", ("ARC-Easy/ARC-Easy-Test.jsonl",), _load_arc("ARC-Easy/ARC-Easy-Test.jsonl"),
                          _ARC_PROMPT, ("acc", "acc_norm"), "arc/arc_easy.yaml", "test"),
     "arc_challenge": TaskSpec("arc_challenge", ("ARC-Challenge/ARC-Challenge-Test.jsonl",),
@@ -455,12 +464,22 @@ def score_tasks(lm, names: tuple[str, ...], data_dir: Path | None, limit: int | 
     built = load_tasks(names, data_dir)
     if not built:
         return {}
-    tasks = {task.task_name: task for task in built.values()}
+    is_chat = {name: name in TASKS and TASKS[name].chat for name in built}
+    if any(is_chat.values()) and not getattr(getattr(lm, "tokenizer", None), "chat_template", None):
+        raise TaskNotAvailableError(
+            f"tasks {[n for n, c in is_chat.items() if c]} are asked through the chat template, but the model's "
+            "tokenizer has none (tokenizer_config.json / chat_template.jinja); use the plain-text tasks instead")
     lm_log = logging.getLogger("lm_eval")
     old_level = lm_log.level
     lm_log.setLevel(logging.ERROR)  # per-item truncation warnings would flood the console
+    res = {"samples": {}}
     try:
-        res = evaluator.evaluate(lm, {"tasks": tasks}, limit=limit or None, log_samples=True, bootstrap_iters=0)
+        for chat in (False, True):  # lm-eval applies the chat template per evaluate() call, not per task
+            tasks = {task.task_name: task for name, task in built.items() if is_chat[name] == chat}
+            if tasks:
+                r = evaluator.evaluate(lm, {"tasks": tasks}, limit=limit or None, log_samples=True,
+                                       bootstrap_iters=0, apply_chat_template=chat)
+                res["samples"].update(r["samples"])
     finally:
         lm_log.setLevel(old_level)
     out = {}

@@ -234,7 +234,8 @@ def check_weights(base: str, adapter: Adapter, merged: str, *, tol_ulps: float =
         if name not in adapted:
             expected_from[name] = (name, adapter.modules_to_save.get(name))
     if ties.lm_head_from is not None and ties.lm_head not in adapted:
-        expected_from[ties.lm_head] = (ties.lm_head_from, None)  # untied: lm_head keeps the original embedding
+        # untied: lm_head keeps the original embedding, or is the adapter's modules_to_save copy of lm_head
+        expected_from[ties.lm_head] = (ties.lm_head_from, adapter.modules_to_save.get(ties.lm_head))
     merged_tied = merged_ck.tied_embeddings
     for name, (src, replacement) in expected_from.items():
         stored = name

@@ -99,6 +99,7 @@ FEATURES = {
     "lm_head_lora": lambda a: dict(target_modules=[a.q, "lm_head"]),
     "dora_lm_head": lambda a: dict(target_modules=[a.q, "lm_head"], use_dora=True),
     "embedding_lora": lambda a: dict(target_modules=[a.embed, a.q]),
+    "embedding_dora": lambda a: dict(target_modules=[a.embed, a.q], use_dora=True),
     "lora_bias": lambda a: dict(target_modules=[a.q, a.v], lora_bias=True),
     "trainable_tokens": lambda a: dict(target_modules=[a.q], trainable_token_indices=[3, 5, 7]),
     "moe_target_parameters": lambda a: dict(target_modules=[a.q], target_parameters=["mlp.experts.gate_up_proj"]),
@@ -112,8 +113,9 @@ _EMBED_PATH = {"wte": "transformer.wte", "embed_tokens": "model.embed_tokens"}
 def expected(arch_name: str, feature: str):
     """The RIGHT outcome of a cell: EXACT, or a regex the refusal message must match (naming the tensor/field)."""
     arch = ARCHS[arch_name]
-    if feature == "embedding_lora":  # LoRA on nn.Embedding: d2serve merges linear layers only; say so, by name
-        return rf"(?s){re.escape(_EMBED_PATH[arch.embed])}\b.*(Embedding|not supported|not merged|not implemented)"
+    if feature == "embedding_dora":  # PEFT's DoRA on nn.Embedding: not merged; the module and the reason are named
+        return rf"(?s)method dora is merged on linear and conv1d layers only.*{re.escape(_EMBED_PATH[arch.embed])} " \
+               r"\(an embedding layer"
     if feature == "lora_bias":  # PEFT lora_bias adds a bias the base layer does not have
         return r"lora_bias|lora_B\.bias"
     if feature == "trainable_tokens":  # PEFT TrainableTokens (sparse embedding rows): not merged by d2serve
@@ -133,7 +135,7 @@ CELLS_BY_ARCH = {
     "mistral": CORE,
     "gemma_tied": CORE + ["modules_to_save_lm_head", "embedding_lora", "d2lora_lm_head"],
     "phi3": CORE,
-    "gpt2_tied": [f for f in CORE if f != "d2lora"] + ["modules_to_save_lm_head"],  # no nn.Linear: no D2-LoRA
+    "gpt2_tied": [f for f in CORE if f != "d2lora"] + ["modules_to_save_lm_head", "embedding_lora"],  # no D2-LoRA
     "qwen2_moe": CORE + ["moe_target_parameters"],
 }
 CELLS = [(a, f) for a, fs in CELLS_BY_ARCH.items() for f in fs]
@@ -266,6 +268,57 @@ def test_peft_dir_with_two_adapters_is_refused(bases, tmp_path):
     assert_refused(lambda: merge(base=bases.dir("llama"), adapter=tmp_path / "ad", out=out), r"second", out)
 
 
+@pytest.mark.parametrize(("arch", "feature"), [("llama_tied", "modules_to_save_lm_head"),
+                                               ("gemma_tied", "embedding_lora"), ("qwen2_moe", "all_linear")])
+def test_weight_check_agrees_with_the_merge(bases, tmp_path, arch, feature):
+    """verify's weight check (float64 recomputation, tie semantics from tie_plan) passes on cells made exact for
+    issue 9, with no tensor reported changed or missing, and the merged file's tie matches the plan."""
+    from d2serve.adapters.io import load_adapter
+    from d2serve.verify.weights import check_weights
+
+    ad, _ = make_adapter(bases, arch, feature, tmp_path / "ad")
+    res = merge(base=bases.dir(arch), adapter=ad, out=tmp_path / "m", dtype="float32")
+    rep = check_weights(str(bases.dir(arch)), load_adapter(ad), str(tmp_path / "m"))
+    assert rep.layers and all(e.passed for e in rep.layers)
+    assert rep.untouched_changed == [] and rep.missing_in_merged == []
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert res.manifest["untied_embeddings"] is ARCHS[arch].tied
+    assert cfg.get("tie_word_embeddings", False) is False
+    if ARCHS[arch].tied:  # untied: lm_head stored beside the embedding
+        t = load_file(str(tmp_path / "m" / "model.safetensors"))
+        emb = load_file(str(bases.dir(arch) / "model.safetensors"))["model.embed_tokens.weight"]
+        if feature == "modules_to_save_lm_head":  # lm_head = the saved copy, embedding unchanged
+            assert torch.equal(t["model.embed_tokens.weight"], emb) and not torch.equal(t["lm_head.weight"], emb)
+        else:  # embedding LoRA: lm_head = the original embedding, embedding merged
+            assert torch.equal(t["lm_head.weight"], emb) and not torch.equal(t["model.embed_tokens.weight"], emb)
+
+
+def test_d2lora_modules_to_save_lm_head_on_tied_base_unmerged_agrees(bases, tmp_path):
+    """D2-LoRA with ``modules_to_save=["lm_head"]`` on a tied base: d2serve's unmerged model (the oracle of
+    D2-LoRA cells) unties like PEFT (saved lm_head for the output, original embedding for the input), and the
+    merge equals it."""
+    from d2serve.adapters.synthetic import random_adapter
+
+    ad = random_adapter(bases.dir("llama_tied"), tmp_path / "ad", target_modules=("q_proj",), std=0.2, seed=5,
+                        lora_alpha=6.0, tau=0.7)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["modules_to_save"] = ["lm_head"]
+    (ad / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    t = load_file(str(ad / "adapter_model.safetensors"))
+    emb = load_file(str(bases.dir("llama_tied") / "model.safetensors"))["model.embed_tokens.weight"]
+    head = emb + 0.1 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(2))
+    t["base_model.model.lm_head.modules_to_save.default.weight"] = head
+    save_file(t, str(ad / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    from d2serve.models import load_unmerged_model
+
+    unmerged = load_unmerged_model(bases.dir("llama_tied"), ad)
+    assert torch.equal(unmerged.get_output_embeddings().weight, head)
+    assert torch.equal(unmerged.get_input_embeddings().weight, emb)
+    merge(base=bases.dir("llama_tied"), adapter=ad, out=tmp_path / "m", dtype="float32")
+    assert_exact(bases, "llama_tied", ad, d2lora_oracle, tmp_path / "m")
+
+
 # ------------------------------------------------------------------------------------------- the CLI
 
 
@@ -287,7 +340,7 @@ def test_cli_exact_cells_exit_0(bases, tmp_path):
 
 
 def test_cli_refusals_exit_2_and_write_nothing(bases, tmp_path):
-    ad = peft_adapter(bases, "llama", tmp_path / "emb", **FEATURES["embedding_lora"](ARCHS["llama"]))
+    ad = peft_adapter(bases, "llama", tmp_path / "emb", **FEATURES["embedding_dora"](ARCHS["llama"]))
     out = tmp_path / "m1"
     r = _cli("merge", "--base", bases.dir("llama"), "--adapter", ad, "--out", out)
     assert r.exit_code == 2, r.output

@@ -1,0 +1,126 @@
+"""The pipelined merge engine: hashing while reading, the methods' Merged API, statistics from one pass, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from d2serve.adapters.io import load_adapter
+from d2serve.adapters.methods import MergeMathError, get_method
+from d2serve.adapters.synthetic import random_adapter
+from d2serve.checkpoint import HashingShardReader, tensor_infos
+from d2serve.merge import merge
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("order", ["file", "reverse", "some", "none"])
+def test_hashing_reader_gives_the_file_sha256_in_any_read_order(tmp_path, order):
+    tensors = {"a": torch.randn(7, 3), "b": torch.arange(10, dtype=torch.int64), "c": torch.randn(5).bfloat16(),
+               "d": torch.zeros(0, 4)}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    infos = tensor_infos(path)
+    names = sorted(infos, key=lambda n: infos[n].begin)
+    names = {"file": names, "reverse": names[::-1], "some": names[1:2], "none": []}[order]
+    reader = HashingShardReader(path)
+    for n in names:
+        assert torch.equal(reader.read(infos[n]), tensors[n]), n
+    assert reader.finish() == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("method", ["d2lora", "dora", "lora"])
+def test_method_merge_returns_the_weight_and_the_row_scale_it_applied(tiny_llama_dir, tmp_path, method):
+    ad = load_adapter(random_adapter(tiny_llama_dir, tmp_path / "ad", method=method, std=0.2, seed=2))
+    base = load_file(str(tiny_llama_dir / "model.safetensors"))
+    m = get_method(method)
+    for module, f in ad.layers.items():
+        w0 = base[f"{module}.weight"].double()
+        t = {k: v.double() for k, v in f.tensors.items()}
+        if method == "d2lora":
+            dw = f.scale * (t["lora_B_plus"] @ t["lora_A_plus"] - f.tau * t["lora_B_minus"] @ t["lora_A_minus"])
+            s = w0.pow(2).sum(1).sqrt() / (w0 + dw).pow(2).sum(1).sqrt()
+            ref = s[:, None] * (w0 + dw) + dw
+        else:
+            dw = f.scale * t["lora_B"] @ t["lora_A"]
+            s = t["lora_magnitude_vector"] / (w0 + dw).pow(2).sum(1).sqrt() if method == "dora" else None
+            ref = w0 + dw if s is None else s[:, None] * (w0 + dw)
+        got = m.merge(w0, f, torch.float64)
+        assert torch.allclose(got.weight, ref, rtol=1e-12, atol=1e-15), module
+        assert torch.equal(m.merged_weight(w0, f), got.weight)
+        assert torch.allclose(m.delta(f), dw, rtol=1e-12, atol=1e-15)
+        if s is None:
+            assert got.scale is None
+        else:
+            assert torch.allclose(got.scale, s, rtol=1e-12), module
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_manifest_statistics_equal_an_independent_recomputation(tiny_llama_dir, tmp_path, dtype):
+    ad_dir = random_adapter(tiny_llama_dir, tmp_path / "ad", r=4, lora_alpha=6.0, tau=0.7, target_modules=ALL_LINEAR,
+                            std=0.2, seed=5)
+    res = merge(base=tiny_llama_dir, adapter=ad_dir, out=tmp_path / "m", dtype=dtype)
+    base = load_file(str(tiny_llama_dir / "model.safetensors"))
+    merged = load_file(str(tmp_path / "m" / "model.safetensors"))
+    ad = load_adapter(ad_dir)
+    saw_lost = False
+    for module, f in ad.layers.items():
+        w0 = base[f"{module}.weight"].double()
+        t = {k: v.double() for k, v in f.tensors.items()}
+        dw = f.scale * (t["lora_B_plus"] @ t["lora_A_plus"] - f.tau * t["lora_B_minus"] @ t["lora_A_minus"])
+        s = w0.pow(2).sum(1).sqrt() / (w0 + dw).pow(2).sum(1).sqrt()
+        ref = s[:, None] * (w0 + dw) + dw
+        out = merged[f"{module}.weight"]
+        changed = ref != w0
+        lost = changed & (out == base[f"{module}.weight"].to(out.dtype))
+        saw_lost |= bool(lost.any())
+        err = (out.double() - ref).abs().max().item()
+        st = res.manifest["layers"][module]
+        assert st["shape"] == list(w0.shape)
+        assert st["delta_norm_ratio"] == pytest.approx((dw.pow(2).sum() / w0.pow(2).sum()).sqrt().item(), rel=1e-12)
+        assert st["scale_min"] == pytest.approx(s.min().item(), rel=1e-12)
+        assert st["scale_max"] == pytest.approx(s.max().item(), rel=1e-12)
+        assert st["frac_unchanged_by_cast"] == lost.sum().item() / max(changed.sum().item(), 1), module
+        assert st["cast_max_abs_err"] == pytest.approx(err, rel=1e-6, abs=1e-300)
+        assert st["cast_max_rel_err"] == pytest.approx(err / ref.abs().max().item(), rel=1e-6, abs=1e-300)
+    assert saw_lost == (dtype == "bfloat16")  # bf16 rounds some small changes away; fp32 keeps them all
+    assert res.manifest["sha256"]["base_shards"]["model.safetensors"] == hashlib.sha256(
+        (tiny_llama_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_an_error_in_a_later_tensor_leaves_no_output_and_no_thread(tiny_llama_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    t = load_file(str(base / "model.safetensors"))
+    t["model.layers.1.mlp.down_proj.weight"][3, 4] = float("inf")
+    save_file(t, str(base / "model.safetensors"), metadata={"format": "pt"})
+    ad = random_adapter(base, tmp_path / "ad", target_modules=("q_proj",), std=0.2, with_magnitude=False)
+    before = {th.ident for th in threading.enumerate()}
+    with pytest.raises(MergeMathError, match=r"base tensor model\.layers\.1\.mlp\.down_proj\.weight has 1 NaN/Inf"):
+        merge(base=base, adapter=ad, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [th.name for th in threading.enumerate() if th.ident not in before and th.name.startswith("d2serve")]
+
+
+def test_row_block_workers_give_the_serial_bytes_and_statistics(tiny_llama_dir, tmp_path, monkeypatch):
+    import d2serve.merge as merge_mod
+
+    ad = random_adapter(tiny_llama_dir, tmp_path / "ad", target_modules=ALL_LINEAR, std=0.2, seed=4)
+    monkeypatch.setattr(merge_mod, "ROW_BLOCK_ELEMENTS", 150)  # 1-2 rows per block: many blocks per layer
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # serial loop
+        serial = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "serial", dtype="bfloat16")
+        torch.set_num_threads(3)  # three row-block workers
+        pooled = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "pooled", dtype="bfloat16")
+        assert torch.get_num_threads() == 3  # restored after the merge
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "serial" / "model.safetensors").read_bytes() == (tmp_path / "pooled" / "model.safetensors").read_bytes()
+    assert serial.manifest["layers"] == pooled.manifest["layers"]
+    assert serial.manifest["base_fingerprint"] == pooled.manifest["base_fingerprint"]
