@@ -280,10 +280,14 @@ def bench_cmd(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter directory (unmerged arms)" + _HUB_HELP
                                            + "."),
     merged: Optional[Path] = typer.Option(None, "--merged", help="Merged checkpoint from `d2serve merge`."),
-    backend: str = typer.Option("hf", "--backend", help="hf | vllm | onnx (vllm/onnx: base and merged arms)."),
+    backend: str = typer.Option("hf", "--backend", help="hf | vllm | onnx (vllm: base, merged and unmerged through "
+                                "d2serve's vLLM plugin; onnx: base and merged)."),
     arms: Optional[str] = typer.Option(None, "--arms", help="Comma list of base,merged,unmerged,unmerged_cached."),
     workloads: str = typer.Option("eval,generation", "--workloads", help="Comma list of eval,generation."),
     quick: bool = typer.Option(False, "--quick", help="Reduced sweep (about a minute on SmolLM2)."),
+    vllm_compile: bool = typer.Option(False, "--vllm-compile", help="vllm backend: each arm's default vLLM "
+                                      "compilation (the practical ratio; on CPU a LoRA engine runs eager) instead "
+                                      "of every arm eager (the fair ratio, default)."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed repeats per measurement."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Discarded warm-up runs per measurement."),
     batches: Optional[str] = typer.Option(None, "--batches", help="Generation batch sizes, e.g. 1,4,8."),
@@ -332,7 +336,7 @@ def bench_cmd(
             base=base, report=report, adapter=adapter, merged=merged, backend=backend,
             arms=tuple(a.strip() for a in arms.split(",")) if arms else None, quick=quick, plan=plan,
             workloads=tuple(w.strip() for w in workloads.split(",") if w.strip()), threads=threads, dtype=dtype,
-            device=device, eval_data=_eval_file(data), strict=not allow_not_comparable,
+            device=device, eval_data=_eval_file(data), strict=not allow_not_comparable, vllm_compile=vllm_compile,
         )
     except KeyboardInterrupt as e:
         err_console.print(f"[yellow]interrupted; completed results saved in {report}[/yellow]")

@@ -215,7 +215,7 @@ def test_backend_refuses_unsupported_arm(tiny_arms, tmp_path):
     base, adapter, merged = tiny_arms
     with pytest.raises(ValueError, match="cannot run arm"):
         bench(base=base, adapter=adapter, merged=merged, report=tmp_path / "r", backend="vllm",
-              arms=("base", "unmerged"), progress=False)
+              arms=("base", "unmerged_cached"), progress=False)
 
 
 def test_interrupt_mid_workload_keeps_completed_repeats(tiny_arms, mc_file, tmp_path, monkeypatch):

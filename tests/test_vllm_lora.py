@@ -106,7 +106,7 @@ def test_export_refuses_wrong_base_and_bad_specs(tiny_llama_dir, tiny_llama_tied
 
 # ------------------------------------------------------------------------------------------ real vLLM runs
 
-needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm not installed")
+needs_vllm = pytest.mark.vllm  # vllm is pinned: a missing vllm fails these tests instead of skipping them
 
 
 def make_vllm_tiny_llama(out: Path) -> Path:
@@ -209,3 +209,29 @@ def test_cli_serve_accepts_repeated_adapter_option():
     r = CliRunner().invoke(app, ["serve", "--model", "/nonexistent", "--adapter", "a=x", "--adapter", "a=y"])
     assert r.exit_code == 2 and "given twice" in r.output, r.output
     assert "was given 2 times" not in r.output
+
+
+@pytest.mark.vllm
+def test_bench_vllm_unmerged_arm_scores_like_merged(vllm_lora_setup, tmp_path):
+    """`d2serve bench --backend vllm` runs the unmerged arm through the plugin: on the eval workload it picks the
+    same answers as the merged arm (float32), every arm records its compile mode, and the arms are comparable."""
+    from dataclasses import replace
+
+    from d2serve.bench import QUICK_PLAN, bench
+    from d2serve.verify.data import resolve_data_dir
+
+    base, pairs = vllm_lora_setup
+    adapter = pairs["d2"][0].parent / "d2"
+    plan = replace(QUICK_PLAN, eval_examples=8, eval_batch=4, warmup=0, repeats=1)
+    res = bench(base=base, adapter=adapter, merged=pairs["d2"][1], report=tmp_path / "r", backend="vllm",
+                arms=("base", "merged", "unmerged"), plan=plan, workloads=("eval",), progress=False,
+                eval_data=resolve_data_dir() / "ARC-Easy" / "ARC-Easy-Test.jsonl")
+    ev = res["workloads"]["eval_throughput"]
+    assert ev["arms"]["unmerged"]["predictions"] == ev["arms"]["merged"]["predictions"]
+    assert res["comparability"]["comparable"], res["comparability"]
+    assert res["comparison_mode"].startswith("fair")
+    modes = {a: s["compile_mode"] for a, s in res["arms"].items()}
+    assert len(set(modes.values())) == 1 and None not in modes.values(), modes
+    assert res["arms"]["unmerged"]["lora_max_loras"] == 2
+    assert ev["ratios"]["merged_over_unmerged"] > 0
+    assert "vLLM comparison mode: fair" in (tmp_path / "r" / "bench.md").read_text()

@@ -19,7 +19,13 @@ import torch
 
 from .arms import ARM_NAMES, plan_arms
 from .backends import get_backend
-from .comparability import NotComparableError, check_comparable, generation_config_of, merged_provenance
+from .comparability import (
+    ALLOWED_TO_DIFFER,
+    NotComparableError,
+    check_comparable,
+    generation_config_of,
+    merged_provenance,
+)
 from .environment import environment
 from .ratios import combine_ratios, pairwise_ratios
 from .report import SCHEMA_VERSION, write_bench_json, write_report
@@ -82,13 +88,15 @@ def bench(
     progress: bool = True,
     settings_override: dict[str, dict] | None = None,
     vllm_prefix_caching: bool = False,
+    vllm_compile: bool = False,
 ) -> dict:
     """Benchmark base / merged / unmerged arms and write bench.json, bench.md and plots to ``report``.
 
     Args:
         base, adapter, merged: the base checkpoint, the adapter dir and the merged checkpoint.
         report: output directory (created; bench.json/bench.md/PNGs overwritten).
-        backend: ``"hf"`` (all arms), ``"vllm"`` or ``"onnx"`` (base and merged only).
+        backend: ``"hf"`` (all arms), ``"vllm"`` (base, merged, unmerged through d2serve's vLLM plugin) or
+            ``"onnx"`` (base and merged only).
         arms: subset of ``ARM_NAMES``; default all arms the inputs and backend allow.
         quick: the reduced sweep (~1 minute on SmolLM2, 2 CPU threads).
         plan: explicit sweep (overrides ``quick``).
@@ -100,6 +108,10 @@ def bench(
         settings_override: test hook: extra settings merged into an arm's settings dict.
         vllm_prefix_caching: run the vLLM arms with prefix caching (default off: every repeat recomputes
             its prompts; recorded in the settings as ``enable_prefix_caching``).
+        vllm_compile: False (default): every vLLM arm runs eager, one compilation mode for all (the fair
+            ratio, ``comparison_mode`` "fair"); True: each arm gets vLLM's default compilation, which on CPU
+            compiles base and merged but not the LoRA-enabled unmerged arm (the practical ratio,
+            ``comparison_mode`` "practical"; ``compile_mode`` is then allowed to differ and is recorded per arm).
 
     Returns:
         The results dict written to bench.json (``status`` is "complete" or "interrupted").
@@ -147,7 +159,8 @@ def bench(
             raise NotComparableError(f"the merged checkpoint {merged} was not made from base {base}"
                                      + (f" + adapter {adapter}" if adapter else "") + ":\n"
                                      + "\n".join(provenance["problems"]))
-    extra = {"prefix_caching": vllm_prefix_caching} if backend == "vllm" else {}
+    extra = {"prefix_caching": vllm_prefix_caching, "compile": vllm_compile} if backend == "vllm" else {}
+    allowed = ALLOWED_TO_DIFFER | ({"compile_mode"} if backend == "vllm" and vllm_compile else set())
     be = backend_cls(dtype=_DTYPES[dtype], device=device, tokenizer_dir=Path(base), **extra)
 
     try:
@@ -195,7 +208,10 @@ def bench(
             }
             s |= (settings_override or {}).get(spec.name, {})
             results["arms"][spec.name] = s
-        diffs = check_comparable({n: s for n, s in results["arms"].items()}, strict=strict)
+        diffs = check_comparable({n: s for n, s in results["arms"].items()}, strict=strict, allowed=allowed)
+        if backend == "vllm":
+            results["comparison_mode"] = ("practical: each arm's default vLLM compilation (compile_mode per arm)"
+                                          if vllm_compile else "fair: every arm eager (one compilation mode)")
         results["comparability"] = {
             "comparable": all(d.comparable for d in diffs) and (provenance is None or provenance["matches"]),
             "diffs": [d.render() for d in diffs if not d.comparable]
@@ -278,6 +294,7 @@ def _run_eval(wl: dict, be, names, requests, golds: list[int], plan: BenchPlan, 
     for n in names:
         if n in preds:
             wl["arms"][n]["accuracy"] = sum(int(p == g) for p, g in zip(preds[n], golds)) / n_ex
+            wl["arms"][n]["predictions"] = list(preds[n])  # chosen answer index per example (arms' agreement)
     return wl
 
 

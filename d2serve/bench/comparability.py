@@ -12,7 +12,9 @@ from d2serve.errors import CheckFailedError, InputError
 from dataclasses import dataclass, field
 
 # Keys allowed to differ between arms: what the arm *is*, not how it was measured.
-ALLOWED_TO_DIFFER = frozenset({"adapter_mode", "arm", "model_dir", "adapter_dir", "load_s", "export_s"})
+ALLOWED_TO_DIFFER = frozenset({"adapter_mode", "arm", "model_dir", "adapter_dir", "load_s", "export_s",
+                               # the vLLM unmerged arm's LoRA slots: part of what that arm is
+                               "lora_max_rank", "lora_max_loras"})
 
 
 class NotComparableError(CheckFailedError, ValueError):

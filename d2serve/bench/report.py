@@ -69,6 +69,10 @@ def render_markdown(results: dict) -> str:
         f"- arms: {', '.join(results.get('arms', {}))}; warm-up {results['plan']['warmup']}, repeats {results['plan']['repeats']}",
         "",
     ]
+    if results.get("comparison_mode"):
+        modes = {a: s.get("compile_mode") for a, s in results.get("arms", {}).items()}
+        lines += [f"- vLLM comparison mode: {results['comparison_mode']}; compile mode per arm: "
+                  + ", ".join(f"{a} {m}" for a, m in modes.items()), ""]
     comp = results.get("comparability", {})
     if comp.get("comparable", True):
         lines += ["Comparability: all arms have identical settings except the adapter mode.", ""]

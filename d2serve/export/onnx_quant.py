@@ -378,7 +378,7 @@ def export_quantized(
     ``quant="auto"`` tries :data:`RECIPES` in order (fastest first) and keeps the first that passes;
     a recipe name (or a comma-separated list of names) tries exactly those, in that order. Every tried
     recipe is recorded with its numbers in the manifest's ``quant.tried``. When none passes, the last
-    tried folder (the most accurate) is put in place with ``"passed": false``.
+    tried folder (the slowest; in ``auto`` order the most accurate measured) is put in place with ``"passed": false``.
 
     Args:
         merged: merged HF checkpoint (loaded in float32 as the reference).

@@ -1,8 +1,12 @@
 """A long-lived vLLM worker for the bench: loads one model, then answers JSON-line requests on stdin.
 
-Run as ``python -m d2serve.bench.backends._vllm_worker MODEL_DIR DTYPE MAX_MODEL_LEN [PREFIX_CACHING]``
-(vLLM spawns processes, hence the ``__main__`` guard). ``PREFIX_CACHING`` is ``0`` (default: off, so a
-repeated prompt is recomputed every time, as a timing must) or ``1``. Requests (one JSON object per line):
+Run as ``python -m d2serve.bench.backends._vllm_worker MODEL_DIR DTYPE MAX_MODEL_LEN [PREFIX_CACHING
+[LORA_DIR MAX_LORA_RANK MAX_LORAS [COMPILE]]]`` (vLLM spawns processes, hence the ``__main__`` guard).
+``PREFIX_CACHING`` is ``0`` (default: off, so a repeated prompt is recomputed every time, as a timing must)
+or ``1``. ``LORA_DIR`` (``-`` for none): a folded LoRA folder (``d2serve export vllm-lora``) applied to every
+request through vLLM's LoRA path (d2serve's plugin adds the per-row scales). ``COMPILE`` ``1``: vLLM's default
+compilation (``enforce_eager=False``; vLLM itself turns torch.compile off on CPU when LoRA is enabled);
+default ``0``: eager for every arm. Requests (one JSON object per line):
 ``{"op": "generate", "prompts": [[ids]], "max_tokens": N}`` -> ``{"seconds", "new_tokens": [n per row]}``
 (greedy, ``ignore_eos``, ``min_tokens = max_tokens``);
 ``{"op": "score", "prompts": [[ids]]}`` -> ``{"seconds", "prompt_logprobs": [[lp per position]]}``;
@@ -20,6 +24,8 @@ def main(argv: list[str]) -> int:
     """Serve requests until ``quit`` or EOF."""
     model, dtype, max_len = argv[0], argv[1], int(argv[2])
     prefix_caching = len(argv) > 3 and argv[3] == "1"
+    lora_dir = argv[4] if len(argv) > 4 and argv[4] != "-" else None
+    compile_ = len(argv) > 7 and argv[7] == "1"
     import os
 
     # The protocol gets a private copy of fd 1; fd 1 itself (inherited by vLLM's spawned engine
@@ -32,9 +38,18 @@ def main(argv: list[str]) -> int:
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, max_model_len=max_len, enforce_eager=True, seed=0,
-              enable_prefix_caching=prefix_caching)
-    out.write(json.dumps({"ready": True, "vllm": vllm.__version__, "startup_s": time.perf_counter() - t0}) + "\n")
+    lora_kwargs, lora_request = {}, None
+    if lora_dir is not None:
+        from vllm.lora.request import LoRARequest
+
+        lora_kwargs = {"enable_lora": True, "max_lora_rank": int(argv[5]), "max_loras": int(argv[6])}
+        lora_request = LoRARequest("adapter", 1, lora_dir)
+    llm = LLM(model=model, dtype=dtype, max_model_len=max_len, enforce_eager=not compile_, seed=0,
+              enable_prefix_caching=prefix_caching, **lora_kwargs)
+    cc = llm.llm_engine.vllm_config.compilation_config
+    mode = getattr(cc, "mode", getattr(cc, "level", None))
+    out.write(json.dumps({"ready": True, "vllm": vllm.__version__, "startup_s": time.perf_counter() - t0,
+                          "compile_mode": str(getattr(mode, "name", mode))}) + "\n")
     out.flush()
     for line in sys.stdin:
         req = json.loads(line)
@@ -45,12 +60,12 @@ def main(argv: list[str]) -> int:
             n = req["max_tokens"]
             sp = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
             t = time.perf_counter()
-            res = llm.generate(prompts, sp, use_tqdm=False)
+            res = llm.generate(prompts, sp, use_tqdm=False, lora_request=lora_request)
             ans = {"seconds": time.perf_counter() - t, "new_tokens": [len(r.outputs[0].token_ids) for r in res]}
         else:
             sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
             t = time.perf_counter()
-            res = llm.generate(prompts, sp, use_tqdm=False)
+            res = llm.generate(prompts, sp, use_tqdm=False, lora_request=lora_request)
             secs = time.perf_counter() - t
             lps = []
             for p, r in zip(req["prompts"], res):

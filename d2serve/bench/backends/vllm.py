@@ -1,7 +1,13 @@
-"""The vLLM backend: base and merged arms (vLLM cannot run the unmerged D2-LoRA forward).
+"""The vLLM backend: base, merged and unmerged arms.
 
-Each arm is a long-lived worker subprocess (``_vllm_worker``) with ``VLLM_CPU_KVCACHE_SPACE=1``,
-``enforce_eager=True``, the same dtype and max_model_len for every arm. Timing is done by the worker
+The ``unmerged`` arm serves the adapter unmerged through vLLM's LoRA path: the adapter is folded by
+:func:`d2serve.export.vllm_lora.prepare_served_adapters` (rank-2r LoRA + per-row scales, applied by
+d2serve's vLLM plugin), and every request carries it. Each arm is a long-lived worker subprocess
+(``_vllm_worker``) with ``VLLM_CPU_KVCACHE_SPACE=1``, the same dtype and max_model_len for every arm.
+Compilation: ``compile=False`` (default) runs every arm eager (``enforce_eager=True``): the fair
+comparison, one mode for all; ``compile=True`` gives each arm vLLM's default, which on CPU compiles the
+base and merged models but not a LoRA-enabled engine (vLLM turns torch.compile off with LoRA on CPU): the
+practical comparison. Each arm records its effective ``compile_mode`` (reported by the engine). Timing is done by the worker
 around ``LLM.generate`` (as vLLM's own ``benchmarks/latency.py`` does): TTFT = a ``max_tokens=1``
 call (prefill + first token), e2e = a ``max_tokens=N, min_tokens=N, ignore_eos`` call; TPOT is derived.
 Evaluation throughput uses ``prompt_logprobs``.
@@ -21,17 +27,17 @@ from d2serve.compare import finite_scalar
 from ..arms import ArmSpec
 from ..workloads import GenerationCase, ScoringRequest, prompt_ids
 
-ARMS_SUPPORTED = ("base", "merged")
+ARMS_SUPPORTED = ("base", "merged", "unmerged")
 MAX_MODEL_LEN = 1024
 
 
 class VLLMBackend:
-    """Runs base and merged in vLLM workers with identical engine settings."""
+    """Runs base, merged and unmerged (LoRA + d2serve plugin) in vLLM workers with identical engine settings."""
 
     name = "vllm"
     arms_supported = ARMS_SUPPORTED
 
-    def __init__(self, *, dtype, device: str, tokenizer_dir, prefix_caching: bool = False):
+    def __init__(self, *, dtype, device: str, tokenizer_dir, prefix_caching: bool = False, compile: bool = False):
         from transformers import AutoTokenizer
 
         self.dtype = str(dtype).replace("torch.", "")
@@ -41,6 +47,7 @@ class VLLMBackend:
         self.max_model_len = min(MAX_MODEL_LEN, int(cfg.get("max_position_embeddings", MAX_MODEL_LEN)))
         self.version = None
         self.prefix_caching = bool(prefix_caching)  # off unless asked: repeats must recompute the same prompts
+        self.compile = bool(compile)
 
     def settings(self) -> dict:
         """Backend settings recorded per arm."""
@@ -51,7 +58,8 @@ class VLLMBackend:
             "dtype": self.dtype,
             "vllm": md.version("vllm-cpu") if _has("vllm-cpu") else md.version("vllm"),
             "max_model_len": self.max_model_len,
-            "enforce_eager": True,
+            "enforce_eager": not self.compile,
+            "compile_requested": "vllm default" if self.compile else "eager (every arm)",
             "enable_prefix_caching": self.prefix_caching,
             "kv_cache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         }
@@ -61,9 +69,16 @@ class VLLMBackend:
         env = os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         log = tempfile.NamedTemporaryFile("w+", prefix=f"d2serve-bench-vllm-{spec.name}-", suffix=".log", delete=False)
+        lora = ["-", "0", "0"]
+        if spec.adapter_dir is not None:  # unmerged: the folded LoRA + row scales (d2serve's vLLM plugin)
+            from d2serve.export.vllm_lora import prepare_served_adapters
+            from d2serve.export.vllm_lora_check import cpu_safe_max_loras
+
+            folders, rank = prepare_served_adapters(spec.model_dir, {"adapter": spec.adapter_dir})
+            lora = [str(folders["adapter"]), str(rank), str(cpu_safe_max_loras(1))]
         p = subprocess.Popen(
             [sys.executable, "-m", "d2serve.bench.backends._vllm_worker", str(spec.model_dir), self.dtype,
-             str(self.max_model_len), "1" if self.prefix_caching else "0"],
+             str(self.max_model_len), "1" if self.prefix_caching else "0", *lora, "1" if self.compile else "0"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
         )
         line = _read_json_line(p)
@@ -75,7 +90,10 @@ class VLLMBackend:
             )
         ready = json.loads(line)
         self.workers[spec.name] = p
-        return {"load_s": ready["startup_s"]}
+        facts = {"load_s": ready["startup_s"], "compile_mode": ready.get("compile_mode")}
+        if spec.adapter_dir is not None:
+            facts |= {"lora_max_rank": int(lora[1]), "lora_max_loras": int(lora[2])}
+        return facts
 
     def _ask(self, arm: str, req: dict) -> dict:
         p = self.workers[arm]
