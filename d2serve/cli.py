@@ -12,8 +12,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperCommand
 from rich.markup import escape
+from typer.core import TyperCommand
 
 from d2serve.errors import CheckFailedError, InputError, InputNotFoundError
 

@@ -71,13 +71,12 @@ def quiet_third_party() -> None:
                     r".*pkg_resources is deprecated.*", r".*Custom kwargs can be passed.*"):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|lm_eval|datasets)\..*")
-    try:  # transformers keeps its own verbosity and progress-bar switches
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import (
+        logging as hf_logging,  # transformers keeps its own verbosity and bar switches
+    )
 
-        hf_logging.set_verbosity_warning()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()
 
 
 def enable_progress(console: Console | None = None) -> None:
@@ -134,7 +133,14 @@ class StageHandle:
 
 
 def _new_progress(console: Console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     from rich.text import Text
 
     class _IfCountable:  # bar and done/total only for countable work; a spinner alone otherwise

@@ -13,8 +13,6 @@ with ``cache_scale``, for inference).
 
 from __future__ import annotations
 
-from d2serve.errors import InputError
-
 import math
 
 import torch
@@ -22,6 +20,7 @@ from torch import nn
 
 from d2serve.adapters.config import AdapterConfig
 from d2serve.adapters.methods import LayerFactors, row_norm
+from d2serve.errors import InputError
 
 FACTORS = ("lora_A_plus", "lora_B_plus", "lora_A_minus", "lora_B_minus")
 

@@ -24,8 +24,6 @@ manifest ``d2serve_merge.json``.
 
 from __future__ import annotations
 
-from d2serve.errors import InputError
-
 import json
 import math
 import queue
@@ -40,8 +38,12 @@ import torch
 from d2serve import __version__
 from d2serve.adapters.io import Adapter, load_adapter, match_to_base
 from d2serve.adapters.methods import Merged, MergeMathError, get_method, row_norm
-from d2serve.architecture import check_base_copies, check_layer_kinds, require_full_precision_base, tie_plan
-from d2serve.sysinfo import peak_rss_bytes
+from d2serve.architecture import (
+    check_base_copies,
+    check_layer_kinds,
+    require_full_precision_base,
+    tie_plan,
+)
 from d2serve.checkpoint import (
     DTYPE_NAMES,
     INDEX_FILE,
@@ -56,6 +58,8 @@ from d2serve.checkpoint import (
     write_json,
     write_order,
 )
+from d2serve.errors import InputError
+from d2serve.sysinfo import peak_rss_bytes
 
 MANIFEST_NAME = "d2serve_merge.json"
 MAGNITUDE_RTOL = 2e-3

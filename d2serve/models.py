@@ -86,9 +86,8 @@ def load_unmerged_model(
         AdapterError: the adapter does not fit the base (see :func:`match_to_base`), or has a layer of a kind its
             method is not defined on (:func:`d2serve.architecture.check_layer_kinds`).
     """
-    from d2serve.layers import d2lora_layers, inject_d2lora
-
     from d2serve.architecture import check_layer_kinds
+    from d2serve.layers import d2lora_layers, inject_d2lora
 
     adp = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     match_to_base(adp, Checkpoint(base))

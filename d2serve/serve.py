@@ -17,11 +17,8 @@ with vLLM itself.
 
 from __future__ import annotations
 
-from d2serve.errors import InputError
-
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -33,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from d2serve.checkpoint import CheckpointError, read_json
+from d2serve.errors import InputError
 from d2serve.export.checks import config_dtype
 from d2serve.export.vllm import kill_process_group
 from d2serve.extras import require

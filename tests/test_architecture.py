@@ -18,7 +18,6 @@ from d2serve.checkpoint import Checkpoint, CheckpointError
 from d2serve.merge import merge
 from d2serve.verify.weights import check_weights
 
-from conftest import make_tiny_llama
 from peft_oracle import assert_merge_equals_peft, make_tiny_gpt2, peft_adapter
 from test_bad_inputs import expect_refused
 

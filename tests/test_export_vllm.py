@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from d2serve.checkpoint import CheckpointError
 from d2serve.export.checks import check_hf_checkpoint, require_hf_checkpoint
-from d2serve.export.vllm import REPORT_NAME, PromptParity, compare_greedy, export_vllm, vllm_available
+from d2serve.export.vllm import REPORT_NAME, PromptParity, compare_greedy, export_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,6 @@ are unchanged, a mixed batch equals solo runs, and vanilla vLLM (plugin disabled
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from d2serve.adapters.methods import get_method
 from d2serve.adapters.synthetic import random_adapter
 from d2serve.checkpoint import Checkpoint
 from d2serve.errors import InputError
-from d2serve.export.vllm import vllm_available
 from d2serve.export.vllm_lora import (
     MANIFEST_NAME, SCALES_NAME, export_vllm_lora, parse_adapter_specs, vllm_max_lora_rank,
 )

@@ -9,8 +9,6 @@ Pickle files (``adapter_model.bin``) are refused, never unpickled.
 
 from __future__ import annotations
 
-from d2serve.errors import InputError, InputNotFoundError
-
 import difflib
 import json
 from dataclasses import dataclass, field
@@ -21,8 +19,13 @@ from safetensors.torch import save_file
 
 from d2serve.adapters.config import CONFIG_NAME, AdapterConfig, read_config
 from d2serve.adapters.methods import METHODS, LayerFactors, Method, get_method
-from d2serve.checkpoint import Checkpoint, CheckpointError, atomic_output_dir, open_safetensors
-from d2serve.errors import InputError
+from d2serve.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    atomic_output_dir,
+    open_safetensors,
+)
+from d2serve.errors import InputError, InputNotFoundError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."

@@ -9,13 +9,14 @@ after every completed measurement, so Ctrl-C leaves the completed results saved.
 
 from __future__ import annotations
 
-from d2serve.errors import InputError
-
 import contextlib
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from d2serve.errors import InputError
+from d2serve.verify.data import resolve_data_dir
 
 from .arms import ARM_NAMES, plan_arms
 from .backends import get_backend
@@ -30,8 +31,6 @@ from .environment import environment
 from .ratios import combine_ratios, pairwise_ratios
 from .report import SCHEMA_VERSION, write_bench_json, write_report
 from .timing import summarize
-from d2serve.verify.data import resolve_data_dir
-
 from .workloads import (
     DEFAULT_EVAL_DATA,
     FULL_PLAN,
@@ -56,7 +55,13 @@ def _progress(enabled: bool, total: int):
     if not enabled:
         yield lambda desc: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False

@@ -11,12 +11,12 @@ Arms (``adapter_mode`` is the only setting allowed to differ between them):
 
 from __future__ import annotations
 
-from d2serve.errors import InputError
-
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from d2serve.errors import InputError
 
 ARM_NAMES = ("base", "merged", "unmerged", "unmerged_cached")
 ADAPTER_MODES = {

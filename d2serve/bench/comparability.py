@@ -7,9 +7,9 @@ when their dicts are equal on every key except ``adapter_mode`` (and the arm nam
 
 from __future__ import annotations
 
-from d2serve.errors import CheckFailedError, InputError
-
 from dataclasses import dataclass, field
+
+from d2serve.errors import CheckFailedError, InputError
 
 # Keys allowed to differ between arms: what the arm *is*, not how it was measured.
 ALLOWED_TO_DIFFER = frozenset({"adapter_mode", "arm", "model_dir", "adapter_dir", "load_s", "export_s",

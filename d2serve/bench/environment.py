@@ -47,7 +47,6 @@ def git_sha() -> str | None:
 def environment(torch_threads: int | None = None) -> dict:
     """The environment record stored in bench.json."""
     import psutil
-
     import torch  # a core dependency: no guard
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

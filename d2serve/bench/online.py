@@ -31,7 +31,12 @@ from pathlib import Path
 
 from d2serve.errors import CheckFailedError, InputError
 
-from .comparability import NotComparableError, check_comparable, generation_config_of, merged_provenance
+from .comparability import (
+    NotComparableError,
+    check_comparable,
+    generation_config_of,
+    merged_provenance,
+)
 from .environment import cpu_model, environment, versions
 from .online_data import build_prompts, tokenizer_sha256, write_prompts
 from .ratios import pairwise_ratios

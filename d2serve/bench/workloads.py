@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-from d2serve.errors import InputError
-
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from d2serve.errors import InputError
 
 # Relative to the evaluation data folder (d2serve.verify.data: data_dir / $D2SERVE_DATA_DIR / the bundled samples,
 # whose 200 ARC-Easy test items cover FULL_PLAN.eval_examples).

@@ -17,8 +17,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from d2serve.architecture import architecture_of, compare_tensor_list, expected_state_dict  # noqa: F401 (re-export)
-from d2serve.checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, CheckpointError, TensorInfo, tensor_infos
+from d2serve.architecture import (  # noqa: F401 (re-export)
+    architecture_of,
+    compare_tensor_list,
+    expected_state_dict,
+)
+from d2serve.checkpoint import (
+    DTYPE_NAMES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    TensorInfo,
+    tensor_infos,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json", "hf_quant_config.json")

@@ -25,13 +25,18 @@ from pathlib import Path
 
 import torch
 
-from d2serve.console import in_steps, step
 from d2serve.checkpoint import (
-    Checkpoint, CheckpointError, atomic_output_dir, copy_side_entries, prepare_output_dir, write_json,
+    Checkpoint,
+    CheckpointError,
+    atomic_output_dir,
+    copy_side_entries,
+    prepare_output_dir,
+    write_json,
 )
+from d2serve.console import in_steps, step
 from d2serve.export import onnx_genai, onnx_plain
-from d2serve.outdir import temp_sibling
 from d2serve.export.onnx_files import OnnxExportError, file_records, initializer_stats
+from d2serve.outdir import temp_sibling
 
 MANIFEST = "d2serve_export.json"
 TARGETS = ("genai", "plain")

@@ -9,14 +9,14 @@ name (ONNX Runtime's own message is a bare "file not found").
 
 from __future__ import annotations
 
-from d2serve.errors import InputError
-
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from d2serve.errors import InputError
 
 # Initializers that are rotary-embedding buffers (not model parameters): excluded
 # from the initializer-bytes vs parameter-bytes comparison.

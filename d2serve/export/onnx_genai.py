@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d2serve.childproc import run_tied_to_parent
 from d2serve.compare import (
     NonFiniteError,
     check_finite,
@@ -36,7 +37,6 @@ from d2serve.compare import (
     special_token_ids,
     top1_agreement,
 )
-from d2serve.childproc import run_tied_to_parent
 from d2serve.export.onnx_files import OnnxExportError, check_external_data
 
 DEFAULT_PROMPTS: tuple[str, ...] = (

@@ -29,7 +29,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ import torch
 
 from d2serve.compare import NonFiniteError, kl_per_row, max_abs_diff, top1_agreement
 from d2serve.errors import InputError
+from d2serve.verify.thresholds import apply_overrides
 
 MANIFEST = "d2serve_export.json"
 
@@ -118,30 +119,8 @@ def parse_gate(overrides: dict | list[str] | None) -> QuantGate:
     Raises:
         InputError: unknown key (known ones listed), a non-numeric or negative value.
     """
-    if isinstance(overrides, QuantGate):
-        return overrides
-    items: dict = {}
-    if isinstance(overrides, dict):
-        items = dict(overrides)
-    else:
-        for s in overrides or ():
-            if "=" not in s:
-                raise InputError(f"threshold {s!r}: expected key=value, e.g. min_top1_agreement=0.9")
-            k, v = s.split("=", 1)
-            items[k.strip()] = v.strip()
-    known = {f.name for f in fields(QuantGate)}
-    out = {}
-    for k, v in items.items():
-        if k not in known:
-            raise InputError(f"unknown quant threshold {k!r}; known: {sorted(known)}")
-        try:
-            fv = float(v)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"threshold {k}={v!r}: expected a number") from e
-        if not fv >= 0:
-            raise InputError(f"threshold {k}={v}: must be a number >= 0")
-        out[k] = fv
-    return replace(QuantGate(), **out)
+    return apply_overrides(QuantGate(), overrides, label="quant threshold", example="min_top1_agreement=0.9",
+                           finite=False)
 
 
 @dataclass

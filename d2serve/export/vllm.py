@@ -33,8 +33,6 @@ Parity protocol (the load check)
 
 from __future__ import annotations
 
-from d2serve.errors import CheckFailedError, InputError
-
 import importlib.util
 import json
 import os
@@ -49,11 +47,22 @@ from pathlib import Path
 
 import torch
 
-from d2serve.compare import NonFiniteError, check_finite, content_token_count, special_token_ids
 from d2serve.checkpoint import (
-    DTYPE_NAMES, CheckpointError, atomic_output_dir, prepare_output_dir, read_json, write_json,
+    DTYPE_NAMES,
+    CheckpointError,
+    atomic_output_dir,
+    prepare_output_dir,
+    read_json,
+    write_json,
+)
+from d2serve.compare import (
+    NonFiniteError,
+    check_finite,
+    content_token_count,
+    special_token_ids,
 )
 from d2serve.console import in_steps, step
+from d2serve.errors import CheckFailedError, InputError
 from d2serve.export.checks import config_dtype, require_hf_checkpoint
 from d2serve.extras import require
 

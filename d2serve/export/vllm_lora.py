@@ -33,9 +33,19 @@ import torch
 from safetensors.torch import save_file
 
 from d2serve import __version__
-from d2serve.adapters.io import PREFIX, WEIGHTS_NAME, AdapterError, load_adapter, match_to_base
+from d2serve.adapters.io import (
+    PREFIX,
+    WEIGHTS_NAME,
+    AdapterError,
+    load_adapter,
+    match_to_base,
+)
 from d2serve.adapters.methods import get_method
-from d2serve.architecture import check_layer_kinds, require_full_precision_base, to_out_in
+from d2serve.architecture import (
+    check_layer_kinds,
+    require_full_precision_base,
+    to_out_in,
+)
 from d2serve.checkpoint import Checkpoint, atomic_output_dir, sha256_file, write_json
 from d2serve.errors import InputError
 from d2serve.outdir import prepare_output_dir

@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 from d2serve.export.vllm import (
-    LOGPROB_ATOL, PROMPTS, WORKER_TIMEOUT_S, VllmLoadError, _clean_env, _tail, kill_process_group, prompt_token_ids,
+    LOGPROB_ATOL,
+    PROMPTS,
+    WORKER_TIMEOUT_S,
+    VllmLoadError,
+    _clean_env,
+    _tail,
+    kill_process_group,
+    prompt_token_ids,
 )
 
 MIXED_ATOL = 1e-4  # float32: the same request in a mixed batch vs alone (batch shape changes GEMM rounding only)

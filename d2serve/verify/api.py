@@ -18,17 +18,33 @@ from d2serve import __version__
 from d2serve.adapters.io import load_adapter, match_to_base
 from d2serve.checkpoint import DTYPE_NAMES, Checkpoint
 from d2serve.compare import NonFiniteError, check_finite, max_abs_diff
+from d2serve.console import in_steps, step
 from d2serve.errors import InputError
 from d2serve.probe import read_probe
-from d2serve.verify.data import BUNDLED_ITEMS_PER_TASK, WIKITEXT, data_file, is_bundled, resolve_data_dir
+from d2serve.verify.data import (
+    BUNDLED_ITEMS_PER_TASK,
+    WIKITEXT,
+    data_file,
+    is_bundled,
+    resolve_data_dir,
+)
 from d2serve.verify.generation import DEFAULT_PROMPTS, compare_generation
-from d2serve.verify.logits import LogitComparison, compare_logits, read_text, text_windows
-from d2serve.verify.onnx_model import OrtGenaiLM, OrtGenaiModel, is_onnx_export, onnx_label
+from d2serve.verify.logits import (
+    LogitComparison,
+    compare_logits,
+    read_text,
+    text_windows,
+)
+from d2serve.verify.onnx_model import (
+    OrtGenaiLM,
+    OrtGenaiModel,
+    is_onnx_export,
+    onnx_label,
+)
 from d2serve.verify.stats import compare_paired
 from d2serve.verify.tasks import TASKS, hf_lm, load_tasks, parse_task_names, score_tasks
 from d2serve.verify.thresholds import Thresholds, parse_thresholds
 from d2serve.verify.weights import check_weights
-from d2serve.console import in_steps, step
 
 DEFAULT_LIMIT = 40
 DEFAULT_WINDOWS = 4
@@ -238,7 +254,12 @@ def verify(
             or that is not multiple-choice with ``acc`` (raised before any model is loaded).
         InputError: ``device`` is unknown or not available on this machine.
     """
-    from d2serve.models import load_hf_model, load_tokenizer, load_unmerged_model, resolve_device
+    from d2serve.models import (
+        load_hf_model,
+        load_tokenizer,
+        load_unmerged_model,
+        resolve_device,
+    )
 
     def say(message: str) -> None:
         step(message)

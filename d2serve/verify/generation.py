@@ -14,7 +14,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from d2serve.compare import NonFiniteError, check_finite, content_token_count, special_token_ids
+from d2serve.compare import (
+    NonFiniteError,
+    check_finite,
+    content_token_count,
+    special_token_ids,
+)
 
 DEFAULT_PROMPTS = (
     "The capital of France is",

@@ -8,14 +8,13 @@ next token.
 
 from __future__ import annotations
 
-from d2serve.errors import InputError, InputNotFoundError
-
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from d2serve.compare import NonFiniteError, kl_per_row, max_abs_diff, top1_agreement
+from d2serve.errors import InputError, InputNotFoundError
 
 
 class TextTooShortError(InputError):

@@ -24,8 +24,6 @@ highest per-byte (length-normalised) one.
 
 from __future__ import annotations
 
-from d2serve.errors import InputError
-
 import csv
 import functools
 import json
@@ -36,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from d2serve.errors import InputError
 from d2serve.verify.data import data_file
 
 TASK_NAMES = ("boolq", "arc_easy", "arc_challenge", "piqa", "openbookqa", "social_iqa")

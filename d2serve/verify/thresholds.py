@@ -22,9 +22,9 @@ Defaults (overridable with ``--threshold key=value``):
 
 from __future__ import annotations
 
-from d2serve.errors import InputError
-
 from dataclasses import asdict, dataclass, fields, replace
+
+from d2serve.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -45,16 +45,24 @@ class Thresholds:
         return asdict(self)
 
 
-def parse_thresholds(overrides: dict[str, float] | list[str] | None, base: Thresholds | None = None) -> Thresholds:
-    """Apply overrides given as a dict or as ``key=value`` strings.
+def apply_overrides(base, overrides, *, label: str = "threshold", example: str = "max_mean_kl=0.005",
+                    finite: bool = True):
+    """``base`` (a dataclass of float thresholds) with overrides given as a dict or as ``key=value`` strings.
+
+    Args:
+        base: the defaults (returned unchanged when ``overrides`` is empty; an instance of the same
+            class given as ``overrides`` replaces it).
+        label: what the keys are called in messages ("threshold", "quant threshold").
+        example: a ``key=value`` example for the message about a malformed item.
+        finite: refuse ``inf`` (True) or allow it as "reported only" (False).
 
     Raises:
-        ValueError: unknown key (the message lists the known ones) or a non-numeric / negative value.
+        InputError: malformed item, unknown key (the message lists the known ones), a non-numeric,
+            negative (or, with ``finite``, infinite) value.
     """
-    base = base or Thresholds()
     if not overrides:
         return base
-    if isinstance(overrides, Thresholds):
+    if isinstance(overrides, type(base)):
         return overrides
     items: dict[str, object] = {}
     if isinstance(overrides, dict):
@@ -62,19 +70,28 @@ def parse_thresholds(overrides: dict[str, float] | list[str] | None, base: Thres
     else:
         for s in overrides:
             if "=" not in s:
-                raise InputError(f"threshold {s!r}: expected key=value, e.g. max_mean_kl=0.005")
+                raise InputError(f"threshold {s!r}: expected key=value, e.g. {example}")
             k, v = s.split("=", 1)
             items[k.strip()] = v.strip()
-    known = {f.name for f in fields(Thresholds)}
+    known = {f.name for f in fields(base)}
     out = {}
     for k, v in items.items():
         if k not in known:
-            raise InputError(f"unknown threshold {k!r}; known: {sorted(known)}")
+            raise InputError(f"unknown {label} {k!r}; known: {sorted(known)}")
         try:
             fv = float(v)
         except (TypeError, ValueError) as e:
             raise InputError(f"threshold {k}={v!r}: expected a number") from e
-        if not fv >= 0 or fv == float("inf"):
-            raise InputError(f"threshold {k}={v}: must be a finite number >= 0")
+        if not fv >= 0 or (finite and fv == float("inf")):
+            raise InputError(f"threshold {k}={v}: must be a {'finite ' if finite else ''}number >= 0")
         out[k] = fv
     return replace(base, **out)
+
+
+def parse_thresholds(overrides: dict[str, float] | list[str] | None, base: Thresholds | None = None) -> Thresholds:
+    """Apply overrides given as a dict or as ``key=value`` strings (see :func:`apply_overrides`).
+
+    Raises:
+        InputError: unknown key (the message lists the known ones) or a non-numeric / negative / infinite value.
+    """
+    return apply_overrides(base or Thresholds(), overrides)

@@ -21,8 +21,6 @@ touch but that differ from the (cast) base.
 
 from __future__ import annotations
 
-from d2serve.errors import InputError
-
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,6 +36,7 @@ from d2serve.architecture import (
     to_out_in,
 )
 from d2serve.checkpoint import Checkpoint
+from d2serve.errors import InputError
 
 _EPS32 = torch.finfo(torch.float32).eps
 

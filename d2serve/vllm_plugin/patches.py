@@ -162,7 +162,9 @@ def _layer_problems(manager, lora) -> list[str]:
 
 def _uses_base_forward(module) -> bool:
     """Whether ``module.apply`` goes through ``_apply_base_forward`` (replicated / custom merged layers)."""
-    from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
+    from vllm.lora.layers.column_parallel_linear import (
+        MergedColumnParallelLinearWithLoRA,
+    )
     from vllm.lora.layers.replicated_linear import ReplicatedLinearWithLoRA
     from vllm.model_executor.custom_op import maybe_get_oot_by_class
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import onnxruntime as ort
 import torch
 
 from archs import ARCHS, Bases, load_model
 
 pytestmark = pytest.mark.onnx
 
-ort = pytest.importorskip("onnxruntime")
 
 ATOL = 1e-3  # float32 logits, ONNX Runtime vs transformers
 

@@ -11,9 +11,8 @@ import platform
 
 import torch
 
-from d2serve.models import resolve_device
-
 from d2serve.compare import finite_scalar
+from d2serve.models import resolve_device
 
 from ..arms import ARM_NAMES, ArmSpec, load_arm_model
 from ..timing import now

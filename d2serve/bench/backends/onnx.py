@@ -7,14 +7,14 @@ inter-token latency are timed directly. The eval-throughput workload is not run 
 
 from __future__ import annotations
 
-from d2serve.errors import InputError
-
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from d2serve.errors import InputError
 
 from ..arms import ArmSpec
 from ..timing import now
