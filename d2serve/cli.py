@@ -436,7 +436,8 @@ def bench_serve_cmd(
     console.print(t)
     for arm, m in res.get("max_sustainable_rate", {}).items():
         console.print(f"{arm}: highest sustainable rate under the SLOs: "
-                      + (f"{m['rate']:g} req/s" if m.get("rate") is not None else m.get("note", "none")))
+                      + (f"{m['rate']:g} req/s" if m.get("rate") is not None else
+                         m.get("note") or f"none of {m.get('rates_tried')} req/s"))
     if not res["comparability"]["comparable"]:
         console.print("[red]NOT COMPARABLE[/red]\n" + escape("\n".join(res["comparability"]["diffs"])))
     console.print(f"report: {report}/online.json, {report}/online.md")

@@ -214,3 +214,23 @@ def test_tiny_online_run_writes_the_schema(serve_arms, tmp_path):
     assert "merged/base" in md and "Highest sustainable" in md and "--generation-config vllm" in md
     assert json.loads((rep / "online.json").read_text())["status"] == "complete"
     assert len(res["rounds"]) == 2 and all(x["load_avg_after"] for x in res["rounds"])
+
+
+@pytest.mark.vllm
+def test_tiny_online_run_with_the_unmerged_arm(serve_arms, tmp_path):
+    """The unmerged arm: `d2serve serve --adapter` (d2serve's vLLM plugin) beside the merged arm, one rate point:
+    every request completes with exactly the planned work and merged/unmerged ratios are reported."""
+    from d2serve.bench.online import unmerged_arm_available
+
+    assert unmerged_arm_available()  # the plugin is part of the package: the arm must run, never be skipped
+    base, adapter, merged = serve_arms
+    rep = tmp_path / "rep"
+    plan = OnlinePlan(request_rates=(4.0,), concurrencies=(), num_prompts=4, input_len=16, output_len=4,
+                      repeats=1, warmups=1, goodput={"ttft": 60000, "e2el": 120000})
+    res = bench_serve(base=base, merged=merged, adapter=adapter, report=rep, plan=plan, arms=("merged", "unmerged"),
+                      engine=EngineOptions(max_num_seqs=4, kv_cache_gib=1))
+    assert res["status"] == "complete" and set(res["points"]) == {"merged", "unmerged"}
+    for arm in ("merged", "unmerged"):
+        (r,) = res["points"][arm]["rate_4"]["repeats"]
+        assert r["completed"] == 4 and r["failed"] == 0 and r["total_output_tokens"] == 4 * 4
+    assert res["ratios"]["rate_4"]["output_throughput"]["merged_over_unmerged"] > 0

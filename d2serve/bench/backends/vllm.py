@@ -49,6 +49,20 @@ class VLLMBackend:
         self.prefix_caching = bool(prefix_caching)  # off unless asked: repeats must recompute the same prompts
         self.compile = bool(compile)
 
+    @staticmethod
+    def eval_unsupported(arms: tuple[str, ...]) -> str | None:
+        """Why the eval workload cannot run with these arms (None: it can).
+
+        vLLM 0.32's CPU LoRA path fails on ``prompt_logprobs`` (``LogitsProcessorWithLoRA`` ->
+        ``PunicaWrapperCPU.add_lora_logits`` -> ``bgmv_shrink``: "einsum(): subscript b has size 31 ... 116",
+        measured here), and the eval workload scores with ``prompt_logprobs``; generation is unaffected.
+        """
+        if "unmerged" in arms:
+            return ("vLLM 0.32's CPU LoRA path fails on prompt_logprobs (add_lora_logits: einsum size mismatch), "
+                    "which the eval workload scores with, so it cannot score the unmerged arm; the generation "
+                    "workload runs every arm")
+        return None
+
     def settings(self) -> dict:
         """Backend settings recorded per arm."""
         import importlib.metadata as md
