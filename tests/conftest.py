@@ -68,6 +68,29 @@ def make_tiny_llama(out: Path, *, tied: bool = False, dtype: torch.dtype = torch
     return out
 
 
+def make_vllm_tiny_llama(out: Path, *, seed: int = 0, std: float = 0.15, max_position_embeddings: int = 512) -> Path:
+    """A random float32 Llama vLLM's CPU attention accepts (head_dim 32; vLLM refuses 16): hidden 128, 4 heads,
+    2 KV heads (k/v are 64x128), MLP 192, 2 layers, untied; 2-D weights drawn N(0, std)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = make_tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, std)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A tiny random Llama checkpoint in float32 with untied embeddings."""

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from d2serve.bench.online import (
@@ -29,28 +28,12 @@ from d2serve.bench.online import (
 from d2serve.bench.online_data import build_prompts, write_prompts
 from d2serve.cli import app
 
-from conftest import make_tiny_tokenizer
+import conftest
 
 
 def make_vllm_tiny_llama(out: Path, seed: int = 0) -> Path:
-    """A random Llama vLLM's CPU attention accepts: hidden 128, 4 heads of 32, 2 KV heads, 2 layers, float32."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    tok = make_tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    """The vLLM-sized tiny Llama (conftest), max_position_embeddings 256, weights N(0, 0.1)."""
+    return conftest.make_vllm_tiny_llama(out, seed=seed, std=0.1, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")

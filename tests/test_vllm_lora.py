@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_tokenizer
+from conftest import make_vllm_tiny_llama
 from d2serve.adapters.io import load_adapter
 from d2serve.adapters.methods import get_method
 from d2serve.adapters.synthetic import random_adapter
@@ -105,28 +105,6 @@ def test_export_refuses_wrong_base_and_bad_specs(tiny_llama_dir, tiny_llama_tied
 # ------------------------------------------------------------------------------------------ real vLLM runs
 
 needs_vllm = pytest.mark.vllm  # vllm is pinned: a missing vllm fails these tests instead of skipping them
-
-
-def make_vllm_tiny_llama(out: Path) -> Path:
-    """A random Llama vLLM's CPU backend accepts (head_dim 32): hidden 128, 4 heads, 2 KV heads, MLP 192, 2 layers."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = make_tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
