@@ -242,3 +242,19 @@ def test_interrupt_mid_workload_keeps_completed_repeats(tiny_arms, mc_file, tmp_
     assert res["status"] == "interrupted"
     assert {a: v["examples_per_s"]["n"] for a, v in ev["arms"].items()} == {a: 1 for a in res["arms"]}
     assert len(ev["ratios"]["spread"]["merged_over_unmerged"]["per_repeat"]) == 1
+
+
+def test_report_renders_a_case_without_decode_samples(tiny_arms, tmp_path):
+    """A case whose N-token call was not slower than its 1-token call has no decode tokens/s sample (nothing to
+    divide by): the report shows "-" there instead of failing."""
+    from d2serve.bench.report import render_markdown
+
+    base, adapter, merged = tiny_arms
+    res = bench(base=base, adapter=adapter, merged=merged, report=tmp_path / "r", arms=("base", "merged"),
+                plan=TINY_PLAN, workloads=("generation",), progress=False)
+    for c in res["workloads"]["generation"]["cases"].values():
+        for a in c["arms"].values():
+            a.pop("decode_tokens_per_s")
+    rows = [ln for ln in render_markdown(res).splitlines() if ln.startswith("| b") and ln.split("|")[2].strip()
+            in ("base", "merged")]  # the per-arm rows of the generation table
+    assert rows and all(ln.rstrip().endswith("| - |") for ln in rows), rows

@@ -198,7 +198,7 @@ def test_bench_vllm_unmerged_arm(vllm_lora_setup, tmp_path):
 
     base, pairs = vllm_lora_setup
     adapter = pairs["d2"][0].parent / "d2"
-    plan = replace(QUICK_PLAN, batches=(2,), prompt_lens=(16,), max_new_tokens=4, warmup=0, repeats=1)
+    plan = replace(QUICK_PLAN, batches=(2,), prompt_lens=(16,), max_new_tokens=16, warmup=0, repeats=1)
     res = bench(base=base, adapter=adapter, merged=pairs["d2"][1], report=tmp_path / "r", backend="vllm",
                 arms=("base", "merged", "unmerged"), plan=plan, workloads=("eval", "generation"), progress=False)
     assert res["comparability"]["comparable"], res["comparability"]

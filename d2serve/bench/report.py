@@ -53,6 +53,12 @@ def _kv_text(k: dict) -> str:
     return text
 
 
+def _p50(arm: dict, metric: str, digits: int) -> str:
+    """The p50 of ``metric`` in an arm summary, or "-" when it has no sample (e.g. decode tokens/s when the
+    N-token call was not slower than the 1-token call, as can happen for a tiny model: no decode time to divide)."""
+    return _fmt(float(arm[metric]["p50"]), digits) if metric in arm else "-"
+
+
 def render_markdown(results: dict) -> str:
     """The human report: environment, comparability, one table per workload, ratios with spread."""
     env = results.get("environment", {})
@@ -117,8 +123,8 @@ def render_markdown(results: dict) -> str:
                 t, e = a["ttft_ms"], a["e2e_ms"]
                 lines.append(
                     f"| {key} | {arm} | {t['p50']:.1f}/{t['p90']:.1f}/{t['p99']:.1f} | {a['tpot_ms']['p50']:.2f} | "
-                    f"{e['p50']:.1f}/{e['p90']:.1f}/{e['p99']:.1f} | {a['prefill_tokens_per_s']['p50']:.0f} | "
-                    f"{a['decode_tokens_per_s']['p50']:.1f} |"
+                    f"{e['p50']:.1f}/{e['p90']:.1f}/{e['p99']:.1f} | {_p50(a, 'prefill_tokens_per_s', 0)} | "
+                    f"{_p50(a, 'decode_tokens_per_s', 1)} |"
                 )
         lines += ["", "Pair-wise ratios of end-to-end output tokens/s per case (median [min, max]):", ""]
         lines += ["| case | merged/unmerged | merged/unmerged (cached) | merged/base |", "|---|---|---|---|"]
