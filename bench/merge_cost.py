@@ -4,6 +4,9 @@ Rows per checkpoint (each a fresh child process reporting its own wall time and 
 
 - ``plain_load_save``: ``safetensors.torch.load_file`` + ``save_file`` of every shard (the I/O floor);
 - ``d2serve_merge_d2lora``: ``d2serve.merge`` of a random D2-LoRA r=16 adapter on all 7 projections;
+- ``d2serve_merge_d2lora_cold``: the same with an empty d2serve cache (``D2SERVE_CACHE_DIR`` a fresh
+  directory): the architecture is built with transformers (~4-5 s here), as on the first merge of a config;
+  the other d2serve rows use a cache warmed once before the measurements;
 - ``d2serve_merge_lora``: ``d2serve.merge`` of a random PEFT LoRA r=16 adapter on q/v/down;
 - ``peft_merge``: PEFT ``PeftModel.from_pretrained`` -> ``merge_and_unload`` -> ``save_pretrained``, same LoRA;
 - ``full_model_load_save``: transformers ``from_pretrained`` + ``save_pretrained``.
@@ -30,7 +33,8 @@ from pathlib import Path
 
 D2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_TARGETS = ("q_proj", "v_proj", "down_proj")
-ROWS = ("plain_load_save", "d2serve_merge_d2lora", "d2serve_merge_lora", "peft_merge", "full_model_load_save")
+ROWS = ("plain_load_save", "d2serve_merge_d2lora", "d2serve_merge_d2lora_cold", "d2serve_merge_lora", "peft_merge",
+        "full_model_load_save")
 DEFAULT_CHECKPOINTS = "float32:7,float32:18,bfloat16:17,bfloat16:40"
 
 
@@ -80,6 +84,14 @@ def _prepare(spec: str, work: Path, shard_mib: int) -> tuple[str, Path]:
     return f"Llama {layers}L {dtype}", path
 
 
+def _warm_cache(base: Path, cache: Path) -> None:
+    """Build the architecture of ``base`` once into the d2serve cache ``cache`` (in a child, as the rows run)."""
+    import subprocess
+
+    code = "import sys; from d2serve.architecture import architecture_at; architecture_at(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(base)], check=True, env=os.environ | {"D2SERVE_CACHE_DIR": str(cache)})
+
+
 def _measure(name: str, base: Path, adapters: dict, work: Path, rows: list[str], repeats: int, threads: int) -> dict:
     from d2serve.bench.merge_cost import run_job, shard_sizes
 
@@ -87,8 +99,11 @@ def _measure(name: str, base: Path, adapters: dict, work: Path, rows: list[str],
     res = {"checkpoint": name, "path": str(base), "shards": len(sizes), "total_bytes": sum(sizes),
            "largest_shard_bytes": max(sizes), "runs": {r: [] for r in rows}, "load_avg": []}
     job = {"plain_load_save": ("plain_load_save", None), "d2serve_merge_d2lora": ("d2serve_merge", adapters["d2"]),
+           "d2serve_merge_d2lora_cold": ("d2serve_merge", adapters["d2"]),
            "d2serve_merge_lora": ("d2serve_merge", adapters["lora"]), "peft_merge": ("peft_merge", adapters["lora"]),
            "full_model_load_save": ("full_model_load_save", None)}
+    cache = work / "d2serve-cache"  # warm: the architecture of this config is built once, before the measurements
+    _warm_cache(base, cache)
     for rep in range(repeats):
         order = rows[rep % len(rows):] + rows[:rep % len(rows)]  # rotate so drifts hit every row
         before = _load()
@@ -96,7 +111,11 @@ def _measure(name: str, base: Path, adapters: dict, work: Path, rows: list[str],
             kind, adapter = job[row]
             out = work / f"out-{row}"
             shutil.rmtree(out, ignore_errors=True)
-            r = run_job(kind, base=base, out=out, adapter=adapter, threads=threads)
+            cold = work / f"d2serve-cache-cold-{rep}"  # empty: the first merge of this config on a machine
+            shutil.rmtree(cold, ignore_errors=True)
+            r = run_job(kind, base=base, out=out, adapter=adapter, threads=threads,
+                        env={"D2SERVE_CACHE_DIR": str(cold if row.endswith("_cold") else cache)})
+            shutil.rmtree(cold, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
             res["runs"][row].append(r)
             print(f"  {name} [{rep + 1}/{repeats}] {row}: {r['seconds']:.2f} s, peak RSS "
@@ -126,6 +145,8 @@ def _markdown(res: dict) -> str:
              f"at end {', '.join(f'{x:.2f}' for x in res['load_end'])}; per repeat in merge_cost.json",
              "- each run is a fresh child process; peak RSS = VmHWM of that process (includes the ~340 MiB "
              "Python+torch import baseline)",
+             "- d2serve rows use a d2serve cache warmed once per checkpoint (architecture facts of the config); "
+             "`d2serve_merge_d2lora_cold` starts from an empty cache (transformers builds the architecture)",
              f"- {res['repeats']} repeats, rows run back to back in a rotating order; `x floor` = time / plain "
              "load+save time of the same repeat, median [min, max]",
              "- plain load+save: `safetensors.torch.load_file` + `save_file` per shard (the I/O floor); d2serve "

@@ -21,18 +21,27 @@ model built on the meta device (no memory, no weights, nothing downloaded):
 :func:`tie_plan` is the one place that decides what a merge does with tied
 embeddings given the base and an adapter; merge, verify and both exports call
 it (directly or through :attr:`d2serve.checkpoint.Checkpoint.tied_embeddings`).
+
+Building the meta model needs transformers' model machinery (seconds to
+import), so the facts of each config are also kept on disk
+(:func:`architecture_cache_path`, plain JSON under
+``<cache_dir>/architectures/``, see :mod:`d2serve.cache`): a known config is
+answered without importing transformers.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from d2serve.cache import cache_dir, write_text_atomic
 from d2serve.checkpoint import CheckpointError, TensorInfo
 
 if TYPE_CHECKING:
@@ -134,8 +143,8 @@ def _on_disk(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
         return state
 
 
-@functools.lru_cache(maxsize=16)
 def _build(config_json: str, where: str) -> Architecture:
+    """Build the :class:`Architecture` of ``config_json`` with transformers (meta device); ``where`` for errors."""
     import transformers
     from torch import nn
     from transformers import AutoModelForCausalLM
@@ -195,17 +204,169 @@ def _build(config_json: str, where: str) -> Architecture:
     )
 
 
+# ------------------------------------------------------------------------------------------- on-disk cache
+
+CACHE_SCHEMA = 1  # version of the entry layout below; an entry of another version is ignored and rebuilt
+_KINDS = (LINEAR, CONV1D, EMBEDDING)
+_log = logging.getLogger(__name__)
+
+
+def _transformers_version() -> str | None:
+    """The installed transformers version from its package metadata (transformers itself is not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
+
+
+def _d2serve_version() -> str:
+    """The running d2serve's ``__version__``."""
+    import d2serve
+
+    return d2serve.__version__
+
+
+@functools.cache
+def _source_sha256() -> str | None:
+    """sha256 of this module's source file (any change to how facts are built invalidates every entry); None
+    when the file cannot be read (then nothing is cached)."""
+    try:
+        return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _cache_key(config_json: str) -> str | None:
+    """sha256 (hex) of the canonical JSON of: the config (``config_json``, keys sorted), the transformers and
+    d2serve versions, and this module's source hash; None when transformers' version or the source hash is
+    unknown (not cached)."""
+    tv, src = _transformers_version(), _source_sha256()
+    if tv is None or src is None:
+        return None
+    payload = {"config": json.loads(config_json), "transformers": tv, "d2serve": _d2serve_version(),
+               "source_sha256": src}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _entry_path(config_json: str) -> Path | None:
+    """``<cache_dir>/architectures/<key>.json`` for ``config_json``, or None (cache off, no key)."""
+    root = cache_dir()
+    key = _cache_key(config_json) if root is not None else None
+    return None if key is None else root / "architectures" / f"{key}.json"
+
+
+def architecture_cache_path(config: dict) -> Path | None:
+    """Where the on-disk entry of ``config``'s :class:`Architecture` is (or would be) stored.
+
+    ``<cache_dir>/architectures/<key>.json`` (:func:`d2serve.cache.cache_dir`), key = sha256 of the config (keys
+    sorted), the transformers version (package metadata), d2serve's ``__version__`` and this module's source
+    hash. None when the cache is off (``D2SERVE_CACHE_DIR=off``) or a key part is unknown. The file
+    may not exist (not built yet, or not writable).
+    """
+    return _entry_path(json.dumps(config, sort_keys=True))
+
+
+def _to_entry(arch: Architecture, key: str) -> dict:
+    """The JSON entry of ``arch``: the schema version, the key, every field (LayerKind as ``[kind, transposed,
+    fused]``, ExpectedTensor as ``[shape list, floating]``)."""
+    return {
+        "schema": CACHE_SCHEMA,
+        "key": key,
+        "model_type": arch.model_type,
+        "config_class": arch.config_class,
+        "tie_default": arch.tie_default,
+        "tied": arch.tied,
+        "layers": {n: [k.kind, k.transposed, k.fused] for n, k in arch.layers.items()},
+        "expected": {n: [list(e.shape), e.floating] for n, e in arch.expected.items()},
+        "input_embedding": arch.input_embedding,
+        "output_embedding": arch.output_embedding,
+    }
+
+
+def _from_entry(entry: object, key: str) -> Architecture:
+    """The :class:`Architecture` of a JSON entry written by :func:`_to_entry` for ``key``.
+
+    Raises:
+        ValueError: anything not exactly that layout (other schema or key, missing field, wrong type).
+    """
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"architecture cache entry: {what}")
+
+    def is_bool(v) -> bool:
+        return isinstance(v, bool)
+
+    def is_name(v) -> bool:
+        return v is None or isinstance(v, str)
+
+    need(isinstance(entry, dict), "not a JSON object")
+    need(entry.get("schema") == CACHE_SCHEMA and entry.get("key") == key, "other schema or key")
+    need(isinstance(entry.get("model_type"), str) and isinstance(entry.get("config_class"), str), "names")
+    need(is_bool(entry.get("tie_default")) and is_bool(entry.get("tied")), "tie flags")
+    need(is_name(entry.get("input_embedding")) and is_name(entry.get("output_embedding")), "embedding names")
+    layers, expected = entry.get("layers"), entry.get("expected")
+    need(isinstance(layers, dict) and isinstance(expected, dict), "layers/expected")
+    for v in layers.values():
+        need(isinstance(v, list) and len(v) == 3 and v[0] in _KINDS and is_bool(v[1]) and is_bool(v[2]), "layer")
+    for v in expected.values():
+        need(isinstance(v, list) and len(v) == 2 and isinstance(v[0], list) and is_bool(v[1])
+             and all(isinstance(d, int) and not is_bool(d) and d >= 0 for d in v[0]), "expected tensor")
+    return Architecture(
+        model_type=entry["model_type"],
+        config_class=entry["config_class"],
+        tie_default=entry["tie_default"],
+        tied=entry["tied"],
+        layers={n: LayerKind(*v) for n, v in layers.items()},
+        expected={n: ExpectedTensor(tuple(v[0]), v[1]) for n, v in expected.items()},
+        input_embedding=entry["input_embedding"],
+        output_embedding=entry["output_embedding"],
+    )
+
+
+def _read_entry(path: Path) -> Architecture | None:
+    """The :class:`Architecture` stored at ``path``, or None when it is missing or cannot be trusted (unreadable,
+    truncated, not JSON, other schema or key, wrong layout): the caller rebuilds it."""
+    try:
+        return _from_entry(json.loads(path.read_text(encoding="utf-8")), path.stem)
+    except (OSError, ValueError, TypeError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError: ValueError
+        if not isinstance(e, FileNotFoundError):
+            _log.debug("d2serve cache: ignoring %s: %s", path, e)
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def _architecture(config_json: str, where: str) -> Architecture:
+    """In-process cache -> on-disk entry -> :func:`_build` (then the entry is written; build errors never are)."""
+    path = _entry_path(config_json)
+    if path is not None:
+        arch = _read_entry(path)
+        if arch is not None:
+            return arch
+    arch = _build(config_json, where)
+    if path is not None:
+        write_text_atomic(path, json.dumps(_to_entry(arch, path.stem), separators=(",", ":")))
+    return arch
+
+
 def architecture_of(config: dict, where: str | Path = "<config>") -> Architecture:
-    """The :class:`Architecture` of a ``config.json`` dict (cached per distinct config).
+    """The :class:`Architecture` of a ``config.json`` dict.
+
+    Cached per distinct config in the process and on disk (:func:`architecture_cache_path`): a config seen
+    before, by this or another process with the same transformers and d2serve, is answered without importing
+    transformers. An unreadable or stale entry is rebuilt; an unwritable cache is skipped silently.
 
     Args:
         config: the parsed config.json.
-        where: the checkpoint directory, for error messages.
+        where: the checkpoint directory, for error messages (not part of the cache key).
 
     Raises:
         CheckpointError: transformers does not know the ``model_type`` or cannot build the model from the config.
     """
-    return _build(json.dumps(config, sort_keys=True), str(where))
+    return _architecture(json.dumps(config, sort_keys=True), str(where))
 
 
 def architecture_at(path: str | Path) -> Architecture:

@@ -30,7 +30,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
-_ST_DTYPES = {
+SAFETENSORS_DTYPES = {  # safetensors dtype name -> torch dtype
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -129,10 +129,10 @@ def tensor_infos(path: Path) -> dict[str, TensorInfo]:
     for name, v in header.items():
         if name == "__metadata__":
             continue
-        if v["dtype"] not in _ST_DTYPES:
+        if v["dtype"] not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {v['dtype']}")
         begin, end = (data_start + int(o) for o in v["data_offsets"])
-        info = TensorInfo(path.name, _ST_DTYPES[v["dtype"]], tuple(v["shape"]), begin, end)
+        info = TensorInfo(path.name, SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"]), begin, end)
         if end - begin != _nbytes(info.dtype, info.shape):
             raise CheckpointError(f"{path}: tensor {name} spans {end - begin} bytes, its dtype and shape need "
                                   f"{_nbytes(info.dtype, info.shape)}")
@@ -172,134 +172,6 @@ def _read_at(f, path: Path, begin: int, end: int, dtype: torch.dtype, shape: tup
         if got != n:
             raise CheckpointError(f"{path}: truncated while reading a {n}-byte tensor at offset {begin}")
     return buf.view(dtype).reshape(shape)
-
-
-class HashingShardReader:
-    """Read tensors of one safetensors file while computing the file's sha256 in the same pass.
-
-    Tensors read in file order (the usual case) are hashed as they are read, so the file is
-    read once; a tensor further on first hashes the bytes skipped (read in 16 MiB chunks),
-    a tensor behind the hashed position is re-read without hashing. :meth:`finish` hashes
-    whatever was never read and returns the hex digest, equal to :func:`sha256_file`.
-
-    Raises:
-        CheckpointError: the file ends before a tensor's byte range.
-    """
-
-    _CHUNK = 1 << 24
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._f = open(self.path, "rb", buffering=0)
-        self._h = hashlib.sha256()
-        self._pos = 0
-
-    def _hash_to(self, pos: int) -> None:
-        while self._pos < pos:
-            self._f.seek(self._pos)
-            b = self._f.read(min(self._CHUNK, pos - self._pos))
-            if not b:
-                raise CheckpointError(f"{self.path}: truncated at byte {self._pos}")
-            self._h.update(b)
-            self._pos += len(b)
-
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        """The tensor at ``info``'s byte range (a fresh tensor that owns its memory)."""
-        if info.begin >= self._pos:
-            self._hash_to(info.begin)
-        t = _read_at(self._f, self.path, info.begin, info.end, info.dtype, info.shape)
-        if info.begin == self._pos and info.end > info.begin:
-            self._h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            self._pos = info.end
-        return t
-
-    def finish(self) -> str:
-        """Hash the rest of the file, close it and return the hex sha256 of the whole file."""
-        try:
-            self._f.seek(0, 2)
-            self._hash_to(self._f.tell())
-        finally:
-            self._f.close()
-        return self._h.hexdigest()
-
-    def close(self) -> None:
-        """Close the file without finishing the hash."""
-        self._f.close()
-
-
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def write_order(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[str]:
-    """The order in which :class:`ShardWriter` stores (and must be given) the tensors of ``specs``:
-    by element size, largest first (so every tensor starts aligned), the given order kept within a size."""
-    return [s[0] for s in sorted(specs, key=lambda s: -s[1].itemsize)]
-
-
-class ShardWriter:
-    """Write one safetensors file tensor by tensor: the header first, then each tensor's bytes as it comes.
-
-    Peak memory is one tensor, not one shard (``safetensors.save_file`` needs the
-    whole dict in memory). The layout is what ``safetensors`` itself writes and
-    reads: an 8-byte little-endian header length, a JSON header padded with
-    spaces to a multiple of 8 bytes, then the data, tensors ordered by element
-    size (largest first) so every tensor starts aligned.
-
-    Args:
-        path: file to create.
-        specs: (name, dtype, shape) of every tensor the file will hold.
-        metadata: ``__metadata__`` strings (e.g. ``{"format": "pt"}``).
-
-    Use :attr:`order` for the order in which :meth:`write` must be called.
-
-    Raises:
-        CheckpointError: a tensor written out of order or with another dtype/shape,
-            or :meth:`close` before every tensor was written.
-    """
-
-    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
-        self.path = path
-        ordered = sorted(specs, key=lambda s: -s[1].itemsize)  # stable: keeps the given order within a size
-        header: dict = {"__metadata__": dict(metadata)}
-        offset = 0
-        for name, dtype, shape in ordered:
-            n = _nbytes(dtype, tuple(shape))
-            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.order = [s[0] for s in ordered]
-        self._specs = {s[0]: (s[1], tuple(s[2])) for s in ordered}
-        self._next = 0
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor (must be ``order[i]`` with the declared dtype and shape)."""
-        if self._next >= len(self.order) or self.order[self._next] != name:
-            raise CheckpointError(f"{self.path}: tensor {name} written out of order")
-        dtype, shape = self._specs[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise CheckpointError(f"{self.path}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {shape}")
-        t = tensor.detach().contiguous().cpu()
-        if t.numel():
-            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self._next += 1
-
-    def close(self) -> None:
-        """Flush and close; refuse a file with tensors missing."""
-        self._f.close()
-        if self._next != len(self.order):
-            raise CheckpointError(f"{self.path}: {len(self.order) - self._next} declared tensors were never written")
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._f.close()
 
 
 def open_safetensors(path: Path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -71,12 +72,13 @@ def quiet_third_party() -> None:
                     r".*pkg_resources is deprecated.*", r".*Custom kwargs can be passed.*"):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|lm_eval|datasets)\..*")
-    from transformers.utils import (
-        logging as hf_logging,  # transformers keeps its own verbosity and bar switches
-    )
+    if "transformers" in sys.modules:  # already imported: it read its environment; switch its own settings too
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_warning()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_warning()
+        hf_logging.disable_progress_bar()
+    # else transformers reads TRANSFORMERS_VERBOSITY / HF_HUB_DISABLE_PROGRESS_BARS (set above) when a command
+    # imports it: a merge on a cached architecture never imports it (~1 s saved per CLI run)
 
 
 def enable_progress(console: Console | None = None) -> None:

@@ -62,6 +62,7 @@ class DemoResult:
     chat: dict[str, str] = field(default_factory=dict)
     merge_seconds: dict[str, float] = field(default_factory=dict)
     merge_peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+    merge_streaming_rss_bytes: dict[str, int] = field(default_factory=dict)  # peak RSS - RSS before the tensors
     largest_shard_bytes: int = 0
     max_rel_err_vs_fp64: dict[str, float] = field(default_factory=dict)
     layers_beyond_rounding: dict[str, int] = field(default_factory=dict)
@@ -86,7 +87,8 @@ class DemoResult:
             p = self.probe[dt]
             rows += [
                 (f"merge time ({dt})", f"{self.merge_seconds[dt]:.2f} s"),
-                (f"merge peak RSS ({dt})", f"{self.merge_peak_rss_bytes[dt] / 2**20:.0f} MiB"),
+                (f"merge peak RSS ({dt})", f"{self.merge_peak_rss_bytes[dt] / 2**20:.0f} MiB (streaming the tensors "
+                                           f"added {self.merge_streaming_rss_bytes[dt] / 2**20:.0f} MiB)"),
                 (f"max rel err vs fp64 ({dt})",
                  f"{self.max_rel_err_vs_fp64[dt]:.3g} (||W - W_fp64||_F / ||W_fp64||_F, worst layer); "
                  f"{self.layers_beyond_rounding[dt]} layers beyond 1-ulp rounding"),
@@ -109,20 +111,23 @@ class DemoResult:
         return {"train_seconds": self.train_seconds, "train_steps": self.train_steps, "first_loss": self.first_loss,
                 "final_loss_mean_last5": self.final_loss, "chat": self.chat,
                 "merge_seconds": self.merge_seconds, "merge_peak_rss_bytes": self.merge_peak_rss_bytes,
+                "merge_streaming_rss_bytes": self.merge_streaming_rss_bytes,
                 "largest_shard_bytes": self.largest_shard_bytes, "max_rel_err_vs_fp64": self.max_rel_err_vs_fp64,
                 "layers_beyond_rounding": self.layers_beyond_rounding,
                 "probe": self.probe, "tasks": self.tasks, "passed": self.passed}
 
 
-def _merge_subprocess(base: Path, adapter: Path, out: Path, dtype: str) -> tuple[float, int]:
-    """Run `d2serve merge` in a fresh process; return its merge time (s) and own peak RSS (bytes) from the manifest."""
+def _merge_subprocess(base: Path, adapter: Path, out: Path, dtype: str) -> tuple[float, int, int]:
+    """Run `d2serve merge` in a fresh process; return from its manifest its merge time (s), own peak RSS (bytes)
+    and what streaming the tensors added to the RSS it had before (bytes)."""
     cmd = [sys.executable, "-m", "d2serve.cli", "merge", "--base", str(base), "--adapter", str(adapter),
            "--out", str(out), "--dtype", dtype, "--overwrite"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"merge failed (exit {proc.returncode}): {proc.stderr.strip()}")
     manifest = json.loads((out / "d2serve_merge.json").read_text())
-    return manifest["merge_seconds"], manifest["peak_rss_bytes"]
+    return (manifest["merge_seconds"], manifest["peak_rss_bytes"],
+            manifest["peak_rss_bytes"] - manifest["rss_before_streaming_bytes"])
 
 
 def task_check(base_model, merged_model, tok, limit: int = EVAL_LIMIT) -> dict[str, dict]:
@@ -183,7 +188,8 @@ def run_demo(workdir: str | Path, *, max_steps: int | None = None, dtype: str = 
     for dt in dict.fromkeys(("float32", dtype)):
         out = work / f"merged-{dt}"
         log(f"[3/5] merging into {out} ({dt}) in a fresh process")
-        res.merge_seconds[dt], res.merge_peak_rss_bytes[dt] = _merge_subprocess(base, adapter, out, dt)
+        res.merge_seconds[dt], res.merge_peak_rss_bytes[dt], res.merge_streaming_rss_bytes[dt] = _merge_subprocess(
+            base, adapter, out, dt)
         log(f"[4/5] checking {out}: weights vs float64, logits vs the trainer's probe")
         weights = check_weights(str(base), adp, str(out)).to_json()
         res.max_rel_err_vs_fp64[dt] = weights["max_rel_err"]

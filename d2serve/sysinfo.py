@@ -21,3 +21,18 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set size now (VmRSS from /proc/self/status), in bytes; 0 where unavailable.
+
+    With :func:`peak_rss_bytes` taken later, ``peak - current`` is the memory a piece of work added on top
+    of what the process already held (imports, caller's data).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

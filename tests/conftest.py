@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# a private on-disk cache (d2serve/cache.py) for the whole session, inherited by subprocesses: tests never write
+# into ~/.cache and never see entries of an earlier run
+os.environ["D2SERVE_CACHE_DIR"] = _TEST_CACHE_DIR = tempfile.mkdtemp(prefix="d2serve-test-cache-")
+atexit.register(shutil.rmtree, _TEST_CACHE_DIR, ignore_errors=True)
 
 TINY_TEXT = (
     "The capital of France is Paris. The quick brown fox jumps over the lazy dog. "

@@ -342,7 +342,7 @@ def _base_with_zero_row(src: Path, out: Path, module: str, row: int) -> Path:
 
 
 def test_zero_row_of_w0_is_refused_naming_module_and_row(tiny_llama_dir, tmp_path, monkeypatch):
-    import d2serve.merge as merge_mod
+    import d2serve.merge_blocks as merge_mod
 
     mod = "model.layers.1.self_attn.o_proj"
     base = _base_with_zero_row(tiny_llama_dir, tmp_path / "base", mod, 37)

@@ -270,7 +270,7 @@ def test_modules_to_save_replace_base_tensors(tiny_llama_dir, tmp_path):
 @pytest.mark.parametrize("method", ["d2lora", "dora"])
 def test_row_block_merge_equals_whole_tensor_merge(tiny_llama_dir, tmp_path, monkeypatch, method):
     """Merging in row blocks (1-3 rows here) gives the same bytes and statistics as one block per tensor."""
-    import d2serve.merge as merge_mod
+    import d2serve.merge_blocks as merge_mod
 
     ad = random_adapter(tiny_llama_dir, tmp_path / "ad", method=method, target_modules=ALL_LINEAR, std=0.2, seed=9)
     whole = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "whole", dtype="bfloat16")

@@ -13,25 +13,81 @@ from safetensors.torch import load_file, save_file
 from d2serve.adapters.io import load_adapter
 from d2serve.adapters.methods import MergeMathError, get_method
 from d2serve.adapters.synthetic import random_adapter
-from d2serve.checkpoint import HashingShardReader, tensor_infos
+from d2serve.checkpoint import CheckpointError, tensor_infos
+from d2serve.merge_io import MappedShard, ShardHasher, ShardOut
 from d2serve.merge import merge
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.mark.parametrize("order", ["file", "reverse", "some", "none"])
-def test_hashing_reader_gives_the_file_sha256_in_any_read_order(tmp_path, order):
-    tensors = {"a": torch.randn(7, 3), "b": torch.arange(10, dtype=torch.int64), "c": torch.randn(5).bfloat16(),
-               "d": torch.zeros(0, 4)}
+def _mixed_tensors() -> dict[str, torch.Tensor]:
+    return {"a": torch.randn(7, 3), "b": torch.arange(10, dtype=torch.int64), "c": torch.randn(5).bfloat16(),
+            "d": torch.zeros(0, 4), "e": torch.randn(3, 5, dtype=torch.float64)}
+
+
+def test_hasher_gives_every_file_sha256_and_stops_early(tmp_path):
+    files = []
+    for i, n in enumerate((0, 1, (1 << 20) - 1, 1 << 20, 3 * (1 << 20) + 17)):  # chunk boundaries and empty
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(bytes(range(256)) * (n // 256) + bytes(n % 256))
+    got = ShardHasher(files).result()
+    assert got == {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    with pytest.raises(FileNotFoundError):
+        ShardHasher([tmp_path / "missing"]).result()
+    h = ShardHasher(files * 50)
+    h.stop()  # abandons the rest and joins
+    assert not h._thread.is_alive()
+
+
+def test_mapped_shard_views_equal_the_tensors_and_survive_release(tmp_path):
+    tensors = _mixed_tensors()
     path = tmp_path / "x.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
     infos = tensor_infos(path)
-    names = sorted(infos, key=lambda n: infos[n].begin)
-    names = {"file": names, "reverse": names[::-1], "some": names[1:2], "none": []}[order]
-    reader = HashingShardReader(path)
-    for n in names:
-        assert torch.equal(reader.read(infos[n]), tensors[n]), n
-    assert reader.finish() == hashlib.sha256(path.read_bytes()).hexdigest()
+    shard = MappedShard(path)
+    for n, info in infos.items():
+        view = shard.tensor(info)
+        assert view.dtype == tensors[n].dtype and torch.equal(view, tensors[n]), n
+        shard.release(info.begin, info.end)  # drops pages from the resident set only
+        assert torch.equal(view, tensors[n]), n
+        del view
+    shard.close()
+    assert load_file(str(path)).keys() == tensors.keys()  # the file is untouched
+
+
+def test_shard_out_writes_what_safetensors_reads_from_any_order_of_blocks(tmp_path):
+    tensors = _mixed_tensors()
+    specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    out = ShardOut(tmp_path / "y.safetensors", specs, {"format": "pt"})
+    for n in reversed(list(tensors)):  # any order; "a" in two row blocks, the second first
+        t = tensors[n]
+        if n == "a":
+            out.write(n, t[4:], 4 * 3 * 4)
+            out.write(n, t[:4], 0)
+        else:
+            out.write(n, t)
+    out.close()
+    got = load_file(str(tmp_path / "y.safetensors"))
+    assert got.keys() == tensors.keys() and all(torch.equal(got[n], tensors[n]) for n in tensors)
+    # the same bytes as safetensors' own writer
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "y.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_shard_out_refuses_incomplete_overlapping_and_misfit_writes(tmp_path):
+    specs = [("a", torch.float32, (4, 2)), ("b", torch.int64, (3,))]
+    out = ShardOut(tmp_path / "z.safetensors", specs, {})
+    with pytest.raises(CheckpointError, match="declared torch.float32, written as torch.float64"):
+        out.write("a", torch.zeros(4, 2, dtype=torch.float64))
+    with pytest.raises(CheckpointError, match="do not fit tensor a"):
+        out.write("a", torch.zeros(3, 2), 16)
+    out.write("a", torch.zeros(4, 2))
+    with pytest.raises(CheckpointError, match="tensor a written more than once"):
+        out.write("a", torch.zeros(1, 2))
+    with pytest.raises(CheckpointError, match=r"2 declared tensor\(s\) not completely written \(first: b\)"):
+        out.close()
+    with pytest.raises(FileExistsError):  # never overwrites a file
+        ShardOut(tmp_path / "z.safetensors", specs, {})
 
 
 @pytest.mark.parametrize("method", ["d2lora", "dora", "lora"])
@@ -108,7 +164,7 @@ def test_an_error_in_a_later_tensor_leaves_no_output_and_no_thread(tiny_llama_di
 
 
 def test_row_block_workers_give_the_serial_bytes_and_statistics(tiny_llama_dir, tmp_path, monkeypatch):
-    import d2serve.merge as merge_mod
+    import d2serve.merge_blocks as merge_mod
 
     ad = random_adapter(tiny_llama_dir, tmp_path / "ad", target_modules=ALL_LINEAR, std=0.2, seed=4)
     monkeypatch.setattr(merge_mod, "ROW_BLOCK_ELEMENTS", 150)  # 1-2 rows per block: many blocks per layer

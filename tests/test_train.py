@@ -170,7 +170,10 @@ def test_demo_end_to_end_on_smollm2(smollm2_dir, tmp_path):
     assert res.max_rel_err_vs_fp64["float32"] < 1e-6 and res.layers_beyond_rounding == {"float32": 0, "bfloat16": 0}
     assert res.probe["float32"]["top1_agreement"] == 1.0 and res.probe["float32"]["max_abs_logit_diff"] < 1e-3
     assert 0 < res.probe["bfloat16"]["mean_kl"] < 1e-2
-    assert res.merge_peak_rss_bytes["bfloat16"] < 3 * res.largest_shard_bytes
+    # streaming the tensors (mapped reads, row blocks, positioned writes) adds less than one base shard to the
+    # merge process's RSS (the old engine held a whole tensor in and out; imports are not the engine's doing)
+    for dt in ("float32", "bfloat16"):
+        assert 0 <= res.merge_streaming_rss_bytes[dt] < res.largest_shard_bytes / 2, res.merge_streaming_rss_bytes
     assert json.loads((tmp_path / "demo.json").read_text())["passed"] is True
     # 2 steps at the default lr leave SmolLM2 answering chat prompts (the old raw-prompt adapter made it stop at once)
     assert "Paris" in res.chat["base"] and "Paris" in res.chat["merged bfloat16"], res.chat

@@ -138,13 +138,15 @@ def lora_delta(f: LayerFactors, dtype: torch.dtype = torch.float64) -> torch.Ten
 
 def lora_merge(
     w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None,
-    base_norms: torch.Tensor | None = None,
+    base_norms: torch.Tensor | None = None, out: torch.Tensor | None = None,
 ) -> Merged:
     """W_hat = W0 + scale * B @ A (W0 (out, in) of any float dtype, result in ``dtype``); no row scale.
 
-    ``dw``: the precomputed ``lora_delta(f, dtype)``; ``base_norms`` is unused (LoRA reads no norm).
+    ``dw``: the precomputed ``lora_delta(f, dtype)``; ``base_norms`` is unused (LoRA reads no norm);
+    ``out``: a (out, in) ``dtype`` buffer (not overlapping ``w0`` or ``dw``) that receives W_hat, so a caller
+    merging many blocks allocates nothing per block (the values are those of the call without it).
     """
-    return Merged(torch.add(w0.to(dtype), lora_delta(f, dtype) if dw is None else dw), None)
+    return Merged(torch.add(w0.to(dtype), lora_delta(f, dtype) if dw is None else dw, out=out), None)
 
 
 def lora_merged(
@@ -159,13 +161,14 @@ def lora_merged(
 
 def dora_merge(
     w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None,
-    base_norms: torch.Tensor | None = None,
+    base_norms: torch.Tensor | None = None, out: torch.Tensor | None = None,
 ) -> Merged:
     """W_hat = diag(s)(W0 + dW), s = magnitude / ||W0 + dW|| (out,), magnitude = ``lora_magnitude_vector``.
 
-    Returns W_hat and s (``base_norms`` is unused). Raises MergeMathError for a zero-norm row of W0 + dW.
+    Returns W_hat and s (``base_norms`` is unused; ``out`` as in :func:`lora_merge`). Raises MergeMathError
+    for a zero-norm row of W0 + dW.
     """
-    w = w0.to(dtype) + (lora_delta(f, dtype) if dw is None else dw)
+    w = torch.add(w0.to(dtype), lora_delta(f, dtype) if dw is None else dw, out=out)
     s = _checked_scale(w, _f(f, "lora_magnitude_vector", dtype), f.module, f.row_offset)
     return Merged(w.mul_(s.unsqueeze(1)), s)
 
@@ -195,7 +198,7 @@ def d2lora_delta(f: LayerFactors, dtype: torch.dtype = torch.float64) -> torch.T
 
 def d2lora_merge(
     w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.float64, dw: torch.Tensor | None = None,
-    base_norms: torch.Tensor | None = None,
+    base_norms: torch.Tensor | None = None, out: torch.Tensor | None = None,
 ) -> Merged:
     """W_hat = diag(s)(W0 + dW) + dW, s = m / ||W0 + dW|| with m = ||W0|| per output row; returns W_hat and s.
 
@@ -205,6 +208,8 @@ def d2lora_merge(
         dtype: compute dtype (float64 by default; the caller casts the result once).
         dw: the precomputed ``d2lora_delta(f, dtype)``, to avoid computing it twice.
         base_norms: the precomputed ``row_norm(w0)`` (out,), to avoid computing it twice.
+        out: a (out, in) ``dtype`` buffer (not overlapping ``w0`` or ``dw``) that receives W_hat (no allocation per
+            call; the values are those of the call without it).
 
     Raises:
         MergeMathError: a row of W0 or of W0 + dW has zero norm (the message names the module and row).
@@ -212,9 +217,9 @@ def d2lora_merge(
     w0 = w0.to(dtype)
     dw = d2lora_delta(f, dtype) if dw is None else dw
     m = _base_row_norms(w0, f, base_norms)
-    v = torch.add(w0, dw)
+    v = torch.add(w0, dw, out=out)
     s = _checked_scale(v, m, f.module, f.row_offset)
-    return Merged(torch.addcmul(dw, v, s.unsqueeze(1)), s)  # s * (W0 + dW) + dW
+    return Merged(torch.addcmul(dw, v, s.unsqueeze(1), out=v), s)  # s * (W0 + dW) + dW, in place of W0 + dW
 
 
 def d2lora_merged(

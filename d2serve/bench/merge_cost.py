@@ -59,12 +59,14 @@ def _child(job: dict) -> dict:
 
 
 def run_job(
-    kind: str, *, base: Path, out: Path, adapter: Path | None = None, threads: int | None = None, timeout: float = 7200
+    kind: str, *, base: Path, out: Path, adapter: Path | None = None, threads: int | None = None, timeout: float = 7200,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """Run one measurement in a child process.
 
     Args:
         threads: torch threads (``torch.set_num_threads``) and OMP_NUM_THREADS for the child (None: the default).
+        env: extra environment variables of the child (e.g. ``D2SERVE_CACHE_DIR``).
 
     Returns:
         ``{"kind", "seconds", "peak_rss_bytes", "rss_after_imports_bytes", "wall_s"}``.
@@ -73,7 +75,7 @@ def run_job(
         RuntimeError: the child failed (its stderr tail is in the message).
     """
     job = {"kind": kind, "base": str(base), "out": str(out), "adapter": adapter and str(adapter), "threads": threads}
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"} | (env or {})
     if threads:
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()

@@ -1,0 +1,297 @@
+"""Row-block merging: one weight at a time, in float64 row blocks, cast once, with its statistics.
+
+Every merge formula is row-wise over output features, so a weight is merged
+in blocks of rows: each block is read from the (mapped) base tensor into
+float64, merged by the method (looked up in the registry; this module knows
+no formula), checked finite, cast once to the output dtype and handed to
+``emit`` (a positioned write into the output file) as soon as it is done.
+Blocks run on ``torch.get_num_threads()`` worker threads, each running its
+torch ops on one thread with its own preallocated temporaries
+(:class:`Workspace`): nothing is allocated per block. Statistics and errors
+are taken in block order, so the bytes, the statistics and the error raised
+are those of a serial loop.
+
+:func:`copy_tensor` writes a tensor that is not merged (copied from the base,
+cast to the output dtype when needed, or replaced by ``modules_to_save``) in
+chunks, with the same finite and overflow checks: no non-finite value is
+ever written.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from d2serve.adapters.methods import Merged, MergeMathError, row_norm
+
+ROW_BLOCK_ELEMENTS = 1 << 18  # float64 temporaries of ~2 MiB per row block: memory flat, cache friendly
+COPY_CHUNK_BYTES = 16 << 20  # a copied tensor is checked, cast and written in chunks of at most this many bytes
+MAX_ROW_WORKERS = 8  # row-block worker threads: torch.get_num_threads(), at most this (temporaries per worker)
+
+Emit = Callable[[torch.Tensor, int], None]  # emit(tensor bytes, byte offset inside the output tensor)
+
+
+def cast_checked(name: str, w: torch.Tensor, dtype: torch.dtype, what: str = "merged tensor") -> torch.Tensor:
+    """Cast a floating tensor once to ``dtype``, refusing NaN/Inf and values that overflow ``dtype``.
+
+    Every floating tensor written goes through here (merged, replaced by
+    ``modules_to_save`` or copied from the base), so no non-finite value is ever written.
+
+    Raises:
+        MergeMathError: naming ``what`` and the tensor.
+    """
+    big = check_finite(name, w, what)
+    out = w.to(dtype)
+    check_no_overflow(name, big, out, what)
+    return out
+
+
+def check_finite(name: str, w: torch.Tensor, what: str) -> float:
+    """max |w| (0 for an empty tensor), refusing NaN/Inf: one ``aminmax`` pass (NaN and +-Inf propagate
+    into min/max), several times cheaper than ``isfinite(w).all()``; the count is taken only on failure."""
+    if not w.numel():
+        return 0.0
+    lo, hi = (float(x) for x in torch.aminmax(w))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise MergeMathError(f"{what} {name} has {int((~torch.isfinite(w)).sum())} NaN/Inf value(s)")
+    return max(-lo, hi)
+
+
+def check_no_overflow(name: str, big: float, out: torch.Tensor, what: str) -> None:
+    """Refuse a cast ``out`` that overflowed its dtype; ``big`` = max |value| before the cast (a value up
+    to the dtype's max cannot overflow, so the cast is scanned only when ``big`` exceeds it)."""
+    if out.is_floating_point() and big > torch.finfo(out.dtype).max and not torch.isfinite(out).all():
+        raise MergeMathError(
+            f"{what} {name} overflows {out.dtype} (max |value| {big:.4g} > "
+            f"{torch.finfo(out.dtype).max:.4g}); choose the output dtype bfloat16 or float32"
+        )
+
+
+class LayerStats:
+    """Per-layer merge statistics accumulated over row blocks (all from float64 values)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = list(shape)
+        self.dw_sq = self.w0_sq = 0.0
+        self.scale_min, self.scale_max = float("inf"), float("-inf")
+        self.n_changed = self.n_lost = 0
+        self.max_err = self.max_abs = 0.0
+
+    @staticmethod
+    def block(w0: torch.Tensor, w64: torch.Tensor, norms: torch.Tensor, merged: Merged, max_abs: float,
+              out: torch.Tensor, dw: torch.Tensor, ws: Workspace) -> tuple:
+        """The statistics of one row block, from values the merge already has (no second computation of the
+        row scale): W0 as stored and in float64, its row norms ||W0|| (out,), the method's :class:`Merged`
+        (W_hat float64, row scale or None), max |W_hat|, the cast W_hat, dW (float64); temporaries live in
+        the worker's :class:`Workspace`. Fold with :meth:`add`."""
+        flat = dw.reshape(-1)
+        scale = None if merged.scale is None else tuple(float(x) for x in torch.aminmax(merged.scale))
+        # W_hat == W0 implies cast(W_hat) == cast(W0), so "changed but equal after the cast" is
+        # #(cast equal) - #(unchanged), and #(unchanged) is 0 (not counted) when no cast is equal
+        exact = torch.promote_types(w0.dtype, out.dtype) == out.dtype  # W0 converts to out's dtype exactly
+        w0_cast = w0 if exact else ws.buffer("w0_cast", out.shape, out.dtype).copy_(w0)
+        same = ws.buffer("same", out.shape, torch.bool)
+        n_same_cast = int(torch.count_nonzero(torch.eq(out, w0_cast, out=same)))
+        n_same = int(torch.count_nonzero(torch.eq(merged.weight, w64, out=same))) if n_same_cast else 0
+        # (a mixed-dtype sub is several times slower than a cast into float64 and a float64 sub)
+        err = ws.buffer("err", out.shape, torch.float64).copy_(out).sub_(merged.weight)
+        lo, hi = torch.aminmax(err)
+        return (float(torch.dot(flat, flat)), float(torch.dot(norms, norms)), scale, out.numel() - n_same,
+                n_same_cast - n_same, max(-float(lo), float(hi)), max_abs)
+
+    def add(self, part: tuple) -> None:
+        """Fold one row block's :meth:`block` statistics in (in block order, so sums are reproducible)."""
+        dw_sq, w0_sq, scale, n_changed, n_lost, max_err, max_abs = part
+        self.dw_sq += dw_sq
+        self.w0_sq += w0_sq
+        if scale is not None:
+            self.scale_min, self.scale_max = min(self.scale_min, scale[0]), max(self.scale_max, scale[1])
+        self.n_changed += n_changed
+        self.n_lost += n_lost
+        self.max_err = max(self.max_err, max_err)
+        self.max_abs = max(self.max_abs, max_abs)
+
+    def to_json(self) -> dict:
+        """The manifest entry of the layer."""
+        return {
+            "shape": self.shape,
+            "delta_norm_ratio": (self.dw_sq / self.w0_sq) ** 0.5 if self.w0_sq else float("inf"),
+            "scale_min": self.scale_min if self.scale_min != float("inf") else None,
+            "scale_max": self.scale_max if self.scale_max != float("-inf") else None,
+            "frac_unchanged_by_cast": self.n_lost / max(self.n_changed, 1),
+            "cast_max_abs_err": self.max_err,
+            "cast_max_rel_err": self.max_err / self.max_abs if self.max_abs else 0.0,
+        }
+
+
+class Workspace:
+    """One row-block worker's temporaries, allocated once per merge and reused for every block.
+
+    A fresh multi-MiB tensor per op costs an mmap, page faults on first touch and an munmap (glibc serves
+    allocations this large from mmap): measured here, that was half of the merge's time. :meth:`buffer`
+    returns a view of a named buffer that only grows, so after the first blocks nothing is allocated.
+    """
+
+    def __init__(self):
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous tensor of ``shape``/``dtype`` (its contents are whatever was left)."""
+        n = math.prod(shape)
+        buf = self._bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[(name, dtype)] = torch.empty(max(n, ROW_BLOCK_ELEMENTS), dtype=dtype)
+        return buf[:n].view(shape)
+
+
+class Workspaces:
+    """A free list of :class:`Workspace` objects, one per row-block worker (blocks take one and give it back)."""
+
+    def __init__(self, n: int):
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(max(1, n)):
+            self._free.put(Workspace())
+
+    def take(self) -> Workspace:
+        return self._free.get()
+
+    def give(self, ws: Workspace) -> None:
+        self._free.put(ws)
+
+
+def merge_layer(
+    target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype, emit: Emit, check_fingerprint=None,
+    transposed: bool = False, pool: ThreadPoolExecutor | None = None, workspaces: Workspaces | None = None,
+    consumed: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Merge one weight in row blocks of its (out, in) form (every formula is row-wise); return its statistics.
+
+    Args:
+        target: the output tensor name (for error messages).
+        w: the stored base weight, any float dtype: (out, in) for nn.Linear, (in, out) for Conv1D or an
+            nn.Embedding (``transposed``), in which case the math runs on its transpose and the result is
+            stored back as (in, out).
+        f: the layer's :class:`d2serve.adapters.methods.LayerFactors`; ``method``: its registry entry.
+        out_dtype: the output dtype (W_hat is computed in float64 and cast once).
+        emit: ``emit(tensor, byte_offset)`` receives the output bytes: each finished row block (C order, at
+            its offset in the output tensor) as soon as it is done, from a worker thread; a transposed
+            weight is assembled and emitted once, whole, at offset 0.
+        check_fingerprint: ``check(W0 rows float64, d2_magnitude rows, their norms)``, run on each block
+            that carries a magnitude.
+        pool: worker threads that merge row blocks concurrently (statistics and errors are taken in block
+            order, so the statistics and the error raised are those of the serial loop).
+        workspaces: the workers' temporaries (:class:`Workspaces`, at least one per worker; fresh if None).
+        consumed: ``consumed(first_byte, end_byte)`` (offsets inside ``w`` as stored) once a row block of a
+            non-transposed weight was read, e.g. to drop its mapped pages from the resident set.
+
+    Returns:
+        the layer's manifest entry (:meth:`LayerStats.to_json`).
+
+    Raises:
+        MergeMathError: NaN/Inf, a zero-norm row, or an overflow of ``out_dtype``, naming ``target``.
+    """
+    stored = torch.empty(w.shape, dtype=out_dtype) if transposed else None
+    w = w.t() if transposed else w
+    stats = LayerStats(w.shape)
+    b_all, a = method.low_rank(f, torch.float64)  # dW = B' @ A': factors folded and made float64 once per layer
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
+    row_bytes, in_bytes = w.shape[1] * out_dtype.itemsize, w.shape[1] * w.element_size()
+    workspaces = workspaces or Workspaces(1)
+
+    def merge_block(start: int) -> tuple:
+        ws = workspaces.take()
+        try:
+            return _merge_block(ws, start, min(start + rows, w.shape[0]))
+        finally:
+            workspaces.give(ws)
+
+    def _merge_block(ws: Workspace, start: int, end: int) -> tuple:
+        fb = f.row_block(start, end, method.row_factors)
+        w0 = w[start:end]
+        shape = (end - start, w.shape[1])
+        w64 = ws.buffer("w0", shape, torch.float64).copy_(w0)
+        if consumed is not None and stored is None:
+            consumed(start * in_bytes, end * in_bytes)
+        norms = row_norm(w64)
+        if check_fingerprint is not None and fb.magnitude is not None:
+            check_fingerprint(w64, fb.magnitude, norms)
+        dw = torch.mm(b_all[start:end], a, out=ws.buffer("dw", shape, torch.float64))
+        merged = method.merge(w64, fb, torch.float64, dw, norms, out=ws.buffer("merged", shape, torch.float64))
+        big = check_finite(target, merged.weight, "merged tensor")
+        # the one cast: into the stored layout (transposed) or into a buffer written out at once
+        block = stored.t()[start:end] if stored is not None else ws.buffer("out", shape, out_dtype)
+        block.copy_(merged.weight)
+        check_no_overflow(target, big, block, "merged tensor")
+        part = LayerStats.block(w0, w64, norms, merged, big, block, dw, ws)
+        if stored is None:
+            emit(block, start * row_bytes)
+        return part
+
+    starts = range(0, w.shape[0], rows)
+    if pool is None or len(starts) == 1:
+        for start in starts:
+            stats.add(merge_block(start))
+    else:
+        futures = [pool.submit(merge_block, start) for start in starts]
+        try:
+            for fu in futures:
+                stats.add(fu.result())
+        finally:  # on an error: drop the blocks not started, wait for the running ones
+            for fu in futures:
+                fu.cancel()
+            for fu in futures:
+                if not fu.cancelled():
+                    fu.exception()
+    if stored is not None:
+        emit(stored, 0)
+    return stats.to_json()
+
+
+def copy_tensor(
+    name: str, t: torch.Tensor, out_dtype: torch.dtype | None, emit: Emit, what: str, ws: Workspace,
+    consumed: Callable[[int, int], None] | None = None,
+) -> int:
+    """Write a tensor that is not merged, in chunks: cast to ``out_dtype`` when it differs (floating tensors),
+    every floating value checked finite and within ``out_dtype`` (:func:`cast_checked`'s checks).
+
+    Args:
+        name: tensor name for messages (``what`` says which kind: ``base tensor``, ``modules_to_save tensor``).
+        t: the tensor as read (contiguous; e.g. a view of the mapped base shard).
+        out_dtype: the dtype written for a floating tensor; None writes ``t`` as it is (integer tensors).
+        emit: ``emit(chunk, byte_offset)`` receives the output bytes in order.
+        ws: temporaries for the cast chunks.
+        consumed: ``consumed(first_input_byte, end_input_byte)`` after each chunk (offsets inside ``t``), e.g.
+            to drop the mapped pages of a chunk already written.
+
+    Returns:
+        max |value| over the tensor (0 for integer or empty tensors).
+
+    Raises:
+        MergeMathError: a NaN/Inf value (the count is over the whole tensor) or an overflow of ``out_dtype``.
+    """
+    flat = t.reshape(-1)
+    floating = t.is_floating_point() and out_dtype is not None
+    dtype = out_dtype if floating else t.dtype
+    n_chunk = max(1, COPY_CHUNK_BYTES // max(t.element_size(), dtype.itemsize))
+    biggest = 0.0
+    for start in range(0, flat.numel(), n_chunk):
+        chunk = flat[start:start + n_chunk]
+        out = chunk
+        if floating:
+            try:
+                big = check_finite(name, chunk, what)
+            except MergeMathError:
+                check_finite(name, flat, what)  # the message counts the whole tensor's NaN/Inf values
+                raise
+            if dtype != t.dtype:
+                out = ws.buffer("copy", chunk.shape, dtype).copy_(chunk)
+                check_no_overflow(name, big, out, what)
+            biggest = max(biggest, big)
+        emit(out, start * dtype.itemsize)
+        if consumed is not None:
+            consumed(start * t.element_size(), (start + chunk.numel()) * t.element_size())
+    return biggest
