@@ -52,7 +52,7 @@ from d2serve.checkpoint import (
     write_json,
 )
 from d2serve.errors import InputError
-from d2serve.merge_blocks import MAX_ROW_WORKERS, Workspaces, copy_tensor, merge_layer
+from d2serve.merge_blocks import MAX_ROW_WORKERS, LayerMerge, TensorCopy, Workspaces, run_in_order
 from d2serve.merge_io import MappedShard, ShardHasher, ShardOut
 from d2serve.sysinfo import current_rss_bytes, peak_rss_bytes
 
@@ -126,7 +126,7 @@ class _Fingerprints:
         self._lock = threading.Lock()
 
     def checker(self, module: str):
-        """``check(W0 rows float64, fingerprint rows, their norms)`` for :func:`_merge_layer`, recording the worst
+        """``check(W0 rows float64, fingerprint rows, their norms)`` for :class:`LayerMerge`, recording the worst
         difference."""
 
         def check(rows: torch.Tensor, mag: torch.Tensor, norms: torch.Tensor | None = None) -> None:
@@ -281,6 +281,7 @@ def _merge(ckpt: Checkpoint, adapter, out: Path, dtype: str, overwrite: bool, pr
                     src_file = MappedShard(ckpt.path / shard)
                     try:
                         with ShardOut(tmp / shard, specs, {"format": "pt"}) as dst:
+                            jobs, merged_modules = [], []
                             for target in order:
                                 src, module = outputs[target]
                                 info = ckpt.tensors[src]
@@ -294,28 +295,30 @@ def _merge(ckpt: Checkpoint, adapter, out: Path, dtype: str, overwrite: bool, pr
 
                                 if module is not None:
                                     kind = arch.layer(module)
-                                    layer_stats[module] = merge_layer(
-                                        target, w, adp.layers[module], method, out_dtype, emit,
-                                        fingerprints.checker(module), transposed=kind is not None and kind.transposed,
-                                        pool=blocks, workspaces=workspaces, consumed=release,
-                                    )
-                                else:
-                                    ws = workspaces.take()
-                                    try:
-                                        if target in adp.modules_to_save:
-                                            copy_tensor(target, adp.modules_to_save[target].contiguous(), out_dtype,
-                                                        emit, "modules_to_save tensor", ws)
-                                        else:  # floating: checked (and cast if the dtype differs); integer: as is
-                                            name = target if target == src else f"{src} (written as {target})"
-                                            copy_tensor(name, w, out_dtype if w.is_floating_point() else None, emit,
-                                                        "base tensor", ws, release)
-                                    finally:
-                                        workspaces.give(ws)
-                                src_file.release(info.begin, info.end)  # its pages leave our resident set
+                                    jobs.append(LayerMerge(target, w, adp.layers[module], method, out_dtype, emit,
+                                                           fingerprints.checker(module),
+                                                           transposed=kind is not None and kind.transposed,
+                                                           consumed=release))
+                                    merged_modules.append(module)
+                                elif target in adp.modules_to_save:
+                                    jobs.append(TensorCopy(target, adp.modules_to_save[target].contiguous(), out_dtype,
+                                                           emit, "modules_to_save tensor"))
+                                else:  # floating: checked (and cast if the dtype differs); integer: as is
+                                    name = target if target == src else f"{src} (written as {target})"
+                                    jobs.append(TensorCopy(name, w, out_dtype if w.is_floating_point() else None,
+                                                           emit, "base tensor", release))
                                 weight_map[target] = shard
                                 total_size += math.prod(info.shape) * out_dtypes[target].itemsize
                                 del w
-                                bar.advance()
+                            # every block and chunk of the shard queued at once: the workers never idle at a
+                            # tensor's end; statistics folded and errors raised in file order
+                            results = run_in_order(jobs, blocks, workspaces)
+                            del jobs
+                            modules = iter(merged_modules)
+                            for r in results:
+                                if r is not None:
+                                    layer_stats[next(modules)] = r
+                            bar.advance(len(order))
                     finally:
                         src_file.close()
                 digests = hasher.result()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import queue
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -163,12 +164,11 @@ class Workspaces:
         self._free.put(ws)
 
 
-def merge_layer(
-    target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype, emit: Emit, check_fingerprint=None,
-    transposed: bool = False, pool: ThreadPoolExecutor | None = None, workspaces: Workspaces | None = None,
-    consumed: Callable[[int, int], None] | None = None,
-) -> dict:
-    """Merge one weight in row blocks of its (out, in) form (every formula is row-wise); return its statistics.
+Task = Callable[[Workspace], object]  # one row block or chunk, run on a worker with its workspace
+
+
+class LayerMerge:
+    """The merge of one weight as row-block tasks (every formula is row-wise) and a :meth:`finish` step.
 
     Args:
         target: the output tensor name (for error messages).
@@ -179,119 +179,153 @@ def merge_layer(
         out_dtype: the output dtype (W_hat is computed in float64 and cast once).
         emit: ``emit(tensor, byte_offset)`` receives the output bytes: each finished row block (C order, at
             its offset in the output tensor) as soon as it is done, from a worker thread; a transposed
-            weight is assembled and emitted once, whole, at offset 0.
+            weight is assembled and emitted once, whole, by :meth:`finish`.
         check_fingerprint: ``check(W0 rows float64, d2_magnitude rows, their norms)``, run on each block
             that carries a magnitude.
-        pool: worker threads that merge row blocks concurrently (statistics and errors are taken in block
-            order, so the statistics and the error raised are those of the serial loop).
-        workspaces: the workers' temporaries (:class:`Workspaces`, at least one per worker; fresh if None).
         consumed: ``consumed(first_byte, end_byte)`` (offsets inside ``w`` as stored) once a row block of a
             non-transposed weight was read, e.g. to drop its mapped pages from the resident set.
 
-    Returns:
-        the layer's manifest entry (:meth:`LayerStats.to_json`).
-
-    Raises:
-        MergeMathError: NaN/Inf, a zero-norm row, or an overflow of ``out_dtype``, naming ``target``.
+    Each task raises MergeMathError (NaN/Inf, a zero-norm row, an overflow of ``out_dtype``, naming
+    ``target``) or the fingerprint check's error.
     """
-    stored = torch.empty(w.shape, dtype=out_dtype) if transposed else None
-    w = w.t() if transposed else w
-    stats = LayerStats(w.shape)
-    b_all, a = method.low_rank(f, torch.float64)  # dW = B' @ A': factors folded and made float64 once per layer
-    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
-    row_bytes, in_bytes = w.shape[1] * out_dtype.itemsize, w.shape[1] * w.element_size()
-    workspaces = workspaces or Workspaces(1)
 
-    def merge_block(start: int) -> tuple:
-        ws = workspaces.take()
-        try:
-            return _merge_block(ws, start, min(start + rows, w.shape[0]))
-        finally:
-            workspaces.give(ws)
+    def __init__(self, target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype, emit: Emit,
+                 check_fingerprint=None, transposed: bool = False, consumed: Callable[[int, int], None] | None = None):
+        self.target, self.f, self.method, self.out_dtype, self.emit = target, f, method, out_dtype, emit
+        self.check_fingerprint, self.consumed, self.transposed = check_fingerprint, consumed, transposed
+        self.w = w.t() if transposed else w
+        self.stored: torch.Tensor | None = None  # transposed: the whole output, made by the first block
+        self.b_all = self.a = None  # dW = B' @ A': folded and made float64 once, by the first block
+        self._lock = threading.Lock()
+        rows = max(1, ROW_BLOCK_ELEMENTS // max(1, self.w.shape[1]))
+        self.spans = [(s, min(s + rows, self.w.shape[0])) for s in range(0, self.w.shape[0], rows)]
+        self.row_bytes = self.w.shape[1] * out_dtype.itemsize
+        self.in_bytes = self.w.shape[1] * w.element_size()
 
-    def _merge_block(ws: Workspace, start: int, end: int) -> tuple:
-        fb = f.row_block(start, end, method.row_factors)
+    def tasks(self) -> list[Task]:
+        """One task per row block, in row order."""
+        return [lambda ws, s=s, e=e: self._block(ws, s, e) for s, e in self.spans]
+
+    def _prepare(self) -> None:
+        """What every block needs, made once when the first block runs (queued layers hold nothing yet)."""
+        with self._lock:
+            if self.a is None:
+                if self.transposed:
+                    self.stored = torch.empty(self.w.t().shape, dtype=self.out_dtype)
+                self.b_all, self.a = self.method.low_rank(self.f, torch.float64)
+
+    def _block(self, ws: Workspace, start: int, end: int) -> tuple:
+        self._prepare()
+        w, fb = self.w, self.f.row_block(start, end, self.method.row_factors)
         w0 = w[start:end]
         shape = (end - start, w.shape[1])
         w64 = ws.buffer("w0", shape, torch.float64).copy_(w0)
-        if consumed is not None and stored is None:
-            consumed(start * in_bytes, end * in_bytes)
+        if self.consumed is not None and not self.transposed:
+            self.consumed(start * self.in_bytes, end * self.in_bytes)
         norms = row_norm(w64)
-        if check_fingerprint is not None and fb.magnitude is not None:
-            check_fingerprint(w64, fb.magnitude, norms)
-        dw = torch.mm(b_all[start:end], a, out=ws.buffer("dw", shape, torch.float64))
-        merged = method.merge(w64, fb, torch.float64, dw, norms, out=ws.buffer("merged", shape, torch.float64))
-        big = check_finite(target, merged.weight, "merged tensor")
+        if self.check_fingerprint is not None and fb.magnitude is not None:
+            self.check_fingerprint(w64, fb.magnitude, norms)
+        dw = torch.mm(self.b_all[start:end], self.a, out=ws.buffer("dw", shape, torch.float64))
+        merged = self.method.merge(w64, fb, torch.float64, dw, norms, out=ws.buffer("merged", shape, torch.float64))
+        big = check_finite(self.target, merged.weight, "merged tensor")
         # the one cast: into the stored layout (transposed) or into a buffer written out at once
-        block = stored.t()[start:end] if stored is not None else ws.buffer("out", shape, out_dtype)
-        block.copy_(merged.weight)
-        check_no_overflow(target, big, block, "merged tensor")
-        part = LayerStats.block(w0, w64, norms, merged, big, block, dw, ws)
-        if stored is None:
-            emit(block, start * row_bytes)
+        out = self.stored.t()[start:end] if self.transposed else ws.buffer("out", shape, self.out_dtype)
+        out.copy_(merged.weight)
+        check_no_overflow(self.target, big, out, "merged tensor")
+        part = LayerStats.block(w0, w64, norms, merged, big, out, dw, ws)
+        if not self.transposed:
+            self.emit(out, start * self.row_bytes)
         return part
 
-    starts = range(0, w.shape[0], rows)
-    if pool is None or len(starts) == 1:
-        for start in starts:
-            stats.add(merge_block(start))
-    else:
-        futures = [pool.submit(merge_block, start) for start in starts]
-        try:
-            for fu in futures:
-                stats.add(fu.result())
-        finally:  # on an error: drop the blocks not started, wait for the running ones
-            for fu in futures:
-                fu.cancel()
-            for fu in futures:
-                if not fu.cancelled():
-                    fu.exception()
-    if stored is not None:
-        emit(stored, 0)
-    return stats.to_json()
+    def finish(self, parts: list[tuple]) -> dict:
+        """Fold the blocks' statistics in row order (emit a transposed weight); the layer's manifest entry."""
+        stats = LayerStats(self.w.shape)
+        for part in parts:
+            stats.add(part)
+        if self.stored is not None:
+            self.emit(self.stored, 0)
+        self.stored = self.b_all = self.a = None
+        return stats.to_json()
 
 
-def copy_tensor(
-    name: str, t: torch.Tensor, out_dtype: torch.dtype | None, emit: Emit, what: str, ws: Workspace,
-    consumed: Callable[[int, int], None] | None = None,
-) -> int:
-    """Write a tensor that is not merged, in chunks: cast to ``out_dtype`` when it differs (floating tensors),
-    every floating value checked finite and within ``out_dtype`` (:func:`cast_checked`'s checks).
+class TensorCopy:
+    """Writing a tensor that is not merged, as chunk tasks: cast to ``out_dtype`` when it differs (floating
+    tensors), every floating value checked finite and within ``out_dtype`` (:func:`cast_checked`'s checks).
 
     Args:
         name: tensor name for messages (``what`` says which kind: ``base tensor``, ``modules_to_save tensor``).
         t: the tensor as read (contiguous; e.g. a view of the mapped base shard).
         out_dtype: the dtype written for a floating tensor; None writes ``t`` as it is (integer tensors).
-        emit: ``emit(chunk, byte_offset)`` receives the output bytes in order.
-        ws: temporaries for the cast chunks.
+        emit: ``emit(chunk, byte_offset)`` receives the output bytes.
+        what: ``base tensor`` or ``modules_to_save tensor``, for messages.
         consumed: ``consumed(first_input_byte, end_input_byte)`` after each chunk (offsets inside ``t``), e.g.
             to drop the mapped pages of a chunk already written.
 
-    Returns:
-        max |value| over the tensor (0 for integer or empty tensors).
-
-    Raises:
-        MergeMathError: a NaN/Inf value (the count is over the whole tensor) or an overflow of ``out_dtype``.
+    A task raises MergeMathError for a NaN/Inf value (the count is over the whole tensor) or an overflow of
+    ``out_dtype``.
     """
-    flat = t.reshape(-1)
-    floating = t.is_floating_point() and out_dtype is not None
-    dtype = out_dtype if floating else t.dtype
-    n_chunk = max(1, COPY_CHUNK_BYTES // max(t.element_size(), dtype.itemsize))
-    biggest = 0.0
-    for start in range(0, flat.numel(), n_chunk):
-        chunk = flat[start:start + n_chunk]
-        out = chunk
-        if floating:
+
+    def __init__(self, name: str, t: torch.Tensor, out_dtype: torch.dtype | None, emit: Emit, what: str,
+                 consumed: Callable[[int, int], None] | None = None):
+        self.name, self.flat, self.emit, self.what, self.consumed = name, t.reshape(-1), emit, what, consumed
+        self.floating = t.is_floating_point() and out_dtype is not None
+        self.dtype = out_dtype if self.floating else t.dtype
+        n = max(1, COPY_CHUNK_BYTES // max(t.element_size(), self.dtype.itemsize))
+        self.spans = [(s, min(s + n, self.flat.numel())) for s in range(0, self.flat.numel(), n)]
+
+    def tasks(self) -> list[Task]:
+        """One task per chunk, in order."""
+        return [lambda ws, s=s, e=e: self._chunk(ws, s, e) for s, e in self.spans]
+
+    def _chunk(self, ws: Workspace, start: int, end: int) -> None:
+        chunk = out = self.flat[start:end]
+        if self.floating:
             try:
-                big = check_finite(name, chunk, what)
+                big = check_finite(self.name, chunk, self.what)
             except MergeMathError:
-                check_finite(name, flat, what)  # the message counts the whole tensor's NaN/Inf values
+                check_finite(self.name, self.flat, self.what)  # the message counts the whole tensor's NaN/Inf
                 raise
-            if dtype != t.dtype:
-                out = ws.buffer("copy", chunk.shape, dtype).copy_(chunk)
-                check_no_overflow(name, big, out, what)
-            biggest = max(biggest, big)
-        emit(out, start * dtype.itemsize)
-        if consumed is not None:
-            consumed(start * t.element_size(), (start + chunk.numel()) * t.element_size())
-    return biggest
+            if self.dtype != chunk.dtype:
+                out = ws.buffer("copy", chunk.shape, self.dtype).copy_(chunk)
+                check_no_overflow(self.name, big, out, self.what)
+        self.emit(out, start * self.dtype.itemsize)
+        if self.consumed is not None:
+            self.consumed(start * chunk.element_size(), end * chunk.element_size())
+
+    def finish(self, parts: list) -> None:
+        """Nothing to fold."""
+        return None
+
+
+def run_in_order(jobs: list, pool: ThreadPoolExecutor | None, workspaces: Workspaces) -> list:
+    """Run every task of ``jobs`` (:class:`LayerMerge` / :class:`TensorCopy`) on ``pool``, all queued at once so
+    the workers never wait for one tensor to finish before starting the next; then each job's :meth:`finish`
+    on its tasks' results, in job order. Serial (``pool`` None): the tasks run here, in order.
+
+    Errors are taken in submission order, so the error raised is the one the serial loop raises first; on an
+    error the tasks not started are cancelled and the running ones awaited before it propagates.
+
+    Returns:
+        each job's ``finish`` result, in job order.
+    """
+
+    def run(task: Task):
+        ws = workspaces.take()
+        try:
+            return task(ws)
+        finally:
+            workspaces.give(ws)
+
+    if pool is None:
+        return [job.finish([run(t) for t in job.tasks()]) for job in jobs]
+    futures = [[pool.submit(run, t) for t in job.tasks()] for job in jobs]
+    try:
+        return [job.finish([fu.result() for fu in fus]) for job, fus in zip(jobs, futures, strict=True)]
+    finally:  # on an error: drop the tasks not started, wait for the running ones
+        flat = [fu for fus in futures for fu in fus]
+        for fu in flat:
+            fu.cancel()
+        for fu in flat:
+            if not fu.cancelled():
+                fu.exception()
+
