@@ -182,8 +182,9 @@ class LayerMerge:
             weight is assembled and emitted once, whole, by :meth:`finish`.
         check_fingerprint: ``check(W0 rows float64, d2_magnitude rows, their norms)``, run on each block
             that carries a magnitude.
-        consumed: ``consumed(first_byte, end_byte)`` (offsets inside ``w`` as stored) once a row block of a
-            non-transposed weight was read, e.g. to drop its mapped pages from the resident set.
+        consumed: ``consumed(first_byte, end_byte)`` (offsets inside ``w`` as stored) once bytes of ``w`` are
+            read for the last time (a row block of a non-transposed weight when it is done; a transposed
+            weight whole, in :meth:`finish`), e.g. to drop its mapped pages from the resident set.
 
     Each task raises MergeMathError (NaN/Inf, a zero-norm row, an overflow of ``out_dtype``, naming
     ``target``) or the fingerprint check's error.
@@ -220,8 +221,6 @@ class LayerMerge:
         w0 = w[start:end]
         shape = (end - start, w.shape[1])
         w64 = ws.buffer("w0", shape, torch.float64).copy_(w0)
-        if self.consumed is not None and not self.transposed:
-            self.consumed(start * self.in_bytes, end * self.in_bytes)
         norms = row_norm(w64)
         if self.check_fingerprint is not None and fb.magnitude is not None:
             self.check_fingerprint(w64, fb.magnitude, norms)
@@ -235,6 +234,8 @@ class LayerMerge:
         part = LayerStats.block(w0, w64, norms, merged, big, out, dw, ws)
         if not self.transposed:
             self.emit(out, start * self.row_bytes)
+            if self.consumed is not None:  # W0's rows are not read again (touching them would map them back in)
+                self.consumed(start * self.in_bytes, end * self.in_bytes)
         return part
 
     def finish(self, parts: list[tuple]) -> dict:
@@ -244,6 +245,8 @@ class LayerMerge:
             stats.add(part)
         if self.stored is not None:
             self.emit(self.stored, 0)
+        if self.consumed is not None and self.transposed:  # the columns read by the blocks: all of it, now
+            self.consumed(0, self.w.numel() * self.w.element_size())
         self.stored = self.b_all = self.a = None
         return stats.to_json()
 
