@@ -312,13 +312,12 @@ def _merge(ckpt: Checkpoint, adapter, out: Path, dtype: str, overwrite: bool, pr
                                 del w
                             # every block and chunk of the shard queued at once: the workers never idle at a
                             # tensor's end; statistics folded and errors raised in file order
-                            results = run_in_order(jobs, blocks, workspaces)
+                            results = run_in_order(jobs, blocks, workspaces, bar.advance)
                             del jobs
                             modules = iter(merged_modules)
                             for r in results:
                                 if r is not None:
                                     layer_stats[next(modules)] = r
-                            bar.advance(len(order))
                     finally:
                         src_file.close()
                 digests = hasher.result()

@@ -300,7 +300,8 @@ class TensorCopy:
         return None
 
 
-def run_in_order(jobs: list, pool: ThreadPoolExecutor | None, workspaces: Workspaces) -> list:
+def run_in_order(jobs: list, pool: ThreadPoolExecutor | None, workspaces: Workspaces,
+                 done: Callable[[], None] | None = None) -> list:
     """Run every task of ``jobs`` (:class:`LayerMerge` / :class:`TensorCopy`) on ``pool``, all queued at once so
     the workers never wait for one tensor to finish before starting the next; then each job's :meth:`finish`
     on its tasks' results, in job order. Serial (``pool`` None): the tasks run here, in order.
@@ -308,9 +309,17 @@ def run_in_order(jobs: list, pool: ThreadPoolExecutor | None, workspaces: Worksp
     Errors are taken in submission order, so the error raised is the one the serial loop raises first; on an
     error the tasks not started are cancelled and the running ones awaited before it propagates.
 
+    ``done()`` is called after each job's ``finish`` (e.g. to advance a progress bar).
+
     Returns:
         each job's ``finish`` result, in job order.
     """
+
+    def finish(job, parts: list):
+        r = job.finish(parts)
+        if done is not None:
+            done()
+        return r
 
     def run(task: Task):
         ws = workspaces.take()
@@ -320,10 +329,10 @@ def run_in_order(jobs: list, pool: ThreadPoolExecutor | None, workspaces: Worksp
             workspaces.give(ws)
 
     if pool is None:
-        return [job.finish([run(t) for t in job.tasks()]) for job in jobs]
+        return [finish(job, [run(t) for t in job.tasks()]) for job in jobs]
     futures = [[pool.submit(run, t) for t in job.tasks()] for job in jobs]
     try:
-        return [job.finish([fu.result() for fu in fus]) for job, fus in zip(jobs, futures, strict=True)]
+        return [finish(job, [fu.result() for fu in fus]) for job, fus in zip(jobs, futures, strict=True)]
     finally:  # on an error: drop the tasks not started, wait for the running ones
         flat = [fu for fus in futures for fu in fus]
         for fu in flat:

@@ -1,9 +1,20 @@
-"""Process facts used in reports: peak resident memory."""
+"""Process facts used in reports: peak and current resident memory."""
 
 from __future__ import annotations
 
 import resource
 from pathlib import Path
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (e.g. ``VmHWM``) in bytes; None where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def peak_rss_bytes() -> int:
@@ -14,13 +25,8 @@ def peak_rss_bytes() -> int:
     ``ru_maxrss``, VmHWM is not inherited from a parent that forked this process,
     so a fresh child reports only its own peak.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm = _status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss_bytes() -> int:
@@ -29,10 +35,4 @@ def current_rss_bytes() -> int:
     With :func:`peak_rss_bytes` taken later, ``peak - current`` is the memory a piece of work added on top
     of what the process already held (imports, caller's data).
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _status_bytes("VmRSS") or 0

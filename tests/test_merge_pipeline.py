@@ -180,3 +180,24 @@ def test_row_block_workers_give_the_serial_bytes_and_statistics(tiny_llama_dir, 
     assert (tmp_path / "serial" / "model.safetensors").read_bytes() == (tmp_path / "pooled" / "model.safetensors").read_bytes()
     assert serial.manifest["layers"] == pooled.manifest["layers"]
     assert serial.manifest["base_fingerprint"] == pooled.manifest["base_fingerprint"]
+
+
+def test_mapped_shard_copies_a_tensor_at_an_offset_its_dtype_cannot_view(tmp_path):
+    """A hand-made file (safetensors itself sorts by element size) with a float32 tensor 2 bytes past an
+    alignment boundary: read as a copy, values exact."""
+    import json
+    import struct
+
+    a, b = torch.randn(3).bfloat16(), torch.randn(2, 2)
+    header = {"a": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]},
+              "b": {"dtype": "F32", "shape": [2, 2], "data_offsets": [6, 22]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + a.view(torch.uint8).numpy().tobytes()
+                     + b.reshape(-1).view(torch.uint8).numpy().tobytes())
+    infos = tensor_infos(path)
+    assert infos["b"].begin % 4 == 2  # misaligned for float32
+    shard = MappedShard(path)
+    assert torch.equal(shard.tensor(infos["a"]), a) and torch.equal(shard.tensor(infos["b"]), b)
+    shard.close()
