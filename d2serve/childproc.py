@@ -67,3 +67,26 @@ def run_tied_to_parent(cmd: Sequence[str], **popen_kwargs) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+
+
+def json_worker_main(argv: list[str], module: str, run: Callable[[dict], dict]) -> int:
+    """The ``main()`` of a worker module run as ``python -m MODULE REQUEST.json RESULT.json``.
+
+    Reads the request (JSON), writes ``run(request)`` to the result file, or ``{"error": traceback}`` when
+    ``run`` raises (the parent re-raises it with the child's traceback). Returns the exit code: 0 done, 1 ``run``
+    failed, 2 wrong arguments.
+    """
+    import json
+    import traceback
+    from pathlib import Path
+
+    if len(argv) != 2:
+        print(f"usage: python -m {module} REQUEST.json RESULT.json", file=sys.stderr)
+        return 2
+    req_path, res_path = Path(argv[0]), Path(argv[1])
+    try:
+        result, code = run(json.loads(req_path.read_text())), 0
+    except Exception:  # report any failure of the worker's library (vLLM) to the parent as JSON
+        result, code = {"error": traceback.format_exc()}, 1
+    res_path.write_text(json.dumps(result))
+    return code

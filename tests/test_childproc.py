@@ -99,3 +99,23 @@ def test_interrupted_wait_kills_the_childs_process_group(monkeypatch, tmp_path):
     while (_alive(child) or _alive(grandchild)) and time.monotonic() - t0 < 5:
         time.sleep(0.05)
     assert not _alive(child) and not _alive(grandchild)
+
+
+def test_json_worker_main_writes_the_result_or_the_error_with_its_traceback(tmp_path, capsys):
+    import json
+
+    from d2serve.childproc import json_worker_main
+
+    req, res = tmp_path / "req.json", tmp_path / "res.json"
+    req.write_text(json.dumps({"x": 2}))
+    assert json_worker_main([str(req), str(res)], "m", lambda r: {"y": r["x"] * 3}) == 0
+    assert json.loads(res.read_text()) == {"y": 6}
+
+    def boom(r):
+        raise KeyError("nope")
+
+    assert json_worker_main([str(req), str(res)], "m", boom) == 1
+    err = json.loads(res.read_text())["error"]
+    assert "KeyError: 'nope'" in err and "in boom" in err
+    assert json_worker_main([str(req)], "some.module", boom) == 2
+    assert "usage: python -m some.module REQUEST.json RESULT.json" in capsys.readouterr().err

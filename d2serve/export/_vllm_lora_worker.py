@@ -13,11 +13,10 @@ request; or ``error`` (a traceback).
 from __future__ import annotations
 
 import gc
-import json
 import sys
 import time
-import traceback
-from pathlib import Path
+
+from d2serve.childproc import json_worker_main
 
 
 def _run_job(job: dict) -> dict:
@@ -56,22 +55,15 @@ def _run_job(job: dict) -> dict:
     return {"startup_s": startup, "compilation_mode": mode, "runs": runs}
 
 
+def _run(request: dict) -> dict:
+    import vllm
+
+    return {"vllm_version": vllm.__version__, "jobs": [_run_job(j) for j in request["jobs"]]}
+
+
 def main(argv: list[str]) -> int:
     """``REQUEST.json RESULT.json`` -> writes the result (or ``{"error": ...}``); exit 0/1."""
-    if len(argv) != 2:
-        print("usage: python -m d2serve.export._vllm_lora_worker REQUEST.json RESULT.json", file=sys.stderr)
-        return 2
-    req_path, res_path = Path(argv[0]), Path(argv[1])
-    try:
-        import vllm
-
-        request = json.loads(req_path.read_text())
-        result = {"vllm_version": vllm.__version__, "jobs": [_run_job(j) for j in request["jobs"]]}
-        code = 0
-    except Exception:  # report any failure of vLLM to the parent as JSON
-        result, code = {"error": traceback.format_exc()}, 1
-    res_path.write_text(json.dumps(result))
-    return code
+    return json_worker_main(argv, "d2serve.export._vllm_lora_worker", _run)
 
 
 if __name__ == "__main__":

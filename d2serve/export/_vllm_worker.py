@@ -13,11 +13,10 @@ vLLM ``logprobs`` (natural log, float) of those tokens, plus
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-import traceback
-from pathlib import Path
+
+from d2serve.childproc import json_worker_main
 
 
 def run(request: dict) -> dict:
@@ -56,16 +55,7 @@ def run(request: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     """``REQUEST.json RESULT.json`` -> writes the result (or ``{"error": ...}``); exit 0/1."""
-    if len(argv) != 2:
-        print("usage: python -m d2serve.export._vllm_worker REQUEST.json RESULT.json", file=sys.stderr)
-        return 2
-    req_path, res_path = Path(argv[0]), Path(argv[1])
-    try:
-        result, code = run(json.loads(req_path.read_text())), 0
-    except Exception:  # report any failure of vLLM to the parent as JSON
-        result, code = {"error": traceback.format_exc()}, 1
-    res_path.write_text(json.dumps(result))
-    return code
+    return json_worker_main(argv, "d2serve.export._vllm_worker", run)
 
 
 if __name__ == "__main__":

@@ -184,9 +184,9 @@ def build_reference(
     like = hf_lm(model, tok, batch_size)
     scores = {}
     if names:
-        from d2serve.verify.api import _no_tqdm
+        from d2serve.verify.api import without_progress_bars
 
-        scores = score_tasks(_no_tqdm(like), specs, ddir, limit)
+        scores = score_tasks(without_progress_bars(like), specs, ddir, limit)
     return Reference(
         windows=win, window_logits=wl, prompts=plist, prompt_ids=pids, greedy=greedy, task_scores=scores,
         hf_like=like, task_names=specs, data_dir=ddir, limit=limit,
@@ -208,7 +208,7 @@ def measure_fidelity(folder: Path, ref: Reference) -> dict:
     (a NaN/inf in the ONNX logits: the metrics involved are then None) and ``seconds``.
     """
     from d2serve.export import onnx_genai
-    from d2serve.verify.api import _no_tqdm
+    from d2serve.verify.api import without_progress_bars
     from d2serve.verify.onnx_model import OrtGenaiLM, OrtGenaiModel
     from d2serve.verify.tasks import score_tasks
 
@@ -243,7 +243,7 @@ def measure_fidelity(folder: Path, ref: Reference) -> dict:
         out.setdefault("greedy", None)
     out["tasks"] = None
     if ref.task_scores and out["nonfinite"] is None:
-        sc = score_tasks(_no_tqdm(OrtGenaiLM(m, ref.hf_like)), ref.task_names, ref.data_dir, ref.limit)
+        sc = score_tasks(without_progress_bars(OrtGenaiLM(m, ref.hf_like)), ref.task_names, ref.data_dir, ref.limit)
         per, cm, co, nn = [], 0, 0, 0
         for name, r in ref.task_scores.items():
             o = sc[name]

@@ -184,8 +184,9 @@ def _task_section(scores: dict, names: tuple[str, ...], limit: int | None) -> di
     return {"limit": limit, "tasks": list(names), "per_task": per_task, "overall": overall}
 
 
-def _no_tqdm(lm):
-    """An lm-eval LM whose log-likelihood calls draw no tqdm bars (they would break the stage display)."""
+def without_progress_bars(lm):
+    """``lm`` (an lm-eval LM) with its log-likelihood calls drawing no tqdm bars (they would break the stage
+    display); returns the same object."""
     import functools
 
     lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
@@ -374,7 +375,7 @@ def verify(
             say(f"tasks: scoring the {label} model on {', '.join(names)} (limit {limit or 'none'})")
             lm = (OrtGenaiLM(model, like=hf_lm(unmerged_m, tok, batch_size)) if isinstance(model, OrtGenaiModel)
                   else hf_lm(model, tok, batch_size))
-            scores[label] = score_tasks(_no_tqdm(lm), specs, ddir, limit)
+            scores[label] = score_tasks(without_progress_bars(lm), specs, ddir, limit)
             timings[f"tasks_{label}_s"] = time.perf_counter() - t
         del unmerged_m, merged_m
         gc.collect()
@@ -382,7 +383,7 @@ def verify(
             t = time.perf_counter()
             say("tasks: scoring the base model")
             base_m = load_hf_model(base, dtype=torch.float32, device=dev)
-            scores["base"] = score_tasks(_no_tqdm(hf_lm(base_m, tok, batch_size)), specs, ddir, limit)
+            scores["base"] = score_tasks(without_progress_bars(hf_lm(base_m, tok, batch_size)), specs, ddir, limit)
             timings["tasks_base_s"] = time.perf_counter() - t
             del base_m
         data["tasks"] = _task_section(scores, names, limit)
