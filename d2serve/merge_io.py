@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from d2serve.checkpoint import SAFETENSORS_DTYPES, CheckpointError, TensorInfo
+from d2serve.checkpoint import SAFETENSORS_DTYPES, CheckpointError, TensorInfo, read_tensor
 
 _ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors dtype name
 _PAGE = mmap.PAGESIZE
@@ -49,21 +49,30 @@ class MappedShard:
         path: the shard; its header was validated (:func:`d2serve.checkpoint.tensor_infos`), so every
             :class:`TensorInfo` lies inside the file.
 
-    Tensors from :meth:`tensor` are views of the mapping (no copy): valid until :meth:`close`.
+    Tensors from :meth:`tensor` are views of the mapping (no copy): valid until :meth:`close`. On a file
+    system that cannot map the file (``mmap`` raises OSError) each tensor is read instead (a positioned read).
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._mm = None
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            self._mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+            if size:
+                try:
+                    self._mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+                except OSError:  # e.g. a FUSE file system without mmap: read tensors instead
+                    self._mm = None
 
     def tensor(self, info: TensorInfo) -> torch.Tensor:
         """The tensor at ``info`` (dtype, shape, absolute byte range): a view of the mapping, or a copy when its
-        offset is not a multiple of its element size (a file safetensors itself would not write)."""
+        offset is not a multiple of its element size (a file safetensors itself would not write) or the file
+        could not be mapped."""
         n = info.end - info.begin
         if not n:
             return torch.empty(info.shape, dtype=info.dtype)
+        if self._mm is None:
+            return read_tensor(self.path, info)
         if info.begin % info.dtype.itemsize:
             raw = torch.frombuffer(bytearray(self._mm[info.begin:info.end]), dtype=torch.uint8)
             return raw.view(info.dtype).reshape(info.shape)

@@ -201,3 +201,22 @@ def test_mapped_shard_copies_a_tensor_at_an_offset_its_dtype_cannot_view(tmp_pat
     shard = MappedShard(path)
     assert torch.equal(shard.tensor(infos["a"]), a) and torch.equal(shard.tensor(infos["b"]), b)
     shard.close()
+
+
+def test_a_base_that_cannot_be_mapped_is_read_instead_with_the_same_bytes(tiny_llama_dir, tmp_path, monkeypatch):
+    import d2serve.merge_io as merge_io
+
+    ad = random_adapter(tiny_llama_dir, tmp_path / "ad", target_modules=ALL_LINEAR, std=0.2, seed=6)
+    mapped = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "mapped", dtype="bfloat16")
+
+    calls = []
+
+    def no_mmap(*a, **k):
+        calls.append(a)
+        raise OSError(19, "No such device")  # what a file system without mmap support answers
+
+    monkeypatch.setattr(merge_io.mmap, "mmap", no_mmap)
+    read = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "read", dtype="bfloat16")
+    assert len(calls) == 1  # the one shard was refused a mapping and read instead
+    assert (tmp_path / "mapped" / "model.safetensors").read_bytes() == (tmp_path / "read" / "model.safetensors").read_bytes()
+    assert mapped.manifest["layers"] == read.manifest["layers"] and mapped.manifest["sha256"] == read.manifest["sha256"]
