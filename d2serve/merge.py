@@ -48,7 +48,6 @@ from d2serve.checkpoint import (
     copy_side_entries,
     prepare_output_dir,
     set_config_dtype,
-    sha256_file,
     write_json,
 )
 from d2serve.errors import InputError
@@ -219,18 +218,19 @@ def merge(
     """
     t0 = time.perf_counter()
     ckpt = Checkpoint(base)
-    # every base shard's sha256 (for the manifest), in its own thread from now on: it overlaps the checks
-    hasher = ShardHasher([ckpt.path / s for s in ckpt.shards])
+    adp = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    # the sha256 of every base shard and adapter file (for the manifest), in its own thread from now on: it
+    # overlaps the checks; it refuses a file that changes before the merge ends
+    hasher = ShardHasher([ckpt.path / s for s in ckpt.shards] + list(adp.files))
     try:
-        return _merge(ckpt, adapter, Path(out), dtype, overwrite, progress, magnitude_rtol, hasher, t0)
+        return _merge(ckpt, adp, Path(out), dtype, overwrite, progress, magnitude_rtol, hasher, t0)
     finally:
         hasher.stop()
 
 
-def _merge(ckpt: Checkpoint, adapter, out: Path, dtype: str, overwrite: bool, progress: bool, magnitude_rtol: float,
-           hasher: ShardHasher, t0: float) -> MergeResult:
-    """:func:`merge` after the base was parsed and its hashing started: validate, merge, write, record."""
-    adp = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: bool, progress: bool,
+           magnitude_rtol: float, hasher: ShardHasher, t0: float) -> MergeResult:
+    """:func:`merge` after the inputs were parsed and their hashing started: validate, merge, write, record."""
     prepare_output_dir(out, overwrite, inputs=tuple(p for p in (ckpt.path, adp.path) if p is not None))
     out_dtype = resolve_dtype(dtype, ckpt)
     require_full_precision_base(ckpt)  # nothing for transformers to re-initialise, nothing quantized
@@ -350,7 +350,7 @@ def _merge(ckpt: Checkpoint, adapter, out: Path, dtype: str, overwrite: bool, pr
                 "ignored_config_fields": list(adp.config.ignored_fields),
                 "embeddings": ties.reason,
                 "sha256": {
-                    "adapter": {p.name: sha256_file(p) for p in adp.files},
+                    "adapter": {p.name: digests[p] for p in adp.files},
                     "base_shards": {s: digests[ckpt.path / s] for s in ckpt.shards},
                 },
                 "num_layers_merged": len(layer_stats),

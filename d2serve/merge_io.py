@@ -102,13 +102,17 @@ class ShardHasher:
     Args:
         paths: the files, hashed in this order.
 
-    Use :meth:`result` to wait for the digests and :meth:`stop` to abandon the work (on an error elsewhere).
+    The files' identity (device, inode, size, modification time) is taken at construction and checked again
+    by :meth:`result`: a digest is only returned for a file left unchanged from the start of the work to the
+    end (the merge reads the shards through their own mapping, so this is what ties the digest to the bytes
+    merged). Use :meth:`stop` to abandon the work (on an error elsewhere).
     """
 
     CHUNK = 1 << 20  # fits in L2: the hash reads what the kernel just copied
 
     def __init__(self, paths: list[Path]):
         self.paths = [Path(p) for p in paths]
+        self._stamps = {p: _stamp(p) for p in self.paths}
         self._digests: dict[Path, str] = {}
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -138,16 +142,27 @@ class ShardHasher:
 
         Raises:
             OSError: a file could not be read.
+            CheckpointError: a file changed (or was replaced) since the hasher was made.
         """
         self._thread.join()
         if self._error is not None:
             raise self._error
+        for p, before in self._stamps.items():
+            if _stamp(p) != before:
+                raise CheckpointError(f"{p}: the file changed while it was being merged (size, modification time or "
+                                      "inode differ from the start); nothing was written: run again on a stable base")
         return dict(self._digests)
 
     def stop(self) -> None:
         """Abandon the remaining work and wait for the thread to end."""
         self._stop.set()
         self._thread.join()
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int]:
+    """(device, inode, size, modification time in ns) of ``path``."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class ShardOut:

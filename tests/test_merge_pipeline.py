@@ -220,3 +220,31 @@ def test_a_base_that_cannot_be_mapped_is_read_instead_with_the_same_bytes(tiny_l
     assert len(calls) == 1  # the one shard was refused a mapping and read instead
     assert (tmp_path / "mapped" / "model.safetensors").read_bytes() == (tmp_path / "read" / "model.safetensors").read_bytes()
     assert mapped.manifest["layers"] == read.manifest["layers"] and mapped.manifest["sha256"] == read.manifest["sha256"]
+
+
+@pytest.mark.parametrize("which", ["base/model.safetensors", "ad/adapter_model.safetensors", "ad/adapter_config.json"])
+def test_an_input_file_changed_during_the_merge_is_refused_and_nothing_written(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                              which):
+    """The manifest's sha256 must be of the bytes merged: a base shard or adapter file touched between the start
+    and the end of the merge is refused by name."""
+    import os
+    import re
+
+    import d2serve.merge_io as merge_io
+    from d2serve.errors import InputError
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    ad = random_adapter(base, tmp_path / "ad", target_modules=("q_proj",), std=0.2, seed=7)
+    real_result = merge_io.ShardHasher.result
+    path = tmp_path / which
+
+    def touched_then_result(self):
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # another writer's touch
+        return real_result(self)
+
+    monkeypatch.setattr(merge_io.ShardHasher, "result", touched_then_result)
+    with pytest.raises(InputError, match=re.escape(f"{path}: the file changed while it was being merged")):
+        merge(base=base, adapter=ad, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
