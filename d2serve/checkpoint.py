@@ -117,6 +117,9 @@ def read_safetensors_header(path: Path) -> dict:
         pos = end
     if 8 + n + pos > size:
         raise CheckpointError(f"{path}: truncated: the header declares {8 + n + pos} bytes, the file has {size}")
+    if 8 + n + pos < size:  # safetensors itself refuses such a file ("not fully covered"): so would every loader
+        raise CheckpointError(f"{path}: {size - 8 - n - pos} bytes after the last tensor's data (the header declares "
+                              f"{8 + n + pos} bytes, the file has {size}): not a file safetensors can load")
     return header
 
 

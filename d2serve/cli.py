@@ -7,6 +7,7 @@ parity), 2 bad usage or bad input (the message names the file/tensor/field).
 from __future__ import annotations
 
 import functools
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -674,8 +675,14 @@ def serve_cmd(
     serve(model, host=host, port=port, served_model_name=served_model_name, extra_args=extra)  # exec
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM stops a command like Ctrl-C: the same cleanup runs (temporary output removed, helpers stopped)."""
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (SIGTERM handled as Ctrl-C, so a terminated run leaves no partial output)."""
+    signal.signal(signal.SIGTERM, _terminated)
     app()
 
 

@@ -73,6 +73,9 @@ class MappedShard:
             return torch.empty(info.shape, dtype=info.dtype)
         if self._mm is None:
             return read_tensor(self.path, info)
+        if info.end > len(self._mm):
+            raise CheckpointError(f"{self.path}: the file ends at byte {len(self._mm)}, before tensor data that its "
+                                  f"header places at bytes [{info.begin}, {info.end}) (was it changed while being merged?)")
         if info.begin % info.dtype.itemsize:
             raw = torch.frombuffer(bytearray(self._mm[info.begin:info.end]), dtype=torch.uint8)
             return raw.view(info.dtype).reshape(info.shape)

@@ -119,3 +119,44 @@ def test_json_worker_main_writes_the_result_or_the_error_with_its_traceback(tmp_
     assert "KeyError: 'nope'" in err and "in boom" in err
     assert json_worker_main([str(req)], "some.module", boom) == 2
     assert "usage: python -m some.module REQUEST.json RESULT.json" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_cli_command_like_ctrl_c_and_leaves_no_partial_output(tmp_path):
+    """The CLI's SIGTERM handler raises KeyboardInterrupt in the main thread, so the atomic output directory's
+    cleanup runs (a terminated merge leaves neither the output nor its temporary folder)."""
+    import signal as sig
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    code = (
+        "import signal, sys, time\n"
+        "from d2serve import cli\n"
+        "from d2serve.outdir import atomic_output_dir\n"
+        "signal.signal(signal.SIGTERM, cli._terminated)  # what cli.main() installs\n"
+        f"with atomic_output_dir(__import__('pathlib').Path({str(out)!r}), False) as tmp:\n"
+        "    (tmp / 'part.safetensors').write_bytes(b'x' * 1000)\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    assert [x for x in tmp_path.iterdir()]  # the temporary folder exists while the work runs
+    p.send_signal(sig.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and "KeyboardInterrupt: terminated by signal 15" in err
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder
+
+
+def test_cli_main_installs_the_sigterm_handler(monkeypatch):
+    import signal as sig
+
+    from d2serve import cli
+
+    monkeypatch.setattr(cli, "app", lambda: None)
+    before = sig.getsignal(sig.SIGTERM)
+    try:
+        cli.main()
+        assert sig.getsignal(sig.SIGTERM) is cli._terminated
+    finally:
+        sig.signal(sig.SIGTERM, before)

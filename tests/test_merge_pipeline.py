@@ -248,3 +248,33 @@ def test_an_input_file_changed_during_the_merge_is_refused_and_nothing_written(t
     with pytest.raises(InputError, match=re.escape(f"{path}: the file changed while it was being merged")):
         merge(base=base, adapter=ad, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_shorter_than_its_validated_header_is_refused_by_name(tmp_path):
+    """Truncated after the header was read (another writer): a clear error, not a torch ValueError or SIGBUS."""
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.randn(64, 64), "b": torch.randn(8)}, str(path), metadata={"format": "pt"})
+    infos = tensor_infos(path)
+    last = max(infos.values(), key=lambda i: i.end)
+    with open(path, "r+b") as f:
+        f.truncate(last.begin + 4)
+    shard = MappedShard(path)
+    with pytest.raises(CheckpointError, match=rf"{path}: the file ends at byte {last.begin + 4}, before tensor data"):
+        shard.tensor(last)
+    shard.close()
+
+
+def test_trailing_bytes_after_the_data_are_refused_as_safetensors_does(tmp_path):
+    from safetensors import SafetensorError
+
+    from d2serve.checkpoint import read_safetensors_header
+
+    path = tmp_path / "y.safetensors"
+    save_file({"a": torch.randn(3)}, str(path), metadata={"format": "pt"})
+    read_safetensors_header(path)  # exact size: accepted
+    with open(path, "ab") as f:
+        f.write(b"junk")
+    with pytest.raises(SafetensorError):  # what safetensors itself says of such a file
+        load_file(str(path))
+    with pytest.raises(CheckpointError, match=r"y\.safetensors: 4 bytes after the last tensor's data"):
+        read_safetensors_header(path)
