@@ -281,7 +281,7 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                     src_file = MappedShard(ckpt.path / shard)
                     try:
                         with ShardOut(tmp / shard, specs, {"format": "pt"}) as dst:
-                            jobs, merged_modules = [], []
+                            jobs = []
                             for target in order:
                                 src, module = outputs[target]
                                 info = ckpt.tensors[src]
@@ -299,7 +299,6 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                                                            fingerprints.checker(module),
                                                            transposed=kind is not None and kind.transposed,
                                                            consumed=release))
-                                    merged_modules.append(module)
                                 elif target in adp.modules_to_save:
                                     jobs.append(TensorCopy(target, adp.modules_to_save[target].contiguous(), out_dtype,
                                                            emit, "modules_to_save tensor"))
@@ -313,11 +312,9 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                             # every block and chunk of the shard queued at once: the workers never idle at a
                             # tensor's end; statistics folded and errors raised in file order
                             results = run_in_order(jobs, blocks, workspaces, bar.advance)
-                            del jobs
-                            modules = iter(merged_modules)
-                            for r in results:
-                                if r is not None:
-                                    layer_stats[next(modules)] = r
+                            layer_stats |= {job.f.module: r for job, r in zip(jobs, results, strict=True)
+                                            if isinstance(job, LayerMerge)}
+                            del jobs, results
                     finally:
                         src_file.close()
                 digests = hasher.result()

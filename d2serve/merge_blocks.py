@@ -11,10 +11,10 @@ torch ops on one thread with its own preallocated temporaries
 are taken in block order, so the bytes, the statistics and the error raised
 are those of a serial loop.
 
-:func:`copy_tensor` writes a tensor that is not merged (copied from the base,
+:class:`TensorCopy` writes a tensor that is not merged (copied from the base,
 cast to the output dtype when needed, or replaced by ``modules_to_save``) in
 chunks, with the same finite and overflow checks: no non-finite value is
-ever written.
+ever written. :func:`run_in_order` runs both kinds of jobs on the workers.
 """
 
 from __future__ import annotations
@@ -36,24 +36,16 @@ MAX_ROW_WORKERS = 8  # row-block worker threads: torch.get_num_threads(), at mos
 Emit = Callable[[torch.Tensor, int], None]  # emit(tensor bytes, byte offset inside the output tensor)
 
 
-def cast_checked(name: str, w: torch.Tensor, dtype: torch.dtype, what: str = "merged tensor") -> torch.Tensor:
-    """Cast a floating tensor once to ``dtype``, refusing NaN/Inf and values that overflow ``dtype``.
+def check_finite(name: str, w: torch.Tensor, what: str) -> float:
+    """max |w| (0 for an empty tensor), refusing NaN/Inf: one ``aminmax`` pass (NaN and +-Inf propagate
+    into min/max), several times cheaper than ``isfinite(w).all()``; the count is taken only on failure.
 
-    Every floating tensor written goes through here (merged, replaced by
-    ``modules_to_save`` or copied from the base), so no non-finite value is ever written.
+    With :func:`check_no_overflow` after the cast, every floating tensor written goes through here (merged,
+    replaced by ``modules_to_save`` or copied from the base), so no non-finite value is ever written.
 
     Raises:
         MergeMathError: naming ``what`` and the tensor.
     """
-    big = check_finite(name, w, what)
-    out = w.to(dtype)
-    check_no_overflow(name, big, out, what)
-    return out
-
-
-def check_finite(name: str, w: torch.Tensor, what: str) -> float:
-    """max |w| (0 for an empty tensor), refusing NaN/Inf: one ``aminmax`` pass (NaN and +-Inf propagate
-    into min/max), several times cheaper than ``isfinite(w).all()``; the count is taken only on failure."""
     if not w.numel():
         return 0.0
     lo, hi = (float(x) for x in torch.aminmax(w))
@@ -253,7 +245,8 @@ class LayerMerge:
 
 class TensorCopy:
     """Writing a tensor that is not merged, as chunk tasks: cast to ``out_dtype`` when it differs (floating
-    tensors), every floating value checked finite and within ``out_dtype`` (:func:`cast_checked`'s checks).
+    tensors), every floating value checked finite and within ``out_dtype`` (:func:`check_finite`,
+    :func:`check_no_overflow`).
 
     Args:
         name: tensor name for messages (``what`` says which kind: ``base tensor``, ``modules_to_save tensor``).

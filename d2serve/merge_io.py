@@ -71,14 +71,11 @@ class MappedShard:
         n = info.end - info.begin
         if not n:
             return torch.empty(info.shape, dtype=info.dtype)
-        if self._mm is None:
+        if self._mm is None or info.begin % info.dtype.itemsize:  # not mapped, or not viewable: read it
             return read_tensor(self.path, info)
         if info.end > len(self._mm):
             raise CheckpointError(f"{self.path}: the file ends at byte {len(self._mm)}, before tensor data that its "
                                   f"header places at bytes [{info.begin}, {info.end}) (was it changed while being merged?)")
-        if info.begin % info.dtype.itemsize:
-            raw = torch.frombuffer(bytearray(self._mm[info.begin:info.end]), dtype=torch.uint8)
-            return raw.view(info.dtype).reshape(info.shape)
         return torch.frombuffer(self._mm, dtype=info.dtype, count=n // info.dtype.itemsize,
                                 offset=info.begin).reshape(info.shape)
 
