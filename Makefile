@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-oldest bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,25 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real and not vllm and not onnx"
+
+# The fast suite on the oldest versions pyproject.toml claims (requirements-oldest.txt: torch 2.11 + transformers
+# 5.17, resolved by pip; on PyPI that torch is the CUDA build, ~4 GB, and runs the tests on the CPU).
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.d2serve-oldest-$(shell cat requirements-oldest.txt pyproject.toml | sha256sum | cut -c1-16)
+
+$(OLDEST_STAMP): requirements-oldest.txt pyproject.toml
+	test -x $(OLDEST)/bin/python || $(PY) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install --quiet --upgrade "pip>=24" "setuptools>=77,<82"
+	$(OLDEST)/bin/pip install --quiet -r requirements-oldest.txt
+	$(OLDEST)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	$(OLDEST)/bin/python -c "import d2serve, torch, transformers; print('oldest: torch', torch.__version__, 'transformers', transformers.__version__)"
+	rm -f $(OLDEST)/.d2serve-oldest-*
+	touch $@
+
+# The core only (no vllm/onnx extras): the two modules that import onnx at the top are onnx-marked as a whole.
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST)/bin/python -m pytest -q -m "not real and not vllm and not onnx" \
+		--ignore=tests/test_export_onnx.py --ignore=tests/conformance/test_export_matrix.py
 
 clean:
 	rm -rf runs .pytest_cache

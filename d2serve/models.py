@@ -52,6 +52,13 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def on_model_device(model, t: torch.Tensor) -> torch.Tensor:
+    """``t`` moved to the device of ``model``'s parameters (``model.device`` as transformers and PEFT models expose
+    it; a model without one, e.g. an ONNX Runtime wrapper, takes CPU tensors). Inputs built on the CPU (token ids,
+    probe ids) go through here before every forward call, so ``--device cuda`` never mixes devices."""
+    return t.to(getattr(model, "device", None) or torch.device("cpu"))
+
+
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a local HF causal-LM checkpoint in ``dtype``, in eval mode, offline, on ``device``.
 

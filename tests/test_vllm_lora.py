@@ -163,19 +163,6 @@ def test_vanilla_vllm_refuses_the_folder(vllm_lora_setup):
         run_jobs([job], env=env, timeout_s=600)
 
 
-@pytest.mark.vllm
-@needs_vllm
-def test_plugin_refuses_unsupported_vllm_version(monkeypatch):
-    import vllm
-
-    import d2serve.vllm_plugin as plugin
-
-    monkeypatch.setattr(plugin, "_registered", False)
-    monkeypatch.setattr(vllm, "__version__", "0.99.0")
-    with pytest.raises(RuntimeError, match="supports vLLM 0.32.x, found 0.99.0"):
-        plugin.register()
-
-
 def test_cli_serve_accepts_repeated_adapter_option():
     """``serve --adapter`` is repeatable (the single-value guard applies to other options only)."""
     from typer.testing import CliRunner

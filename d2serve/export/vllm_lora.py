@@ -199,14 +199,28 @@ def read_vllm_lora_manifest(folder: str | Path) -> dict:
 
 
 def _cache_root() -> Path:
-    """Where :func:`prepare_served_adapters` keeps folded folders: ``$D2SERVE_CACHE_DIR`` or ~/.cache/d2serve."""
-    import os
+    """Where :func:`prepare_served_adapters` keeps folded folders: ``<d2serve cache>/vllm-lora``
+    (:func:`d2serve.cache.cache_dir`: ``$D2SERVE_CACHE_DIR``, else the XDG cache). With ``D2SERVE_CACHE_DIR=off``,
+    a new temporary folder for this run (the served folders must outlive ``serve``'s exec into vLLM, so it is left
+    for the user to delete; its path is logged)."""
+    import logging
+    import tempfile
 
-    return Path(os.environ.get("D2SERVE_CACHE_DIR") or Path.home() / ".cache" / "d2serve") / "vllm-lora"
+    from d2serve.cache import cache_dir
+
+    root = cache_dir()
+    if root is not None:
+        return root / "vllm-lora"
+    tmp = Path(tempfile.mkdtemp(prefix="d2serve-vllm-lora-"))
+    logging.getLogger(__name__).warning("D2SERVE_CACHE_DIR=off: folded adapters go to %s (not reused; delete it "
+                                        "when the server has stopped)", tmp)
+    return tmp
 
 
 def plugin_problem() -> str | None:
-    """None when vLLM will load d2serve's plugin (entry point installed, not excluded by ``VLLM_PLUGINS``)."""
+    """None when vLLM will load d2serve's plugin and it will be active: entry point installed, not excluded by
+    ``VLLM_PLUGINS``, and the installed vLLM one it was checked against (:func:`d2serve.vllm_plugin.compat.problems`;
+    imports vLLM)."""
     import os
     from importlib.metadata import entry_points
 
@@ -216,6 +230,13 @@ def plugin_problem() -> str | None:
     allowed = os.environ.get("VLLM_PLUGINS")
     if allowed is not None and "d2serve" not in [p.strip() for p in allowed.split(",")]:
         return f"VLLM_PLUGINS={allowed!r} excludes d2serve's vLLM plugin"
+    import vllm
+
+    from d2serve.vllm_plugin import compat
+
+    found = compat.problems(getattr(vllm, "__version__", "unknown"))
+    if found:
+        return "the plugin steps aside on this vLLM: " + "; ".join(found)
     return None
 
 
@@ -238,12 +259,13 @@ def prepare_served_adapters(base: str | Path, adapters: dict[str, Path]) -> tupl
     ckpt = Checkpoint(base)
     base_sha = {s: sha256_file(ckpt.path / s) for s in ckpt.shards}
     folders, ranks, needs_plugin = {}, [], []
+    root = _cache_root()
     for name, adapter in adapters.items():
         adapter = Path(adapter)
         files = sorted(p for p in adapter.iterdir() if p.is_file()) if adapter.is_dir() else []
         h = hashlib.sha256(json.dumps([__version__, FORMAT_VERSION, base_sha,
                                        [(p.name, sha256_file(p)) for p in files]]).encode()).hexdigest()[:24]
-        folder = _cache_root() / h
+        folder = root / h
         manifest = read_vllm_lora_manifest(folder)
         if not manifest:
             manifest = export_vllm_lora(base=base, adapter=adapter, out=folder, overwrite=folder.exists())

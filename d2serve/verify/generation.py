@@ -20,6 +20,7 @@ from d2serve.compare import (
     content_token_count,
     special_token_ids,
 )
+from d2serve.models import on_model_device
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -40,7 +41,7 @@ def greedy_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: 
         NonFiniteError: the logits at some step hold a NaN/inf (the message names ``where``, ``side``, the
             new-token index and the vocabulary index); argmax of such a row would be meaningless.
     """
-    out = model(input_ids=input_ids, use_cache=True)
+    out = model(input_ids=on_model_device(model, input_ids), use_cache=True)
     new: list[int] = []
     for step in range(max_new_tokens):
         row = check_finite(out.logits[0, -1], where=where, side=side, dims=(f"new token {step}: vocab",))
@@ -48,7 +49,8 @@ def greedy_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: 
         new.append(nxt)
         if nxt in eos_ids:
             break
-        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=on_model_device(model, torch.tensor([[nxt]])), past_key_values=out.past_key_values,
+                    use_cache=True)
     return new
 
 

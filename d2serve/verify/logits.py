@@ -15,6 +15,7 @@ import torch
 
 from d2serve.compare import NonFiniteError, kl_per_row, max_abs_diff, top1_agreement
 from d2serve.errors import InputError, InputNotFoundError
+from d2serve.models import on_model_device
 
 
 class TextTooShortError(InputError):
@@ -97,7 +98,8 @@ class LogitComparison:
 def compare_logits(model_a, model_b, windows: torch.Tensor, source: str) -> LogitComparison:
     """Run both models on ``windows`` (int64 (n, L)) one window at a time and compare their next-token distributions.
 
-    Uses :mod:`d2serve.compare` (float64). A NaN/inf logit of either model is not an error of this
+    Uses :mod:`d2serve.compare` (float64, on the CPU: each model's logits are moved there, so the two models may
+    run on different devices). A NaN/inf logit of either model is not an error of this
     function: it returns a comparison whose ``nonfinite`` names the model (``unmerged``/``merged``),
     window, position and vocabulary index, and whose metrics are None, so the caller records a failure.
     """
@@ -110,8 +112,8 @@ def compare_logits(model_a, model_b, windows: torch.Tensor, source: str) -> Logi
     try:
         for wi, w in enumerate(windows):
             ids = w.unsqueeze(0)
-            la = model_a(input_ids=ids).logits[0]  # (L, V)
-            lb = model_b(input_ids=ids).logits[0]
+            la = model_a(input_ids=on_model_device(model_a, ids)).logits[0].to("cpu", torch.float64)  # (L, V)
+            lb = model_b(input_ids=on_model_device(model_b, ids)).logits[0].to("cpu", torch.float64)
             dims = (f"window {wi}: position", "vocab")
             max_diff = max(max_diff, max_abs_diff(la, lb, where=where, names=names, dims=dims))
             kl = kl_per_row(la, lb, where=where, names=names, dims=dims)  # (L,)

@@ -12,26 +12,40 @@ The patch surface (d2serve.vllm_plugin.patches) is a small, named set of functio
 
 from __future__ import annotations
 
-SUPPORTED_VLLM = ("0.32.",)  # version prefixes this plugin was written and tested for
+import logging
 
+_log = logging.getLogger("d2serve.vllm_plugin")
 _registered = False
+stepped_aside: str | None = None  # why the plugin installed nothing in this process (None: installed or not run)
 
 
 def register() -> None:
-    """Install the patches (idempotent). Raises RuntimeError on a vLLM version it was not written for."""
-    global _registered
+    """vLLM's plugin hook: install the patches when the installed vLLM is one the plugin was checked against.
+
+    On any other vLLM (:func:`d2serve.vllm_plugin.compat.problems` finds something: an unsupported release, a
+    missing name, a patched method whose upstream source changed) it logs one warning, installs nothing and
+    returns: vLLM keeps serving as shipped, and d2serve's folded D2-LoRA/DoRA folders are refused by vLLM itself
+    (they carry ``use_dora: true``). Idempotent; never raises for a version mismatch.
+
+    Raises:
+        RuntimeError: VLLM_LORA_ENABLE_DUAL_STREAM is set on a supported vLLM (a LoRA path the plugin does not
+            patch; refusing is the only safe answer once the plugin is active).
+    """
+    global _registered, stepped_aside
     if _registered:
         return
+    _registered = True
     import vllm
 
+    from d2serve.vllm_plugin import compat
+
     version = getattr(vllm, "__version__", "unknown")
-    if not version.startswith(SUPPORTED_VLLM):
-        raise RuntimeError(
-            f"d2serve's vLLM plugin supports vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}, found {version}: "
-            "its patches target that version's LoRA internals. Disable it with VLLM_PLUGINS='' (D2-LoRA/DoRA "
-            "folders are then refused) or install a supported vLLM"
-        )
+    found = compat.problems(version)
+    if found:
+        stepped_aside = "; ".join(found)
+        _log.warning("d2serve's vLLM plugin is not active (vLLM runs unpatched; d2serve's folded D2-LoRA/DoRA "
+                     "folders will be refused): %s", stepped_aside)
+        return
     from d2serve.vllm_plugin import patches
 
     patches.install()
-    _registered = True

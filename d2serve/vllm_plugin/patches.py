@@ -1,4 +1,8 @@
-"""The patch surface of d2serve's vLLM plugin (vLLM 0.32.x): six named functions, each wrapped, never rewritten.
+"""The patch surface of d2serve's vLLM plugin (vLLM 0.32.x and 0.33.x): six methods wrapped, two re-implemented.
+
+Every vLLM name used here comes from :mod:`d2serve.vllm_plugin.compat` (imports, patched methods with the
+sha256 of their upstream source per checked release, attributes read, the error text matched);
+:func:`install` runs only after :func:`d2serve.vllm_plugin.compat.problems` found nothing.
 
 =================================================  ==============================================================
 vLLM function                                       what the wrapper adds
@@ -17,8 +21,12 @@ vLLM function                                       what the wrapper adds
                                                     layer with a bias
 ``LoRAModelManager.activate_adapter``               copies the adapter's s into its slot row (sliced for TP like
                                                     lora_b; ones for modules it does not adapt)
-``BaseLinearLayerWithLoRA._apply_sync`` /           base output without bias * d2_scale_stacked[token slot], then
-``_apply_base_forward``                             bias, then vLLM's punica LoRA as before
+``BaseLinearLayerWithLoRA._apply_sync`` /           **re-implemented** (the plugin's function replaces vLLM's):
+``_apply_base_forward``                             base output without bias * d2_scale_stacked[token slot], then
+                                                    bias, then vLLM's punica LoRA as before; the upstream bodies
+                                                    are three lines each and have no hook between the base matmul
+                                                    and the bias, so they are rewritten, and compat.CHECKED pins
+                                                    their upstream source hash per release
 =================================================  ==============================================================
 
 Row-parallel layers scale their partial sums before the all-reduce: s is per output row, so
@@ -33,12 +41,14 @@ import os
 
 import torch
 
+from d2serve.vllm_plugin import compat
+
 SCALES_NAME = "d2serve_scales.safetensors"  # = d2serve.export.vllm_lora.SCALES_NAME (no d2serve import chain here)
 MARKER = "d2serve"
 SCALE_SUFFIX = "d2_scale"
 FORMAT_VERSION = 1
-_DORA_REFUSAL = "vLLM does not yet support DoRA."
 _installed = False
+_v = None  # compat.load() once install() runs: the vLLM classes and functions used below
 
 
 def _marker_problem(helper) -> str | None:
@@ -53,7 +63,7 @@ def _marker_problem(helper) -> str | None:
 
 
 def _wrap_peft_helper() -> None:
-    from vllm.lora.peft_helper import PEFTHelper
+    PEFTHelper = _v.PEFTHelper
 
     orig_from_local_dir = PEFTHelper.from_local_dir.__func__
     orig_validate = PEFTHelper._validate_features
@@ -76,7 +86,7 @@ def _wrap_peft_helper() -> None:
         problem = _marker_problem(self)
         if problem is not None:
             return [*errors, f"d2serve: {problem}."]
-        return [e for e in errors if e != _DORA_REFUSAL]
+        return [e for e in errors if e != compat.DORA_REFUSAL]
 
     PEFTHelper.from_local_dir = from_local_dir
     PEFTHelper._validate_features = _validate_features
@@ -84,8 +94,8 @@ def _wrap_peft_helper() -> None:
 
 def _wrap_lora_model() -> None:
     from safetensors.torch import load_file
-    from vllm.lora.lora_model import LoRAModel
-    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    LoRAModel, parse_fine_tuned_lora_name = _v.LoRAModel, _v.parse_fine_tuned_lora_name
 
     orig = LoRAModel.from_local_checkpoint.__func__
 
@@ -125,15 +135,11 @@ def _wrap_lora_model() -> None:
 
 
 def _linear_layers(manager):
-    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
-
-    return {n: m for n, m in manager.modules.items() if isinstance(m, BaseLinearLayerWithLoRA)}
+    return {n: m for n, m in manager.modules.items() if isinstance(m, _v.BaseLinearLayerWithLoRA)}
 
 
 def _layer_problems(manager, lora) -> list[str]:
     """Why ``lora``'s scales cannot be applied by some layer of ``manager`` (empty when they can)."""
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-
     scales = lora.d2_scales
     problems = []
     if manager.lora_config.fully_sharded_loras:
@@ -147,7 +153,7 @@ def _layer_problems(manager, lora) -> list[str]:
         used.update(hits)
         if all(bool((scales[n] == 1).all()) for n in hits):
             continue  # s = 1 on every row here: nothing to apply
-        if type(module.base_layer.quant_method) is not UnquantizedLinearMethod:
+        if type(module.base_layer.quant_method) is not _v.UnquantizedLinearMethod:
             problems.append(f"{name}: quantized base layer ({type(module.base_layer.quant_method).__name__}); "
                             "s was computed from full-precision weights")
         if len(subs) > 1 and len(subs) != module.n_slices:
@@ -162,17 +168,10 @@ def _layer_problems(manager, lora) -> list[str]:
 
 def _uses_base_forward(module) -> bool:
     """Whether ``module.apply`` goes through ``_apply_base_forward`` (replicated / custom merged layers)."""
-    from vllm.lora.layers.column_parallel_linear import (
-        MergedColumnParallelLinearWithLoRA,
-    )
-    from vllm.lora.layers.replicated_linear import ReplicatedLinearWithLoRA
-    from vllm.model_executor.custom_op import maybe_get_oot_by_class
-    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
-
-    if isinstance(module, ReplicatedLinearWithLoRA):
+    if isinstance(module, _v.ReplicatedLinearWithLoRA):
         return True
-    if isinstance(module, MergedColumnParallelLinearWithLoRA) and module.tp_size == 1:
-        cls = maybe_get_oot_by_class(MergedColumnParallelLinear)
+    if isinstance(module, _v.MergedColumnParallelLinearWithLoRA) and module.tp_size == 1:
+        cls = _v.maybe_get_oot_by_class(_v.MergedColumnParallelLinear)
         fwd = getattr(type(module.base_layer), "forward", None)
         return type(module.base_layer) is not cls and fwd is not None and fwd is not getattr(cls, "forward", None)
     return False
@@ -196,7 +195,7 @@ def _slot_row(manager, name: str, module, scales: dict) -> torch.Tensor | None:
 
 
 def _wrap_manager() -> None:
-    from vllm.lora.model_manager import LoRAModelManager
+    LoRAModelManager = _v.LoRAModelManager
 
     orig_create = LoRAModelManager._create_lora_modules
     orig_add = LoRAModelManager._add_adapter
@@ -254,11 +253,13 @@ def _scale_rows(layer, output: torch.Tensor) -> torch.Tensor:
 
 
 def _wrap_linear() -> None:
-    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    BaseLinearLayerWithLoRA = _v.BaseLinearLayerWithLoRA
 
     orig_base_forward = BaseLinearLayerWithLoRA._apply_base_forward
 
     def _apply_sync(self, x, bias=None):
+        """Re-implements vLLM's BaseLinearLayerWithLoRA._apply_sync: base matmul without bias, x d2 row scale of
+        the token's slot (float32), + bias, + vLLM's LoRA. x (tokens, in) -> (tokens, out_partition)."""
         output = self._get_quant_method().apply(self.base_layer, x, None)
         output = _scale_rows(self, output)
         if bias is not None:
@@ -266,25 +267,34 @@ def _wrap_linear() -> None:
         return self._apply_lora_to_output(x, output)
 
     def _apply_base_forward(self, x):
+        """Re-implements vLLM's BaseLinearLayerWithLoRA._apply_base_forward: the base layer's own forward, x the
+        d2 row scale of the token's slot, + vLLM's LoRA."""
         # only layers without a bias reach here with s != 1 (_layer_problems refuses the others)
         base_output = self.base_layer(x)
         output = base_output[0] if isinstance(base_output, tuple) else base_output
         return self._apply_lora_to_output(x, _scale_rows(self, output))
 
-    functools.update_wrapper(_apply_sync, BaseLinearLayerWithLoRA._apply_sync)
-    functools.update_wrapper(_apply_base_forward, orig_base_forward)
+    for new, old in ((_apply_sync, BaseLinearLayerWithLoRA._apply_sync), (_apply_base_forward, orig_base_forward)):
+        doc = new.__doc__
+        functools.update_wrapper(new, old)
+        new.__doc__ = doc  # the re-implementation says so (and keeps __wrapped__ pointing at vLLM's)
     BaseLinearLayerWithLoRA._apply_sync = _apply_sync
     BaseLinearLayerWithLoRA._apply_base_forward = _apply_base_forward
 
 
 def install() -> None:
-    """Apply every wrapper once (idempotent); refuses the CUDA dual-stream LoRA path, which it does not patch."""
-    global _installed
+    """Apply every wrapper once (idempotent); refuses the CUDA dual-stream LoRA path, which it does not patch.
+
+    Call only when :func:`d2serve.vllm_plugin.compat.problems` is empty (``register`` does).
+
+    Raises:
+        RuntimeError: VLLM_LORA_ENABLE_DUAL_STREAM is set.
+    """
+    global _installed, _v
     if _installed:
         return
-    from vllm import envs
-
-    if envs.VLLM_LORA_ENABLE_DUAL_STREAM:
+    _v = compat.load()
+    if _v.envs.VLLM_LORA_ENABLE_DUAL_STREAM:
         raise RuntimeError("d2serve's vLLM plugin does not patch VLLM_LORA_ENABLE_DUAL_STREAM's LoRA path; unset it")
     _wrap_peft_helper()
     _wrap_lora_model()
