@@ -197,3 +197,27 @@ def test_bench_vllm_unmerged_arm(vllm_lora_setup, tmp_path):
     gen = res["workloads"]["generation"]
     assert gen["ratios"]["merged_over_unmerged"] > 0 and gen["ratios"]["merged_over_base"] > 0
     assert "vLLM comparison mode: fair" in (tmp_path / "r" / "bench.md").read_text()
+
+
+def test_served_adapter_folders_follow_the_cache_setting(tiny_llama_dir, tmp_path, monkeypatch):
+    """prepare_served_adapters keeps folded folders in d2serve's cache (XDG_CACHE_HOME/d2serve/vllm-lora when
+    D2SERVE_CACHE_DIR is unset), and with D2SERVE_CACHE_DIR=off in a fresh temporary folder, never ./off."""
+    from peft_oracle import peft_adapter
+
+    from d2serve.export.vllm_lora import prepare_served_adapters
+
+    adapter = peft_adapter(tiny_llama_dir, tmp_path / "lora", seed=3, target_modules=["q_proj", "v_proj"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("D2SERVE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    folders, _ = prepare_served_adapters(tiny_llama_dir, {"a": adapter})
+    assert folders["a"].parent == tmp_path / "xdg" / "d2serve" / "vllm-lora"
+    assert (folders["a"] / "adapter_config.json").is_file()
+    monkeypatch.setenv("D2SERVE_CACHE_DIR", "off")
+    off_folders, _ = prepare_served_adapters(tiny_llama_dir, {"a": adapter})
+    assert (off_folders["a"] / "adapter_config.json").is_file()
+    assert not (tmp_path / "off").exists() and tmp_path / "xdg" not in off_folders["a"].parents
+    assert off_folders["a"].parent.name.startswith("d2serve-vllm-lora-")
+    import shutil
+
+    shutil.rmtree(off_folders["a"].parent)

@@ -273,8 +273,8 @@ def prepare_served_adapters(base: str | Path, adapters: dict[str, Path]) -> tupl
         ranks.append(manifest["rank"])
         if manifest["needs_plugin"]:
             needs_plugin.append(name)
-    problem = plugin_problem()
-    if needs_plugin and problem:
+    problem = plugin_problem() if needs_plugin else None
+    if problem:
         raise InputError(f"adapters {needs_plugin} need d2serve's vLLM plugin (row scales): {problem}")
     return folders, vllm_max_lora_rank(max(ranks))
 
