@@ -104,24 +104,17 @@ CHECKED = {
         "BaseLinearLayerWithLoRA._apply_sync": ("0aa325824c187d76", "(self, x, bias=)"),
         "BaseLinearLayerWithLoRA._apply_base_forward": ("c01ffd2029da725d", "(self, x)"),
     },
-    # 0.33.0 (the CUDA wheel, imported on a CPU machine; scripts/check_vllm_compat.sh): two methods changed, both
-    # re-read: _create_lora_modules only routes pooling/classifier heads differently (is_token_level,
-    # TokenClassificationHeadWithLoRA); activate_adapter now marks the adapter active and its slot taken after
-    # loading the weights instead of before. The plugin adds its scale buffers after the former and reads the slot
-    # after the latter has returned, so neither change reaches it. (0.33's CPU LoRA ops also mask slot -1, the
-    # 0.32 bug that d2serve's spare slot works around; the spare slot is kept, harmless.)
-    "0.33.0": {
-        "PEFTHelper.from_local_dir": ("3d1a6d519746631b", "(cls, lora_path, max_position_embeddings)"),
-        "PEFTHelper._validate_features": ("d66eb9c96f5e2b7d", "(self)"),
-        "LoRAModel.from_local_checkpoint": ("d8dbecbe3d6f9c0e", "(cls, lora_dir, expected_lora_modules, peft_helper, *, "
-                                            "lora_model_id=, device=, dtype=, model_vocab_size=, weights_mapper=, "
-                                            "skip_prefixes=, moe_ep_spec=)"),
-        "LoRAModelManager._create_lora_modules": ("b300f06d5777a3b2", "(self)"),
-        "LoRAModelManager._add_adapter": ("41669a3c69568621", "(self, lora)"),
-        "LoRAModelManager.activate_adapter": ("b044458b878ef5d4", "(self, lora_id)"),
-        "BaseLinearLayerWithLoRA._apply_sync": ("0aa325824c187d76", "(self, x, bias=)"),
-        "BaseLinearLayerWithLoRA._apply_base_forward": ("c01ffd2029da725d", "(self, x)"),
-    },
+}
+# 0.33.0 (the CUDA wheel, imported on a CPU machine; scripts/check_vllm_compat.sh): two methods changed, both
+# re-read: _create_lora_modules only routes pooling/classifier heads differently (is_token_level,
+# TokenClassificationHeadWithLoRA); activate_adapter now marks the adapter active and its slot taken after
+# loading the weights instead of before. The plugin adds its scale buffers after the former and reads the slot
+# after the latter has returned, so neither change reaches it. (0.33's CPU LoRA ops also mask slot -1, the
+# 0.32 bug that d2serve's spare slot works around; the spare slot is kept, harmless.)
+CHECKED["0.33.0"] = {
+    **CHECKED["0.32.0"],
+    "LoRAModelManager._create_lora_modules": ("b300f06d5777a3b2", "(self)"),
+    "LoRAModelManager.activate_adapter": ("b044458b878ef5d4", "(self, lora_id)"),
 }
 
 
