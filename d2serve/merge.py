@@ -184,6 +184,8 @@ def merge(
     overwrite: bool = False,
     progress: bool = False,
     magnitude_rtol: float = MAGNITUDE_RTOL,
+    threads: int | None = None,
+    kernel: str | None = None,
 ) -> MergeResult:
     """Merge an adapter into a base checkpoint, streaming one shard at a time.
 
@@ -197,6 +199,12 @@ def merge(
         progress: show a progress bar over the tensors even when :mod:`d2serve.console`
             progress is not enabled (the CLI enables it).
         magnitude_rtol: relative tolerance of the ``d2_magnitude`` base fingerprint.
+        threads: row-block worker threads (each runs torch on one thread); None: the cores this process may
+            use (:func:`d2serve.threads.pick`, step ``merge``). Recorded in the manifest (``threads``).
+        kernel: ``auto`` | ``fused`` | ``torch`` (None: ``$D2SERVE_MERGE_KERNEL``, else ``auto``): the fused
+            numba kernel after the GEMM (:mod:`d2serve.merge_fused`) or the torch ops; both write the same bytes
+            and statistics. ``auto``/``fused`` fall back to torch (logged, recorded) when the kernel is unavailable.
+            The manifest records which ran (``merge_kernel``).
 
     Returns:
         :class:`MergeResult`.
@@ -217,19 +225,45 @@ def merge(
         ValueError: ``out`` overlaps an input, or an unknown dtype.
     """
     t0 = time.perf_counter()
+    from d2serve import merge_fused
+    from d2serve.threads import check_requested
+
+    threads = check_requested(threads)
+    kernel = merge_fused.choice() if kernel is None else kernel
+    if kernel not in merge_fused.CHOICES:
+        raise InputError(f"kernel {kernel!r}: expected one of {', '.join(merge_fused.CHOICES)}")
+    if kernel != "torch":
+        merge_fused.prefetch()  # numba's import and the kernel's load overlap the parsing and checks below
     ckpt = Checkpoint(base)
     adp = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     # the sha256 of every base shard and adapter file (for the manifest), in its own thread from now on: it
     # overlaps the checks; it refuses a file that changes before the merge ends
     hasher = ShardHasher([ckpt.path / s for s in ckpt.shards] + list(adp.files))
     try:
-        return _merge(ckpt, adp, Path(out), dtype, overwrite, progress, magnitude_rtol, hasher, t0)
+        return _merge(ckpt, adp, Path(out), dtype, overwrite, progress, magnitude_rtol, hasher, t0, threads, kernel)
     finally:
         hasher.stop()
 
 
+def _kernel_for(choice: str) -> tuple[object | None, dict]:
+    """The fused kernel to use (or None: torch) and what the manifest records about it (``merge_kernel``)."""
+    import logging
+
+    from d2serve import merge_fused
+
+    if choice == "torch":
+        return None, {"requested": choice, "used": "torch", "reason": "the torch path was asked for"}
+    kernel, why = merge_fused.load()
+    if kernel is None:
+        log = logging.getLogger(__name__)
+        (log.warning if choice == "fused" else log.info)("merge: using the torch path: %s", why)
+        return None, {"requested": choice, "used": "torch", "reason": why}
+    return kernel, {"requested": choice, "used": "fused", "reason": ""}
+
+
 def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: bool, progress: bool,
-           magnitude_rtol: float, hasher: ShardHasher, t0: float) -> MergeResult:
+           magnitude_rtol: float, hasher: ShardHasher, t0: float, threads_requested: int | None,
+           kernel_choice: str) -> MergeResult:
     """:func:`merge` after the inputs were parsed and their hashing started: validate, merge, write, record."""
     prepare_output_dir(out, overwrite, inputs=tuple(p for p in (ckpt.path, adp.path) if p is not None))
     out_dtype = resolve_dtype(dtype, ckpt)
@@ -243,6 +277,8 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
     method = get_method(adp.method)
     stacked_on = _check_stacking(ckpt.path, method, adp)  # the base is itself a merge output
     fingerprints = _Fingerprints(method, adp, ckpt.path, magnitude_rtol)
+    kernel, kernel_record = _kernel_for(kernel_choice)
+    n_fused = n_torch = 0
 
     layer_stats: dict[str, dict] = {}
     weight_map: dict[str, str] = {}
@@ -266,9 +302,14 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
         with atomic_output_dir(out, overwrite) as tmp:
             # the torch threads become row-block workers, each running torch ops on one thread: no OpenMP
             # barrier per op, so a worker the OS deschedules (a busy machine) never stalls the others
+            from d2serve.threads import pick, record
+
             threads = torch.get_num_threads()
-            workers = min(threads, MAX_ROW_WORKERS)
-            blocks = ThreadPoolExecutor(workers, thread_name_prefix="d2serve-merge-rows") if workers > 1 else None
+            workers = min(pick("merge", threads_requested), MAX_ROW_WORKERS)
+            # torch.set_num_threads is per thread for OpenMP and MKL: a worker left at the default runs each op (and
+            # MKL's dot of the statistics, whose last bit then depends on how MKL split it) on several threads
+            blocks = ThreadPoolExecutor(workers, thread_name_prefix="d2serve-merge-rows", initializer=torch.set_num_threads,
+                                        initargs=(1,)) if workers > 1 else None
             workspaces = Workspaces(workers)
             try:
                 torch.set_num_threads(1)
@@ -295,10 +336,12 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
 
                                 if module is not None:
                                     kind = arch.layer(module)
-                                    jobs.append(LayerMerge(target, w, adp.layers[module], method, out_dtype, emit,
-                                                           fingerprints.checker(module),
-                                                           transposed=kind is not None and kind.transposed,
-                                                           consumed=release))
+                                    job = LayerMerge(target, w, adp.layers[module], method, out_dtype, emit,
+                                                     fingerprints.checker(module),
+                                                     transposed=kind is not None and kind.transposed,
+                                                     consumed=release, kernel=kernel)
+                                    n_fused, n_torch = n_fused + job.fused, n_torch + (not job.fused)
+                                    jobs.append(job)
                                 elif target in adp.modules_to_save:
                                     jobs.append(TensorCopy(target, adp.modules_to_save[target].contiguous(), out_dtype,
                                                            emit, "modules_to_save tensor"))
@@ -341,6 +384,8 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                 "adapter_config": adp.config.to_json_dict(),
                 "output_dtype": str(out_dtype).removeprefix("torch."),
                 "compute_dtype": "float64",
+                "merge_kernel": kernel_record | {"layers_fused": n_fused, "layers_torch": n_torch},
+                "threads": record(threads_requested, row_workers=workers),
                 "untied_embeddings": untie,
                 "base_fingerprint": fingerprints.to_json(),
                 "stacked_on": stacked_on,

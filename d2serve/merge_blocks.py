@@ -177,13 +177,17 @@ class LayerMerge:
         consumed: ``consumed(first_byte, end_byte)`` (offsets inside ``w`` as stored) once bytes of ``w`` are
             read for the last time (a row block of a non-transposed weight when it is done; a transposed
             weight whole, in :meth:`finish`), e.g. to drop its mapped pages from the resident set.
+        kernel: the fused kernel (:func:`d2serve.merge_fused.load`) or None for the torch path. It is used for a
+            method with a ``fused_form``, a non-transposed weight and dtypes it supports (:attr:`fused`); its
+            bytes and statistics are those of the torch path (a block it flags is redone on the torch path).
 
     Each task raises MergeMathError (NaN/Inf, a zero-norm row, an overflow of ``out_dtype``, naming
     ``target``) or the fingerprint check's error.
     """
 
     def __init__(self, target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype, emit: Emit,
-                 check_fingerprint=None, transposed: bool = False, consumed: Callable[[int, int], None] | None = None):
+                 check_fingerprint=None, transposed: bool = False, consumed: Callable[[int, int], None] | None = None,
+                 kernel=None):
         self.target, self.f, self.method, self.out_dtype, self.emit = target, f, method, out_dtype, emit
         self.check_fingerprint, self.consumed, self.transposed = check_fingerprint, consumed, transposed
         self.w = w.t() if transposed else w
@@ -194,6 +198,16 @@ class LayerMerge:
         self.spans = [(s, min(s + rows, self.w.shape[0])) for s in range(0, self.w.shape[0], rows)]
         self.row_bytes = self.w.shape[1] * out_dtype.itemsize
         self.in_bytes = self.w.shape[1] * w.element_size()
+        from d2serve import merge_fused
+
+        self.kernel = kernel if (kernel is not None and method.fused_form is not None and not transposed
+                                 and merge_fused.supports(w.dtype) and merge_fused.supports(out_dtype)
+                                 and out_dtype != torch.float64 and w.is_contiguous()) else None
+
+    @property
+    def fused(self) -> bool:
+        """Whether the row blocks run through the fused kernel."""
+        return self.kernel is not None
 
     def tasks(self) -> list[Task]:
         """One task per row block, in row order."""
@@ -208,6 +222,41 @@ class LayerMerge:
                 self.b_all, self.a = self.method.low_rank(self.f, torch.float64)
 
     def _block(self, ws: Workspace, start: int, end: int) -> tuple:
+        if self.kernel is not None:
+            return self._block_fused(ws, start, end)
+        return self._block_torch(ws, start, end)
+
+    def _block_fused(self, ws: Workspace, start: int, end: int) -> tuple:
+        """One row block through the fused kernel: the same bytes and statistics as :meth:`_block_torch`."""
+        from d2serve import merge_fused
+
+        self._prepare()
+        w, fb = self.w, self.f.row_block(start, end, self.method.row_factors)
+        w0 = w[start:end]
+        rows = end - start
+        shape = (rows, w.shape[1])
+        dw = torch.mm(self.b_all[start:end], self.a, out=ws.buffer("dw", shape, torch.float64))
+        out = ws.buffer("out", shape, self.out_dtype)
+        norms, scale = ws.buffer("norms", (rows,), torch.float64), ws.buffer("scale", (rows,), torch.float64)
+        form = self.method.fused_form
+        mag = fb.tensors[self.method.fused_magnitude].to(torch.float64) if form == "rescale" else None
+        flag, big, max_err, n_same_cast, n_same = merge_fused.run_rows(self.kernel, w0, dw, mag, form, out, norms,
+                                                                       scale)
+        if flag != merge_fused.OK:  # a zero norm, NaN/Inf or an overflow: the torch path raises its own error
+            return self._block_torch(ws, start, end)
+        if self.check_fingerprint is not None and fb.magnitude is not None:
+            self.check_fingerprint(w0, fb.magnitude, norms)
+        flat = dw.reshape(-1)
+        n_same = n_same if n_same_cast else 0
+        part = (float(torch.dot(flat, flat)), float(torch.dot(norms, norms)),
+                None if form == "add" else tuple(float(x) for x in torch.aminmax(scale)),
+                out.numel() - n_same, n_same_cast - n_same, max_err, big)
+        self.emit(out, start * self.row_bytes)
+        if self.consumed is not None:
+            self.consumed(start * self.in_bytes, end * self.in_bytes)
+        return part
+
+    def _block_torch(self, ws: Workspace, start: int, end: int) -> tuple:
         self._prepare()
         w, fb = self.w, self.f.row_block(start, end, self.method.row_factors)
         w0 = w[start:end]
