@@ -52,7 +52,8 @@ from d2serve.checkpoint import (
 )
 from d2serve.errors import InputError
 from d2serve.merge_blocks import MAX_ROW_WORKERS, LayerMerge, TensorCopy, Workspaces, run_in_order
-from d2serve.merge_io import MappedShard, ShardHasher, ShardOut
+from d2serve.digests import CachedHasher
+from d2serve.merge_io import MappedShard, ShardOut
 from d2serve.sysinfo import current_rss_bytes, peak_rss_bytes
 
 MANIFEST_NAME = "d2serve_merge.json"
@@ -238,7 +239,8 @@ def merge(
     adp = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     # the sha256 of every base shard and adapter file (for the manifest), in its own thread from now on: it
     # overlaps the checks; it refuses a file that changes before the merge ends
-    hasher = ShardHasher([ckpt.path / s for s in ckpt.shards] + list(adp.files))
+    # (digests of files already hashed by an earlier merge come from d2serve's cache: d2serve.digests)
+    hasher = CachedHasher([ckpt.path / s for s in ckpt.shards] + list(adp.files))
     try:
         return _merge(ckpt, adp, Path(out), dtype, overwrite, progress, magnitude_rtol, hasher, t0, threads, kernel)
     finally:
@@ -262,7 +264,7 @@ def _kernel_for(choice: str) -> tuple[object | None, dict]:
 
 
 def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: bool, progress: bool,
-           magnitude_rtol: float, hasher: ShardHasher, t0: float, threads_requested: int | None,
+           magnitude_rtol: float, hasher: CachedHasher, t0: float, threads_requested: int | None,
            kernel_choice: str) -> MergeResult:
     """:func:`merge` after the inputs were parsed and their hashing started: validate, merge, write, record."""
     prepare_output_dir(out, overwrite, inputs=tuple(p for p in (ckpt.path, adp.path) if p is not None))
@@ -394,6 +396,10 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                 "sha256": {
                     "adapter": {p.name: digests[p] for p in adp.files},
                     "base_shards": {s: digests[ckpt.path / s] for s in ckpt.shards},
+                },
+                "sha256_sources": {  # computed | cache | hf_lfs_blob_name (d2serve.digests)
+                    "adapter": {p.name: hasher.sources[p] for p in adp.files},
+                    "base_shards": {s: hasher.sources[ckpt.path / s] for s in ckpt.shards},
                 },
                 "num_layers_merged": len(layer_stats),
                 "layers": layer_stats,
