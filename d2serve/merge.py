@@ -247,20 +247,27 @@ def merge(
         hasher.stop()
 
 
-def _kernel_for(choice: str) -> tuple[object | None, dict]:
-    """The fused kernel to use (or None: torch) and what the manifest records about it (``merge_kernel``)."""
-    import logging
-
+def _kernel_for(choice: str):
+    """The fused kernel's :class:`d2serve.merge_fused.Handle` for this merge, or None (the torch path)."""
     from d2serve import merge_fused
 
-    if choice == "torch":
-        return None, {"requested": choice, "used": "torch", "reason": "the torch path was asked for"}
-    kernel, why = merge_fused.load()
-    if kernel is None:
-        log = logging.getLogger(__name__)
-        (log.warning if choice == "fused" else log.info)("merge: using the torch path: %s", why)
-        return None, {"requested": choice, "used": "torch", "reason": why}
-    return kernel, {"requested": choice, "used": "fused", "reason": ""}
+    return None if choice == "torch" else merge_fused.Handle(wait=choice == "fused")
+
+
+def _kernel_record(choice: str, handle, n_fused: int, n_torch: int) -> dict:
+    """The manifest's ``merge_kernel``: asked, used (``fused`` | ``torch`` | ``both``: blocks before the kernel
+    was loaded ran on torch), why not fused, block and layer counts; a fallback is logged."""
+    import logging
+
+    if handle is None:
+        rec = {"requested": choice, "used": "torch", "reason": "the torch path was asked for", "blocks_fused": 0,
+               "blocks_torch": None}
+    else:
+        rec = handle.record(choice)
+        if rec["reason"]:
+            log = logging.getLogger(__name__)
+            (log.warning if choice == "fused" else log.info)("merge: torch path used: %s", rec["reason"])
+    return rec | {"layers_fusable": n_fused, "layers_torch_only": n_torch}
 
 
 def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: bool, progress: bool,
@@ -279,7 +286,7 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
     method = get_method(adp.method)
     stacked_on = _check_stacking(ckpt.path, method, adp)  # the base is itself a merge output
     fingerprints = _Fingerprints(method, adp, ckpt.path, magnitude_rtol)
-    kernel, kernel_record = _kernel_for(kernel_choice)
+    kernel = _kernel_for(kernel_choice)
     n_fused = n_torch = 0
 
     layer_stats: dict[str, dict] = {}
@@ -386,7 +393,7 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                 "adapter_config": adp.config.to_json_dict(),
                 "output_dtype": str(out_dtype).removeprefix("torch."),
                 "compute_dtype": "float64",
-                "merge_kernel": kernel_record | {"layers_fused": n_fused, "layers_torch": n_torch},
+                "merge_kernel": _kernel_record(kernel_choice, kernel, n_fused, n_torch),
                 "threads": record(threads_requested, row_workers=workers),
                 "untied_embeddings": untie,
                 "base_fingerprint": fingerprints.to_json(),

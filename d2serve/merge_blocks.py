@@ -177,9 +177,10 @@ class LayerMerge:
         consumed: ``consumed(first_byte, end_byte)`` (offsets inside ``w`` as stored) once bytes of ``w`` are
             read for the last time (a row block of a non-transposed weight when it is done; a transposed
             weight whole, in :meth:`finish`), e.g. to drop its mapped pages from the resident set.
-        kernel: the fused kernel (:func:`d2serve.merge_fused.load`) or None for the torch path. It is used for a
-            method with a ``fused_form``, a non-transposed weight and dtypes it supports (:attr:`fused`); its
-            bytes and statistics are those of the torch path (a block it flags is redone on the torch path).
+        kernel: a :class:`d2serve.merge_fused.Handle` or None for the torch path. The kernel is used for a method
+            with a ``fused_form``, a non-transposed weight and dtypes it supports (:attr:`fused`), on every block
+            that starts once it is loaded; its bytes and statistics are those of the torch path (a block it flags
+            is redone on the torch path).
 
     Each task raises MergeMathError (NaN/Inf, a zero-norm row, an overflow of ``out_dtype``, naming
     ``target``) or the fingerprint check's error.
@@ -206,7 +207,7 @@ class LayerMerge:
 
     @property
     def fused(self) -> bool:
-        """Whether the row blocks run through the fused kernel."""
+        """Whether the row blocks may run through the fused kernel (those run once it is loaded)."""
         return self.kernel is not None
 
     def tasks(self) -> list[Task]:
@@ -223,10 +224,13 @@ class LayerMerge:
 
     def _block(self, ws: Workspace, start: int, end: int) -> tuple:
         if self.kernel is not None:
-            return self._block_fused(ws, start, end)
+            kernel = self.kernel.get()
+            self.kernel.count(kernel is not None)
+            if kernel is not None:
+                return self._block_fused(kernel, ws, start, end)
         return self._block_torch(ws, start, end)
 
-    def _block_fused(self, ws: Workspace, start: int, end: int) -> tuple:
+    def _block_fused(self, kernel, ws: Workspace, start: int, end: int) -> tuple:
         """One row block through the fused kernel: the same bytes and statistics as :meth:`_block_torch`."""
         from d2serve import merge_fused
 
@@ -240,8 +244,7 @@ class LayerMerge:
         norms, scale = ws.buffer("norms", (rows,), torch.float64), ws.buffer("scale", (rows,), torch.float64)
         form = self.method.fused_form
         mag = fb.tensors[self.method.fused_magnitude].to(torch.float64) if form == "rescale" else None
-        flag, big, max_err, n_same_cast, n_same = merge_fused.run_rows(self.kernel, w0, dw, mag, form, out, norms,
-                                                                       scale)
+        flag, big, max_err, n_same_cast, n_same = merge_fused.run_rows(kernel, w0, dw, mag, form, out, norms, scale)
         if flag != merge_fused.OK:  # a zero norm, NaN/Inf or an overflow: the torch path raises its own error
             return self._block_torch(ws, start, end)
         if self.check_fingerprint is not None and fb.magnitude is not None:

@@ -120,30 +120,68 @@ def _build() -> tuple[object | None, str]:
 
 
 def _self_check(k) -> str:
-    """"" when the kernel's row norm and rescale-add reproduce torch's on rows of many lengths; else why not."""
+    """"" when the kernel's row norm and rescale-add reproduce torch's on rows of many lengths; else why not.
+    (Row-wise results do not depend on how many threads torch splits the rows over.)"""
     import numpy as np
 
     gen = torch.Generator().manual_seed(1234)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)  # as the merge's workers run
-        for n in (1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 257, 2048, 2051, 5632):
-            w0 = torch.randn(9, n, generator=gen, dtype=torch.float64) * 3
-            dw = torch.randn(9, n, generator=gen, dtype=torch.float64) * 0.01
-            m = torch.linalg.vector_norm(w0, ord=2, dim=1)
-            v = w0 + dw
-            s = m / torch.linalg.vector_norm(v, ord=2, dim=1)
-            ref = torch.addcmul(dw, v, s.unsqueeze(1)).to(torch.float32)
-            out = torch.empty(9, n, dtype=torch.float32)
-            mk, sk = torch.empty(9, dtype=torch.float64), torch.empty(9, dtype=torch.float64)
-            flag, *_ = k.fused_rows(w0.numpy(), 1, dw.numpy(), np.empty(0), 2, out.numpy(), 0, mk.numpy(),
-                                    sk.numpy(), True)
-            if flag != OK or not (torch.equal(mk, m) and torch.equal(sk, s) and torch.equal(out, ref)):
-                return ("numba kernel does not reproduce torch's row norm / addcmul bit for bit on this CPU and "
-                        f"torch build (row length {n}); the torch path keeps the bytes of today's engine")
-    finally:
-        torch.set_num_threads(threads)
+    for n in (1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 257, 2048, 2051, 5632):
+        w0 = torch.randn(9, n, generator=gen) * 3  # float32 rows: the signature of a float32 merge
+        dw = torch.randn(9, n, generator=gen, dtype=torch.float64) * 0.01
+        m = torch.linalg.vector_norm(w0.double(), ord=2, dim=1)
+        v = w0.double() + dw
+        s = m / torch.linalg.vector_norm(v, ord=2, dim=1)
+        ref = torch.addcmul(dw, v, s.unsqueeze(1)).to(torch.float32)
+        out = torch.empty(9, n, dtype=torch.float32)
+        mk, sk = torch.empty(9, dtype=torch.float64), torch.empty(9, dtype=torch.float64)
+        flag, *_ = k.fused_rows(w0.numpy(), 0, dw.numpy(), np.empty(0), 2, out.numpy(), 0, mk.numpy(),
+                                sk.numpy(), True)
+        if flag != OK or not (torch.equal(mk, m) and torch.equal(sk, s) and torch.equal(out, ref)):
+            return ("numba kernel does not reproduce torch's row norm / addcmul bit for bit on this CPU and "
+                    f"torch build (row length {n}); the torch path keeps the bytes of today's engine")
     return ""
+
+
+class Handle:
+    """The kernel as one merge sees it: :meth:`get` returns it once loaded, else None (that block runs the torch
+    path, with the same bytes), so a merge never waits for numba's import or a first compilation
+    (``wait=False``, the ``auto`` choice) unless asked to (``wait=True``, ``fused``)."""
+
+    def __init__(self, wait: bool):
+        self.wait = wait
+        self.blocks_fused = self.blocks_torch = 0
+        self._counts = threading.Lock()
+        if wait:
+            load()
+
+    def get(self):
+        """The compiled kernel, or None while it is loading or when it is unavailable."""
+        if self.wait or "kernel" in _state:
+            return load()[0]
+        return None
+
+    def count(self, fused: bool) -> None:
+        """Count one row block (fused or torch) for the manifest."""
+        with self._counts:
+            if fused:
+                self.blocks_fused += 1
+            else:
+                self.blocks_torch += 1
+
+    def record(self, choice: str) -> dict:
+        """What the manifest records (``merge_kernel``)."""
+        done = "kernel" in _state
+        if done and _state["kernel"] is None:
+            reason = _state["reason"]
+        elif not done:
+            reason = "the kernel was still loading (numba import / first compilation) when the merge ended"
+        elif not self.blocks_fused and self.blocks_torch:
+            reason = "the kernel was loaded after the last merged block"
+        else:
+            reason = ""
+        used = "fused" if self.blocks_fused and not self.blocks_torch else "torch" if not self.blocks_fused else "both"
+        return {"requested": choice, "used": used, "reason": reason, "blocks_fused": self.blocks_fused,
+                "blocks_torch": self.blocks_torch}
 
 
 def as_numpy(t: torch.Tensor):

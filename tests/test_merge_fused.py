@@ -49,9 +49,9 @@ def test_fused_kernel_writes_the_torch_paths_bytes_and_statistics(bases, method,
     for dtype in OUT_DTYPES:
         res = _both(bases[base_dtype], ad, tmp_path / dtype, dtype)
         (rt, ft), (rf, ff) = res["torch"], res["fused"]
-        assert rt.manifest["merge_kernel"]["used"] == "torch" and rt.manifest["merge_kernel"]["layers_fused"] == 0
-        assert rf.manifest["merge_kernel"]["used"] == "fused"
-        assert rf.manifest["merge_kernel"]["layers_fused"] == rf.manifest["num_layers_merged"] > 0
+        assert rt.manifest["merge_kernel"]["used"] == "torch" and rt.manifest["merge_kernel"]["blocks_fused"] == 0
+        assert rf.manifest["merge_kernel"]["used"] == "fused" and rf.manifest["merge_kernel"]["blocks_fused"] > 0
+        assert rf.manifest["merge_kernel"]["layers_fusable"] == rf.manifest["num_layers_merged"] > 0
         assert ft == ff, f"{method} {base_dtype}->{dtype}: bytes differ"
         assert rt.manifest["layers"] == rf.manifest["layers"], f"{method} {base_dtype}->{dtype}: statistics differ"
         assert rt.manifest["base_fingerprint"] == rf.manifest["base_fingerprint"]
@@ -215,7 +215,7 @@ def test_missing_numba_falls_back_to_torch_with_the_reason_recorded(tiny_llama_d
         r = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "fb", dtype="bfloat16", kernel="fused")
     rec = r.manifest["merge_kernel"]
     assert rec["used"] == "torch" and rec["requested"] == "fused" and "numba" in rec["reason"]
-    assert rec["layers_fused"] == 0 and rec["layers_torch"] == r.manifest["num_layers_merged"]
+    assert rec["blocks_fused"] == 0 and rec["blocks_torch"] > 0
     assert any("torch path" in m and "numba" in m for m in caplog.messages)
     assert (tmp_path / "fb" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
     assert r.manifest["layers"] == ref.manifest["layers"]
@@ -231,7 +231,7 @@ def test_a_kernel_that_fails_to_compile_or_disagrees_with_torch_is_not_used(tiny
         raise RuntimeError("LLVM says no")
 
     monkeypatch.setattr(kmod, "compile_all", broken)
-    r = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "a", kernel="auto")
+    r = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "a", kernel="fused")
     assert r.manifest["merge_kernel"]["used"] == "torch" and "LLVM says no" in r.manifest["merge_kernel"]["reason"]
     monkeypatch.undo()
     # a kernel whose row norm differs from torch's in the last bit (another reduction order) is refused by the check

@@ -32,7 +32,8 @@ def _child(job: dict) -> dict:
     if job["kind"] == "d2serve_merge":
         from d2serve.merge import merge
 
-        merge(base=base, adapter=job["adapter"], out=out, overwrite=True)
+        merge(base=base, adapter=job["adapter"], out=out, overwrite=True, threads=job.get("threads"),
+              kernel=job.get("kernel"))
     elif job["kind"] == "plain_load_save":
         from safetensors.torch import load_file, save_file
 
