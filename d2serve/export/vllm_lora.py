@@ -129,13 +129,16 @@ def fold_adapter(base: str | Path, adapter: str | Path) -> tuple[str, dict[str, 
     return adp.method, folded, ckpt, adp
 
 
-def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False,
+                     threads: int | None = None) -> dict:
     """Write the unmerged vLLM LoRA folder of ``adapter`` for ``base`` (module docstring), atomically.
 
     Args:
         base: HF checkpoint directory the adapter is served on (s depends on its weights).
         adapter: D2-LoRA (format v1), PEFT LoRA or PEFT DoRA adapter directory.
         out: output directory (empty/absent unless ``overwrite``).
+        threads: torch threads of the fold (None: the cores this process may use, :func:`d2serve.threads.pick`);
+            recorded in the manifest (``threads``).
 
     Returns:
         the manifest written as ``d2serve_vllm_lora.json``.
@@ -144,10 +147,15 @@ def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, 
         See :func:`fold_adapter`; OutputExistsError for a non-empty ``out``; InputError for ``out`` overlapping
         an input or a folded rank above 512.
     """
+    from d2serve.threads import check_requested, pick, record, torch_threads
+
     t0 = time.perf_counter()
     out = Path(out)
+    threads = check_requested(threads)
+    n_threads = pick("forward", threads)
     prepare_output_dir(out, overwrite, inputs=(Path(base), Path(adapter)))
-    method, folded, ckpt, adp = fold_adapter(base, adapter)
+    with torch_threads(n_threads):
+        method, folded, ckpt, adp = fold_adapter(base, adapter)
     rank = max(f.a.shape[0] for f in folded.values())
     vllm_max_lora_rank(rank)
     tensors, scales = {}, {}
@@ -181,7 +189,7 @@ def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, 
         "vllm_max_lora_rank": vllm_max_lora_rank(rank), "needs_plugin": needs_scales,
         "num_modules": len(folded), "row_scale_min": float(all_s.min()), "row_scale_max": float(all_s.max()),
         "sha256": {"base_shards": base_sha, "adapter": {p.name: sha256_file(p) for p in adp.files}},
-        "seconds": 0.0,
+        "seconds": 0.0, "threads": record(threads, forward=n_threads),
     }
     with atomic_output_dir(out, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
