@@ -202,10 +202,11 @@ def merge(
         magnitude_rtol: relative tolerance of the ``d2_magnitude`` base fingerprint.
         threads: row-block worker threads (each runs torch on one thread); None: the cores this process may
             use (:func:`d2serve.threads.pick`, step ``merge``). Recorded in the manifest (``threads``).
-        kernel: ``auto`` | ``fused`` | ``torch`` (None: ``$D2SERVE_MERGE_KERNEL``, else ``auto``): the fused
-            numba kernel after the GEMM (:mod:`d2serve.merge_fused`) or the torch ops; both write the same bytes
-            and statistics. ``auto``/``fused`` fall back to torch (logged, recorded) when the kernel is unavailable.
-            The manifest records which ran (``merge_kernel``).
+        kernel: ``auto`` | ``fused`` | ``c`` | ``numba`` | ``torch`` (None: ``$D2SERVE_MERGE_KERNEL``, else
+            ``auto``): the fused kernel after the GEMM (:mod:`d2serve.merge_fused`: C, else numba) or the torch
+            ops; all write the same bytes and statistics. ``auto`` uses the kernel from the first block after it is
+            loaded; the others wait for it; without a working kernel the torch path runs (logged, recorded). The
+            manifest records which ran (``merge_kernel``).
 
     Returns:
         :class:`MergeResult`.
@@ -233,8 +234,8 @@ def merge(
     kernel = merge_fused.choice() if kernel is None else kernel
     if kernel not in merge_fused.CHOICES:
         raise InputError(f"kernel {kernel!r}: expected one of {', '.join(merge_fused.CHOICES)}")
-    if kernel != "torch":
-        merge_fused.prefetch()  # numba's import and the kernel's load overlap the parsing and checks below
+    if kernel != "torch":  # a first compilation of the kernel overlaps the parsing and checks below
+        merge_fused.prefetch(kernel if kernel in merge_fused.IMPLS else None)
     ckpt = Checkpoint(base)
     adp = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     # the sha256 of every base shard and adapter file (for the manifest), in its own thread from now on: it
@@ -251,7 +252,9 @@ def _kernel_for(choice: str):
     """The fused kernel's :class:`d2serve.merge_fused.Handle` for this merge, or None (the torch path)."""
     from d2serve import merge_fused
 
-    return None if choice == "torch" else merge_fused.Handle(wait=choice == "fused")
+    if choice == "torch":
+        return None
+    return merge_fused.Handle(wait=choice != "auto", impl=choice if choice in merge_fused.IMPLS else None)
 
 
 def _kernel_record(choice: str, handle, n_fused: int, n_torch: int) -> dict:

@@ -19,9 +19,12 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 OUT_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _kernel():
-    kernel, why = merge_fused.load()
-    assert kernel is not None, why  # numba is a dependency: a missing kernel is a failure here, never a skip
+IMPLS = ("c", "numba")
+
+
+def _kernel(impl: str = "c"):
+    kernel, why = merge_fused.load(impl)
+    assert kernel is not None, why  # a C compiler and numba are here: a missing kernel is a failure, never a skip
     return kernel
 
 
@@ -31,26 +34,28 @@ def bases(tiny_llama_dir, tmp_path_factory):
     return {"float32": tiny_llama_dir, "bfloat16": bf16}
 
 
-def _both(base, adapter, out, dtype, monkeypatch=None):
-    """Merge with the torch path and with the fused kernel; returns {path: (result, {file: bytes})}."""
+def _both(base, adapter, out, dtype, impl="c"):
+    """Merge with the torch path and with the fused kernel ``impl``; returns {path: (result, {file: bytes})}."""
     res = {}
-    for kernel in ("torch", "fused"):
+    for kernel in ("torch", impl):
         r = merge(base=base, adapter=adapter, out=out / kernel, dtype=dtype, kernel=kernel)
         files = {p.name: p.read_bytes() for p in sorted((out / kernel).glob("*.safetensors"))}
-        res[kernel] = (r, files)
+        res["fused" if kernel == impl else kernel] = (r, files)
     return res
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("method", ["d2lora", "lora", "dora"])
 @pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
-def test_fused_kernel_writes_the_torch_paths_bytes_and_statistics(bases, method, base_dtype, tmp_path):
-    _kernel()
+def test_fused_kernel_writes_the_torch_paths_bytes_and_statistics(bases, method, base_dtype, impl, tmp_path):
+    _kernel(impl)
     ad = random_adapter(bases[base_dtype], tmp_path / "ad", method=method, target_modules=ALL_LINEAR, std=0.2, seed=5)
     for dtype in OUT_DTYPES:
-        res = _both(bases[base_dtype], ad, tmp_path / dtype, dtype)
+        res = _both(bases[base_dtype], ad, tmp_path / dtype, dtype, impl)
         (rt, ft), (rf, ff) = res["torch"], res["fused"]
         assert rt.manifest["merge_kernel"]["used"] == "torch" and rt.manifest["merge_kernel"]["blocks_fused"] == 0
         assert rf.manifest["merge_kernel"]["used"] == "fused" and rf.manifest["merge_kernel"]["blocks_fused"] > 0
+        assert rf.manifest["merge_kernel"]["impl"] == impl
         assert rf.manifest["merge_kernel"]["layers_fusable"] == rf.manifest["num_layers_merged"] > 0
         assert ft == ff, f"{method} {base_dtype}->{dtype}: bytes differ"
         assert rt.manifest["layers"] == rf.manifest["layers"], f"{method} {base_dtype}->{dtype}: statistics differ"
@@ -80,9 +85,10 @@ def _refusal(base, ad, tmp_path, dtype, kernel):
     return str(e.value)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", ["float16_overflow", "nan_row", "inf_row", "zero_row"])
-def test_fused_kernel_refuses_what_the_torch_path_refuses_with_its_message(tiny_llama_dir, tmp_path, case):
-    _kernel()
+def test_fused_kernel_refuses_what_the_torch_path_refuses_with_its_message(tiny_llama_dir, tmp_path, case, impl):
+    _kernel(impl)
     base = tmp_path / "base"
     shutil.copytree(tiny_llama_dir, base)
     t = load_file(str(base / "model.safetensors"))
@@ -100,7 +106,7 @@ def test_fused_kernel_refuses_what_the_torch_path_refuses_with_its_message(tiny_
     ad = random_adapter(base, tmp_path / "ad", target_modules=("q_proj",), std=0.2, with_magnitude=False)
     dtype = "float16" if case == "float16_overflow" else "bfloat16"
     msg_torch = _refusal(base, ad, tmp_path, dtype, "torch")
-    msg_fused = _refusal(base, ad, tmp_path, dtype, "fused")
+    msg_fused = _refusal(base, ad, tmp_path, dtype, impl)
     assert msg_fused == msg_torch
     assert "q_proj" in msg_fused
 
@@ -153,12 +159,13 @@ def _tie_float32s() -> torch.Tensor:
     return x[torch.isfinite(x)]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_kernel_casts_round_to_nearest_even_like_torch(out_dtype):
+def test_kernel_casts_round_to_nearest_even_like_torch(out_dtype, impl):
     """The kernel's float32 -> bfloat16/float16 rounding equals torch's ``Tensor.to`` bit for bit at every tie,
     and float64 -> bfloat16/float16 goes through float32 as torch's does (a float64 just above a tie that
     float32 rounds onto the tie rounds to even, not up)."""
-    k = _kernel()
+    k = _kernel(impl)
     x = _tie_float32s()
     assert x.numel() > 2_000_000
     got = merge_fused.round_trip_cast(k, x, out_dtype)
@@ -181,8 +188,9 @@ def test_kernel_casts_round_to_nearest_even_like_torch(out_dtype):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
-def test_kernel_row_norm_and_formula_match_torch_bit_for_bit_on_odd_lengths():
-    k = _kernel()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kernel_row_norm_and_formula_match_torch_bit_for_bit_on_odd_lengths(impl):
+    k = _kernel(impl)
     gen = torch.Generator().manual_seed(7)
     for n in (1, 2, 3, 4, 5, 6, 7, 13, 63, 65, 127, 1000, 2047, 4099):
         for wdt in (torch.float32, torch.bfloat16, torch.float16):
@@ -211,10 +219,12 @@ def test_missing_numba_falls_back_to_torch_with_the_reason_recorded(tiny_llama_d
     monkeypatch.setattr(merge_fused, "_state", {})
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
     monkeypatch.delitem(sys.modules, "d2serve.merge_fused_kernels", raising=False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))  # and no C compiler either
     with caplog.at_level(logging.WARNING, logger="d2serve.merge"):
         r = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "fb", dtype="bfloat16", kernel="fused")
     rec = r.manifest["merge_kernel"]
     assert rec["used"] == "torch" and rec["requested"] == "fused" and "numba" in rec["reason"]
+    assert "no-such-compiler" in rec["reason"] and rec["impl"] is None
     assert rec["blocks_fused"] == 0 and rec["blocks_torch"] > 0
     assert any("torch path" in m and "numba" in m for m in caplog.messages)
     assert (tmp_path / "fb" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
@@ -231,23 +241,30 @@ def test_a_kernel_that_fails_to_compile_or_disagrees_with_torch_is_not_used(tiny
         raise RuntimeError("LLVM says no")
 
     monkeypatch.setattr(kmod, "compile_all", broken)
-    r = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "a", kernel="fused")
+    r = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "a", kernel="numba")
     assert r.manifest["merge_kernel"]["used"] == "torch" and "LLVM says no" in r.manifest["merge_kernel"]["reason"]
+    # a C source that does not compile: the compiler's message, the torch path
+    monkeypatch.setattr(merge_fused, "_state", {})
+    bad = tmp_path / "cc"
+    bad.write_text("#!/bin/sh\necho 'error: no such thing' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    monkeypatch.setenv("CC", str(bad))
+    r = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "b", kernel="c")
+    assert r.manifest["merge_kernel"]["used"] == "torch" and "no such thing" in r.manifest["merge_kernel"]["reason"]
     monkeypatch.undo()
     # a kernel whose row norm differs from torch's in the last bit (another reduction order) is refused by the check
     monkeypatch.setattr(merge_fused, "_state", {})
-    kernel, _ = merge_fused.load()
-    assert kernel is not None
-    assert merge_fused._self_check(kernel) == ""
-    monkeypatch.setattr(merge_fused, "_state", {})
-    fake = type("K", (), {})()
-    fake.fused_rows = lambda *a: _perturbed(kernel, *a)
-    assert "does not reproduce" in merge_fused._self_check(fake)
+    for impl in IMPLS:
+        kernel = _kernel(impl)
+        assert merge_fused._self_check(kernel) == ""
+        fake = type("K", (), {})()
+        fake.rows = lambda *a, kernel=kernel: _perturbed(kernel, *a)
+        assert "does not reproduce" in merge_fused._self_check(fake)
 
 
-def _perturbed(kernel, w0, in_kind, dw, mag, form, out, out_kind, m_out, s_out, same):
-    r = kernel.fused_rows(w0, in_kind, dw, mag, form, out, out_kind, m_out, s_out, same)
-    m_out[0] = np.nextafter(m_out[0], np.inf)
+def _perturbed(kernel, w0, dw, mag, form, out, m, s):
+    r = kernel.rows(w0, dw, mag, form, out, m, s)
+    m[0] = float(np.nextafter(m[0].item(), np.inf))
     return r
 
 
