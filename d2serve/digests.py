@@ -120,3 +120,14 @@ class CachedHasher:
     def stop(self) -> None:
         """Abandon the remaining hashing and wait for its thread to end."""
         self._inner.stop()
+
+
+def sha256_files(paths: list[Path]) -> dict[Path, str]:
+    """Path -> hex sha256 of each file, from the cache when known (:func:`lookup`), else read and hashed (and the
+    digest kept); what every reader of input digests uses (merge manifest checks, exports, bench provenance).
+
+    Raises:
+        OSError: a file could not be read.
+        CheckpointError: a file changed while it was being hashed.
+    """
+    return CachedHasher(list(paths)).result()

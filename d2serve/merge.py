@@ -8,7 +8,11 @@ dtype and writes each finished block straight to its place in the output
 shard. Untouched tensors are checked and written in chunks from the mapped
 shard (cast only when the output dtype differs). A background thread
 computes every base shard's sha256 for the manifest, started before the
-architecture checks. Nothing holds a whole tensor: peak memory is the row
+architecture checks; a file hashed by an earlier merge (same device, inode,
+size and mtime) or named by its LFS sha256 in a Hugging Face cache is not read
+again (:mod:`d2serve.digests`). After the float64 GEMM of each row block, the
+fused kernel (:mod:`d2serve.merge_fused`) does the rest of the block in one pass
+per row, with the bytes and statistics of the torch ops it replaces. Nothing holds a whole tensor: peak memory is the row
 blocks' temporaries plus the adapter (the mapped pages of what was read are
 dropped from the resident set as the merge goes).
 

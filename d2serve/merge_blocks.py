@@ -5,9 +5,11 @@ in blocks of rows: each block is read from the (mapped) base tensor into
 float64, merged by the method (looked up in the registry; this module knows
 no formula), checked finite, cast once to the output dtype and handed to
 ``emit`` (a positioned write into the output file) as soon as it is done.
-Blocks run on ``torch.get_num_threads()`` worker threads, each running its
-torch ops on one thread with its own preallocated temporaries
-(:class:`Workspace`): nothing is allocated per block. Statistics and errors
+Blocks run on the merge's row-block worker threads (:func:`d2serve.threads.pick`),
+each running its torch ops on one thread with its own preallocated temporaries
+(:class:`Workspace`): nothing is allocated per block. After the GEMM a block runs
+through the fused kernel (:mod:`d2serve.merge_fused`) when one is loaded, else
+through the torch ops; both give the same bytes and statistics. Statistics and errors
 are taken in block order, so the bytes, the statistics and the error raised
 are those of a serial loop.
 
@@ -31,7 +33,7 @@ from d2serve.adapters.methods import Merged, MergeMathError, row_norm
 
 ROW_BLOCK_ELEMENTS = 1 << 18  # float64 temporaries of ~2 MiB per row block: memory flat, cache friendly
 COPY_CHUNK_BYTES = 16 << 20  # a copied tensor is checked, cast and written in chunks of at most this many bytes
-MAX_ROW_WORKERS = 8  # row-block worker threads: torch.get_num_threads(), at most this (temporaries per worker)
+MAX_ROW_WORKERS = 8  # row-block worker threads: d2serve.threads.pick("merge"), at most this (temporaries per worker)
 
 Emit = Callable[[torch.Tensor, int], None]  # emit(tensor bytes, byte offset inside the output tensor)
 

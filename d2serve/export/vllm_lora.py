@@ -46,7 +46,7 @@ from d2serve.architecture import (
     require_full_precision_base,
     to_out_in,
 )
-from d2serve.checkpoint import Checkpoint, atomic_output_dir, sha256_file, write_json
+from d2serve.checkpoint import Checkpoint, atomic_output_dir, write_json
 from d2serve.errors import InputError
 from d2serve.outdir import prepare_output_dir
 
@@ -171,7 +171,10 @@ def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, 
             raise AdapterError(f"{adapter}: folded tensor {k} overflows float32")
     all_s = torch.cat([f.s for f in folded.values()])
     needs_scales = bool((all_s != 1).any())
-    base_sha = {s: sha256_file(ckpt.path / s) for s in ckpt.shards}
+    from d2serve.digests import sha256_files
+
+    sums = sha256_files([ckpt.path / s for s in ckpt.shards] + list(adp.files))  # cached digests: d2serve.digests
+    base_sha = {s: sums[ckpt.path / s] for s in ckpt.shards}
     marker = {"format": FORMAT_VERSION, "method": method, "scales": SCALES_NAME, "manifest": MANIFEST_NAME,
               "base_sha256": base_sha}
     config = {
@@ -188,7 +191,7 @@ def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, 
         "base": str(ckpt.path.resolve()), "adapter": str(Path(adapter).resolve()), "rank": rank, "lora_alpha": rank,
         "vllm_max_lora_rank": vllm_max_lora_rank(rank), "needs_plugin": needs_scales,
         "num_modules": len(folded), "row_scale_min": float(all_s.min()), "row_scale_max": float(all_s.max()),
-        "sha256": {"base_shards": base_sha, "adapter": {p.name: sha256_file(p) for p in adp.files}},
+        "sha256": {"base_shards": base_sha, "adapter": {p.name: sums[p] for p in adp.files}},
         "seconds": 0.0, "threads": record(threads, forward=n_threads),
     }
     with atomic_output_dir(out, overwrite) as tmp:
@@ -243,14 +246,17 @@ def prepare_served_adapters(base: str | Path, adapters: dict[str, Path]) -> tupl
     """
     import hashlib
 
+    from d2serve.digests import sha256_files
+
     ckpt = Checkpoint(base)
-    base_sha = {s: sha256_file(ckpt.path / s) for s in ckpt.shards}
+    shard_sums = sha256_files([ckpt.path / s for s in ckpt.shards])
+    base_sha = {s: shard_sums[ckpt.path / s] for s in ckpt.shards}
     folders, ranks, needs_plugin = {}, [], []
     for name, adapter in adapters.items():
         adapter = Path(adapter)
         files = sorted(p for p in adapter.iterdir() if p.is_file()) if adapter.is_dir() else []
         h = hashlib.sha256(json.dumps([__version__, FORMAT_VERSION, base_sha,
-                                       [(p.name, sha256_file(p)) for p in files]]).encode()).hexdigest()[:24]
+                                       [(p.name, d) for p, d in sha256_files(files).items()]]).encode()).hexdigest()[:24]
         folder = _cache_root() / h
         manifest = read_vllm_lora_manifest(folder)
         if not manifest:
