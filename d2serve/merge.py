@@ -364,7 +364,7 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                                 else:  # floating: checked (and cast if the dtype differs); integer: as is
                                     name = target if target == src else f"{src} (written as {target})"
                                     jobs.append(TensorCopy(name, w, out_dtype if w.is_floating_point() else None,
-                                                           emit, "base tensor", release))
+                                                           emit, "base tensor", release, kernel=kernel))
                                 weight_map[target] = shard
                                 total_size += math.prod(info.shape) * out_dtypes[target].itemsize
                                 del w

@@ -310,14 +310,18 @@ class TensorCopy:
         what: ``base tensor`` or ``modules_to_save tensor``, for messages.
         consumed: ``consumed(first_input_byte, end_input_byte)`` after each chunk (offsets inside ``t``), e.g.
             to drop the mapped pages of a chunk already written.
+        kernel: a :class:`d2serve.merge_fused.Handle` whose C kernel, once loaded, takes max |value| and the
+            NaN/Inf test in one integer pass (torch's ``aminmax`` is slow on bfloat16); a chunk it finds
+            non-finite is checked again by :func:`check_finite` for the message.
 
     A task raises MergeMathError for a NaN/Inf value (the count is over the whole tensor) or an overflow of
     ``out_dtype``.
     """
 
     def __init__(self, name: str, t: torch.Tensor, out_dtype: torch.dtype | None, emit: Emit, what: str,
-                 consumed: Callable[[int, int], None] | None = None):
+                 consumed: Callable[[int, int], None] | None = None, kernel=None):
         self.name, self.flat, self.emit, self.what, self.consumed = name, t.reshape(-1), emit, what, consumed
+        self.kernel = kernel  # a merge_fused.Handle: its C kernel checks chunks (same result as check_finite)
         self.floating = t.is_floating_point() and out_dtype is not None
         self.dtype = out_dtype if self.floating else t.dtype
         n = max(1, COPY_CHUNK_BYTES // max(t.element_size(), self.dtype.itemsize))
@@ -330,8 +334,11 @@ class TensorCopy:
     def _chunk(self, ws: Workspace, start: int, end: int) -> None:
         chunk = out = self.flat[start:end]
         if self.floating:
+            kernel = self.kernel.get() if self.kernel is not None else None
+            big = kernel.check_finite(chunk) if hasattr(kernel, "check_finite") and chunk.is_contiguous() else None
             try:
-                big = check_finite(self.name, chunk, self.what)
+                if big is None:  # no kernel, or a NaN/Inf: torch's check (its count and message)
+                    big = check_finite(self.name, chunk, self.what)
             except MergeMathError:
                 check_finite(self.name, self.flat, self.what)  # the message counts the whole tensor's NaN/Inf
                 raise

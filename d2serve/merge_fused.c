@@ -180,3 +180,38 @@ int d2s_cast_1d(const void *x, int in_kind, void *out, int out_kind, int64_t n) 
     free(f);
     return 0;
 }
+
+/* The finite check of a tensor copied (not merged): 1 if any element of x[0..n) is NaN/Inf, else 0, with
+ * max |x| in *maxabs (what torch's aminmax-based check returns, as a float64). Integer loops on the bits. */
+int d2s_check_finite(const void *x, int kind, int64_t n, double *maxabs) {
+    int64_t bad = 0;
+    if (kind == 0) {
+        const uint32_t *u = x;
+        uint32_t m = 0;
+        for (int64_t d = 0; d < n; d++) {
+            uint32_t a = u[d] & 0x7FFFFFFFu;
+            bad += a >= 0x7F800000u;
+            m = a > m ? a : m;
+        }
+        *maxabs = (double)u2f(m);
+    } else if (kind == 1) {
+        const uint64_t *u = x;
+        uint64_t m = 0;
+        for (int64_t d = 0; d < n; d++) {
+            uint64_t a = u[d] & 0x7FFFFFFFFFFFFFFFull;
+            bad += a >= 0x7FF0000000000000ull;
+            m = a > m ? a : m;
+        }
+        memcpy(maxabs, &m, 8);
+    } else {
+        const uint16_t *u = x;
+        uint16_t m = 0, top = kind == 2 ? 0x7F80u : 0x7C00u;
+        for (int64_t d = 0; d < n; d++) {
+            uint16_t a = u[d] & 0x7FFFu;
+            bad += a >= top;
+            m = a > m ? a : m;
+        }
+        *maxabs = (double)u2f(kind == 2 ? ((uint32_t)m << 16) : h2f_bits(m));
+    }
+    return bad != 0;
+}

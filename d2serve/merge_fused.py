@@ -229,6 +229,9 @@ class CKernel:
         self._rows = lib.d2s_fused_rows
         self._rows.restype = i
         self._rows.argtypes = [p, i, p, p, i, p, i, p, p, i, i64, i64, p]
+        self._check = lib.d2s_check_finite
+        self._check.restype = i
+        self._check.argtypes = [p, i, i64, p]
         self._cast = lib.d2s_cast_1d
         self._cast.restype = i
         self._cast.argtypes = [p, i, p, i, i64]
@@ -244,6 +247,18 @@ class CKernel:
             raise MemoryError("merge kernel: out of memory for a row's temporaries")
         a, e, nsc, ns = stats.tolist()
         return flag, a, e, int(nsc), int(ns)
+
+    def check_finite(self, x) -> float | None:
+        """max |x| of a contiguous floating tensor (float32/float64/bfloat16/float16), or None when it holds a NaN
+        or +-Inf: the value :func:`d2serve.merge_blocks.check_finite` returns, in one integer pass over the bits."""
+        if not x.is_contiguous() or x.dtype not in _KIND:
+            raise ValueError("merge kernel: a contiguous float32/float64/bfloat16/float16 tensor is expected")
+        if not x.numel():
+            return 0.0
+        big = torch.empty(1, dtype=torch.float64)
+        if self._check(x.data_ptr(), _KIND[x.dtype], x.numel(), big.data_ptr()):
+            return None
+        return float(big)
 
     def cast(self, x, out) -> None:
         """``x`` (float32/float64, 1-d, contiguous) -> ``out`` with the kernel's rounding."""

@@ -278,3 +278,33 @@ def test_kernel_choice_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(merge_fused.ENV, "cuda")
     with pytest.raises(InputError, match="D2SERVE_MERGE_KERNEL"):
         merge_fused.choice()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_c_kernel_finite_check_of_copies_returns_torchs_max_abs(dtype):
+    from d2serve.merge_blocks import check_finite
+
+    k = _kernel("c")
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(100_003, generator=gen) * 50).to(dtype)
+    x[7] = -x.abs().max() * 1.5  # the largest magnitude is negative
+    x[8], x[9] = 0.0, -0.0
+    x[10] = torch.finfo(dtype).tiny / 4 if dtype != torch.bfloat16 else 1e-40  # a subnormal
+    assert k.check_finite(x) == check_finite("t", x, "base tensor")
+    assert k.check_finite(torch.zeros(5, dtype=dtype)) == 0.0
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[50_000] = bad
+        assert k.check_finite(y) is None
+
+
+@pytest.mark.parametrize("kernel", ["torch", "c"])
+def test_a_nan_in_a_copied_tensor_is_refused_with_the_same_count(tiny_llama_dir, tmp_path, kernel):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    t = load_file(str(base / "model.safetensors"))
+    t["model.embed_tokens.weight"][3, :5] = float("nan")
+    save_file(t, str(base / "model.safetensors"), metadata={"format": "pt"})
+    ad = random_adapter(base, tmp_path / "ad", target_modules=("q_proj",), std=0.2, with_magnitude=False)
+    with pytest.raises(MergeMathError, match=r"base tensor model\.embed_tokens\.weight has 5 NaN/Inf"):
+        merge(base=base, adapter=ad, out=tmp_path / "o", dtype="bfloat16", kernel=kernel)
