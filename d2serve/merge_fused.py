@@ -11,7 +11,7 @@ releases the GIL).
 
 Two implementations of the same arithmetic:
 
-* ``c`` (preferred): ``merge_fused.c``, compiled once per machine with the system C compiler
+* ``c`` (preferred): ``d2serve/data/kernels/merge_fused.c``, compiled once per machine with the system C compiler
   (``$CC``, else ``cc``; ``-O3 -march=native -ffp-contract=off``, no fast-math) into
   ``$D2SERVE_CACHE_DIR/kernels/`` (a temporary directory when the cache is ``off``) and loaded with
   ctypes: ~0.08 s to load (the compiler's version check for the cache key, the self-check) and ~16 MiB;
@@ -148,7 +148,7 @@ def _build_c() -> tuple[object | None, str]:
 
     from d2serve import cache
 
-    src = Path(__file__).with_name("merge_fused.c")
+    src = Path(__file__).parent / "data" / "kernels" / "merge_fused.c"  # package data: shipped in the wheel
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         return None, "C kernel: no C compiler (cc, gcc, clang or $CC) found"

@@ -75,11 +75,11 @@ def test_merge_and_verify_read_nothing_beside_the_repository(tmp_path, tiny_llam
     assert res["codes"] == [0, 0], r.stderr[-3000:]
     assert Path(res["package"]).resolve().parent == REPO / "d2serve"  # the child ran this checkout's code
     # nothing escaped the audit hook into a child process, except building the merge's C kernel (the system
-    # compiler reads d2serve/merge_fused.c of this checkout and its system headers; d2serve.merge_fused)
+    # compiler reads d2serve/data/kernels/merge_fused.c of this checkout and its system headers; d2serve.merge_fused)
     from d2serve.merge_fused import C_FLAGS
 
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    src = str(REPO / "d2serve" / "merge_fused.c")
+    src = str(REPO / "d2serve" / "data" / "kernels" / "merge_fused.c")
     for argv in res["popen"]:
         assert argv == str([cc, "--version"]) or (argv.startswith(str([cc, *C_FLAGS, "-o"])[:-1])
                                                    and argv.endswith(str([src, "-lm"])[1:])), argv
