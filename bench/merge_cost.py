@@ -5,8 +5,10 @@ Rows per checkpoint (each a fresh child process reporting its own wall time and 
 - ``plain_load_save``: ``safetensors.torch.load_file`` + ``save_file`` of every shard (the I/O floor);
 - ``d2serve_merge_d2lora``: ``d2serve.merge`` of a random D2-LoRA r=16 adapter on all 7 projections;
 - ``d2serve_merge_d2lora_cold``: the same with an empty d2serve cache (``D2SERVE_CACHE_DIR`` a fresh
-  directory): the architecture is built with transformers (~4-5 s here), as on the first merge of a config;
-  the other d2serve rows use a cache warmed once before the measurements;
+  directory): the architecture is built with transformers (~4-5 s here), every file is hashed and the fused
+  kernel is compiled (the merge runs the torch path until it is), as on the first merge of a config on a
+  machine; the other d2serve rows use a cache warmed once before the measurements (architecture, compiled
+  kernel, sha256 of the base shards and adapters);
 - ``d2serve_merge_lora``: ``d2serve.merge`` of a random PEFT LoRA r=16 adapter on q/v/down;
 - ``peft_merge``: PEFT ``PeftModel.from_pretrained`` -> ``merge_and_unload`` -> ``save_pretrained``, same LoRA;
 - ``full_model_load_save``: transformers ``from_pretrained`` + ``save_pretrained``.
@@ -84,12 +86,19 @@ def _prepare(spec: str, work: Path, shard_mib: int) -> tuple[str, Path]:
     return f"Llama {layers}L {dtype}", path
 
 
-def _warm_cache(base: Path, cache: Path) -> None:
-    """Build the architecture of ``base`` once into the d2serve cache ``cache`` (in a child, as the rows run)."""
+def _warm_cache(base: Path, adapters: list[Path], cache: Path) -> None:
+    """Warm the d2serve cache ``cache`` once, in a child (as the rows run): the architecture of ``base``, the
+    compiled fused kernel and the sha256 of the base shards and adapter files."""
     import subprocess
 
-    code = "import sys; from d2serve.architecture import architecture_at; architecture_at(sys.argv[1])"
-    subprocess.run([sys.executable, "-c", code, str(base)], check=True, env=os.environ | {"D2SERVE_CACHE_DIR": str(cache)})
+    code = ("import sys; from pathlib import Path; from d2serve.architecture import architecture_at; "
+            "from d2serve import merge_fused; from d2serve.digests import CachedHasher; "
+            "architecture_at(sys.argv[1]); k, why = merge_fused.load(); assert k is not None, why; "
+            "files = sorted(Path(sys.argv[1]).glob('*.safetensors')) + "
+            "[p for a in sys.argv[2:] for p in sorted(Path(a).iterdir()) if p.is_file()]; "
+            "CachedHasher(files).result()")
+    subprocess.run([sys.executable, "-c", code, str(base), *map(str, adapters)], check=True,
+                   env=os.environ | {"D2SERVE_CACHE_DIR": str(cache)})
 
 
 def _measure(name: str, base: Path, adapters: dict, work: Path, rows: list[str], repeats: int, threads: int) -> dict:
@@ -102,8 +111,9 @@ def _measure(name: str, base: Path, adapters: dict, work: Path, rows: list[str],
            "d2serve_merge_d2lora_cold": ("d2serve_merge", adapters["d2"]),
            "d2serve_merge_lora": ("d2serve_merge", adapters["lora"]), "peft_merge": ("peft_merge", adapters["lora"]),
            "full_model_load_save": ("full_model_load_save", None)}
-    cache = work / "d2serve-cache"  # warm: the architecture of this config is built once, before the measurements
-    _warm_cache(base, cache)
+    cache = work / "d2serve-cache"  # warm: architecture, kernel and digests made once, before the measurements
+    shutil.rmtree(cache, ignore_errors=True)
+    _warm_cache(base, [adapters["d2"], adapters["lora"]], cache)
     for rep in range(repeats):
         order = rows[rep % len(rows):] + rows[:rep % len(rows)]  # rotate so drifts hit every row
         before = _load()
@@ -145,8 +155,10 @@ def _markdown(res: dict) -> str:
              f"at end {', '.join(f'{x:.2f}' for x in res['load_end'])}; per repeat in merge_cost.json",
              "- each run is a fresh child process; peak RSS = VmHWM of that process (includes the ~340 MiB "
              "Python+torch import baseline)",
-             "- d2serve rows use a d2serve cache warmed once per checkpoint (architecture facts of the config); "
-             "`d2serve_merge_d2lora_cold` starts from an empty cache (transformers builds the architecture)",
+             "- d2serve rows use a d2serve cache warmed once per checkpoint (architecture facts of the config, the "
+             "compiled fused kernel, the sha256 of the base shards and adapters); `d2serve_merge_d2lora_cold` starts "
+             "from an empty cache (transformers builds the architecture, every file is hashed, the kernel compiles "
+             "while the merge runs the torch path)",
              f"- {res['repeats']} repeats, rows run back to back in a rotating order; `x floor` = time / plain "
              "load+save time of the same repeat, median [min, max]",
              "- plain load+save: `safetensors.torch.load_file` + `save_file` per shard (the I/O floor); d2serve "

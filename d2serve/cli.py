@@ -134,6 +134,10 @@ def _warn_base_name(adapter: Optional[Path], base: Optional[Path]) -> None:
         err_console.print(f"[yellow]warning:[/yellow] {escape(w)}")
 
 
+_THREADS_HELP = ("torch CPU threads (default: chosen per step from the cores this process may use; "
+                 "recorded in the output's manifest/report).")
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -161,13 +165,15 @@ def merge_cmd(
     out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the base's) | float32 | bfloat16 | float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Row-block worker threads (default: the cores "
+                                          "this process may use; recorded in d2serve_merge.json)."),
 ) -> None:
     """Merge an adapter into a base checkpoint, one shard at a time (float64 math, one cast)."""
     from d2serve.merge import merge
 
     base, adapter = _model(base, "base"), _model(adapter, "adapter")
     _warn_base_name(adapter, base)
-    res = merge(base=base, adapter=adapter, out=out, dtype=dtype, overwrite=overwrite, progress=True)
+    res = merge(base=base, adapter=adapter, out=out, dtype=dtype, overwrite=overwrite, progress=True, threads=threads)
     m = res.manifest
     worst = max(m["layers"].items(), key=lambda kv: kv[1]["frac_unchanged_by_cast"], default=(None, None))
     console.print(f"merged {m['num_layers_merged']} layers ({m['method']}) into {out} as {m['output_dtype']} "
@@ -228,6 +234,7 @@ def train_cmd(
                                        "template (user = prompt, assistant = answer) or as raw prompt+answer text."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP + " float32 on every device."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
 ) -> None:
     """Train a D2-LoRA adapter (loss on the assistant answer tokens); writes the adapter, a probe file and a log."""
     from d2serve.train import DEFAULT_DATA, TrainSettings, train
@@ -237,7 +244,7 @@ def train_cmd(
                       target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
     base = _model(base, "base")
     res = train(base=base, out=out, data=data or DEFAULT_DATA, settings=s, overwrite=overwrite,
-                log=lambda m: console.print(m), device=device)
+                log=lambda m: console.print(m), device=device, threads=threads)
     console.print(f"trained {max_steps} steps in {res.seconds:.1f} s: loss {res.losses[0]:.3f} -> "
                   f"{sum(res.losses[-5:]) / len(res.losses[-5:]):.3f} (mean of last 5); adapter in {out}")
 
@@ -299,7 +306,7 @@ def bench_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data folder, same layout as verify's: the eval "
                                         "workload reads ARC-Easy/ARC-Easy-Test.jsonl (default $D2SERVE_DATA_DIR, "
                                         "else the bundled samples)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: physical cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16, the same for every arm "
                                         "(default: bfloat16 for the hf backend on CUDA, else float32)."),
     device: Optional[str] = typer.Option(None, "--device", help="hf backend: " + _DEVICE_HELP),
@@ -457,6 +464,7 @@ def export_onnx_cmd(
     threshold: Optional[list[str]] = typer.Option(None, "--threshold", help="--quant gate override, key=value (min_top1_agreement, max_acc_gap_pp, max_mean_kl, min_greedy_agreement)."),
     data: Optional[Path] = typer.Option(None, "--data", help="--quant: evaluation data folder (default $D2SERVE_DATA_DIR, else the bundled samples)."),
     limit: int = typer.Option(30, "--limit", help="--quant: items per task for the accuracy gate."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
 ) -> None:
     """Export to ONNX and validate parity against transformers (exit 1 on a parity failure, report kept)."""
     from d2serve.export.onnx import MANIFEST, export_onnx
@@ -488,7 +496,7 @@ def export_onnx_cmd(
         return
     rep = export_onnx(
         merged=merged, out=out, target=target, precision=precision, overwrite=overwrite, prompts=prompts,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens, threads=threads,
     )
     p = rep.parity
     console.print(
@@ -525,6 +533,7 @@ def verify_cmd(
     merged_compute_dtype: str = typer.Option("float32", "--merged-compute-dtype", help="float32 (default) or auto (checkpoint dtype)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --report folder."),
     device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP + " Same dtypes on every device."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
 ) -> None:
     """Verify a merged checkpoint against the unmerged adapter model (exit 0 pass, 1 fidelity fail, 2 bad input)."""
     from d2serve.verify import verify
@@ -534,7 +543,8 @@ def verify_cmd(
     rep = verify(base=base, adapter=adapter, merged=merged, report_dir=report, data_dir=data, text_file=text,
                  limit=limit, tasks=tasks, thresholds=threshold, windows=windows, window_len=window_len,
                  max_new_tokens=max_new_tokens, base_accuracy=not no_base,
-                 merged_compute_dtype=merged_compute_dtype, overwrite=overwrite, device=device)  # stages: d2serve.console
+                 merged_compute_dtype=merged_compute_dtype, overwrite=overwrite, device=device,
+                 threads=threads)  # stages: d2serve.console
     d = rep.data
     w = d["weights"]
     if w is None:  # an ONNX export under test
@@ -583,6 +593,8 @@ def export_vllm_cmd(
                                                  "common prefix (default by dtype: bf16 0.3, fp16 0.1, fp32 0.02)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the report JSON here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="The merge's row-block worker threads (default: "
+                                          "the cores this process may use; recorded in the report)."),
 ) -> None:
     """Export a merged checkpoint for vLLM: merge, static checks, and a vLLM load + greedy parity check."""
     import json as _json
@@ -592,7 +604,7 @@ def export_vllm_cmd(
     base, adapter = _model(base, "base"), _model(adapter, "adapter")
     rep = export_vllm(out=out, base=base, adapter=adapter, merged=merged, dtype=dtype, check=check,
                       overwrite=overwrite, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
-                      n_exact=n_exact, logprob_atol=logprob_atol, progress=True)
+                      n_exact=n_exact, logprob_atol=logprob_atol, progress=True, threads=threads)
     if report:
         report.write_text(_json.dumps(rep.to_json(), indent=2) + "\n")
     console.print(f"exported {rep.out} ({rep.dtype}); static checks passed")
@@ -629,11 +641,13 @@ def export_vllm_lora_cmd(
                               "bfloat16 | float16."),
     n_prompts: int = typer.Option(4, "--n-prompts", help="Prompts of the check (1..16)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
 ) -> None:
     """Fold an adapter into a LoRA folder that vLLM serves unmerged with d2serve's plugin (many on one base)."""
     from d2serve.export.vllm_lora import check_vllm_lora, export_vllm_lora
 
-    man = export_vllm_lora(base=_model(base, "base"), adapter=_model(adapter, "adapter"), out=out, overwrite=overwrite)
+    man = export_vllm_lora(base=_model(base, "base"), adapter=_model(adapter, "adapter"), out=out, overwrite=overwrite,
+                           threads=threads)
     console.print(f"wrote {out}: {man['method']} on {man['num_modules']} modules, LoRA rank {man['rank']} "
                   f"(vLLM --max-lora-rank {man['vllm_max_lora_rank']}), row scales "
                   f"{man['row_scale_min']:.4f}..{man['row_scale_max']:.4f}"

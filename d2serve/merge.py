@@ -8,7 +8,11 @@ dtype and writes each finished block straight to its place in the output
 shard. Untouched tensors are checked and written in chunks from the mapped
 shard (cast only when the output dtype differs). A background thread
 computes every base shard's sha256 for the manifest, started before the
-architecture checks. Nothing holds a whole tensor: peak memory is the row
+architecture checks; a file hashed by an earlier merge (same device, inode,
+size and mtime) or named by its LFS sha256 in a Hugging Face cache is not read
+again (:mod:`d2serve.digests`). After the float64 GEMM of each row block, the
+fused kernel (:mod:`d2serve.merge_fused`) does the rest of the block in one pass
+per row, with the bytes and statistics of the torch ops it replaces. Nothing holds a whole tensor: peak memory is the row
 blocks' temporaries plus the adapter (the mapped pages of what was read are
 dropped from the resident set as the merge goes).
 
@@ -52,7 +56,8 @@ from d2serve.checkpoint import (
 )
 from d2serve.errors import InputError
 from d2serve.merge_blocks import MAX_ROW_WORKERS, LayerMerge, TensorCopy, Workspaces, run_in_order
-from d2serve.merge_io import MappedShard, ShardHasher, ShardOut
+from d2serve.digests import CachedHasher
+from d2serve.merge_io import MappedShard, ShardOut
 from d2serve.sysinfo import current_rss_bytes, peak_rss_bytes
 
 MANIFEST_NAME = "d2serve_merge.json"
@@ -184,6 +189,8 @@ def merge(
     overwrite: bool = False,
     progress: bool = False,
     magnitude_rtol: float = MAGNITUDE_RTOL,
+    threads: int | None = None,
+    kernel: str | None = None,
 ) -> MergeResult:
     """Merge an adapter into a base checkpoint, streaming one shard at a time.
 
@@ -197,6 +204,13 @@ def merge(
         progress: show a progress bar over the tensors even when :mod:`d2serve.console`
             progress is not enabled (the CLI enables it).
         magnitude_rtol: relative tolerance of the ``d2_magnitude`` base fingerprint.
+        threads: row-block worker threads (each runs torch on one thread); None: the cores this process may
+            use (:func:`d2serve.threads.pick`, step ``merge``). Recorded in the manifest (``threads``).
+        kernel: ``auto`` | ``fused`` | ``c`` | ``numba`` | ``torch`` (None: ``$D2SERVE_MERGE_KERNEL``, else
+            ``auto``): the fused kernel after the GEMM (:mod:`d2serve.merge_fused`: C, else numba) or the torch
+            ops; all write the same bytes and statistics. ``auto`` uses the kernel from the first block after it is
+            loaded; the others wait for it; without a working kernel the torch path runs (logged, recorded). The
+            manifest records which ran (``merge_kernel``).
 
     Returns:
         :class:`MergeResult`.
@@ -217,19 +231,55 @@ def merge(
         ValueError: ``out`` overlaps an input, or an unknown dtype.
     """
     t0 = time.perf_counter()
+    from d2serve import merge_fused
+    from d2serve.threads import check_requested
+
+    threads = check_requested(threads)
+    kernel = merge_fused.choice() if kernel is None else kernel
+    if kernel not in merge_fused.CHOICES:
+        raise InputError(f"kernel {kernel!r}: expected one of {', '.join(merge_fused.CHOICES)}")
+    if kernel != "torch":  # a first compilation of the kernel overlaps the parsing and checks below
+        merge_fused.prefetch(kernel if kernel in merge_fused.IMPLS else None)
     ckpt = Checkpoint(base)
     adp = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     # the sha256 of every base shard and adapter file (for the manifest), in its own thread from now on: it
     # overlaps the checks; it refuses a file that changes before the merge ends
-    hasher = ShardHasher([ckpt.path / s for s in ckpt.shards] + list(adp.files))
+    # (digests of files already hashed by an earlier merge come from d2serve's cache: d2serve.digests)
+    hasher = CachedHasher([ckpt.path / s for s in ckpt.shards] + list(adp.files))
     try:
-        return _merge(ckpt, adp, Path(out), dtype, overwrite, progress, magnitude_rtol, hasher, t0)
+        return _merge(ckpt, adp, Path(out), dtype, overwrite, progress, magnitude_rtol, hasher, t0, threads, kernel)
     finally:
         hasher.stop()
 
 
+def _kernel_for(choice: str):
+    """The fused kernel's :class:`d2serve.merge_fused.Handle` for this merge, or None (the torch path)."""
+    from d2serve import merge_fused
+
+    if choice == "torch":
+        return None
+    return merge_fused.Handle(wait=choice != "auto", impl=choice if choice in merge_fused.IMPLS else None)
+
+
+def _kernel_record(choice: str, handle, n_fused: int, n_torch: int) -> dict:
+    """The manifest's ``merge_kernel``: asked, used (``fused`` | ``torch`` | ``both``: blocks before the kernel
+    was loaded ran on torch), why not fused, block and layer counts; a fallback is logged."""
+    import logging
+
+    if handle is None:
+        rec = {"requested": choice, "used": "torch", "reason": "the torch path was asked for", "blocks_fused": 0,
+               "blocks_torch": None}
+    else:
+        rec = handle.record(choice)
+        if rec["reason"]:
+            log = logging.getLogger(__name__)
+            (log.warning if choice == "fused" else log.info)("merge: torch path used: %s", rec["reason"])
+    return rec | {"layers_fusable": n_fused, "layers_torch_only": n_torch}
+
+
 def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: bool, progress: bool,
-           magnitude_rtol: float, hasher: ShardHasher, t0: float) -> MergeResult:
+           magnitude_rtol: float, hasher: CachedHasher, t0: float, threads_requested: int | None,
+           kernel_choice: str) -> MergeResult:
     """:func:`merge` after the inputs were parsed and their hashing started: validate, merge, write, record."""
     prepare_output_dir(out, overwrite, inputs=tuple(p for p in (ckpt.path, adp.path) if p is not None))
     out_dtype = resolve_dtype(dtype, ckpt)
@@ -243,6 +293,8 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
     method = get_method(adp.method)
     stacked_on = _check_stacking(ckpt.path, method, adp)  # the base is itself a merge output
     fingerprints = _Fingerprints(method, adp, ckpt.path, magnitude_rtol)
+    kernel = _kernel_for(kernel_choice)
+    n_fused = n_torch = 0
 
     layer_stats: dict[str, dict] = {}
     weight_map: dict[str, str] = {}
@@ -266,9 +318,14 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
         with atomic_output_dir(out, overwrite) as tmp:
             # the torch threads become row-block workers, each running torch ops on one thread: no OpenMP
             # barrier per op, so a worker the OS deschedules (a busy machine) never stalls the others
+            from d2serve.threads import pick, record
+
             threads = torch.get_num_threads()
-            workers = min(threads, MAX_ROW_WORKERS)
-            blocks = ThreadPoolExecutor(workers, thread_name_prefix="d2serve-merge-rows") if workers > 1 else None
+            workers = min(pick("merge", threads_requested), MAX_ROW_WORKERS)
+            # torch.set_num_threads is per thread for OpenMP and MKL: a worker left at the default runs each op (and
+            # MKL's dot of the statistics, whose last bit then depends on how MKL split it) on several threads
+            blocks = ThreadPoolExecutor(workers, thread_name_prefix="d2serve-merge-rows", initializer=torch.set_num_threads,
+                                        initargs=(1,)) if workers > 1 else None
             workspaces = Workspaces(workers)
             try:
                 torch.set_num_threads(1)
@@ -295,17 +352,19 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
 
                                 if module is not None:
                                     kind = arch.layer(module)
-                                    jobs.append(LayerMerge(target, w, adp.layers[module], method, out_dtype, emit,
-                                                           fingerprints.checker(module),
-                                                           transposed=kind is not None and kind.transposed,
-                                                           consumed=release))
+                                    job = LayerMerge(target, w, adp.layers[module], method, out_dtype, emit,
+                                                     fingerprints.checker(module),
+                                                     transposed=kind is not None and kind.transposed,
+                                                     consumed=release, kernel=kernel)
+                                    n_fused, n_torch = n_fused + job.fused, n_torch + (not job.fused)
+                                    jobs.append(job)
                                 elif target in adp.modules_to_save:
                                     jobs.append(TensorCopy(target, adp.modules_to_save[target].contiguous(), out_dtype,
                                                            emit, "modules_to_save tensor"))
                                 else:  # floating: checked (and cast if the dtype differs); integer: as is
                                     name = target if target == src else f"{src} (written as {target})"
                                     jobs.append(TensorCopy(name, w, out_dtype if w.is_floating_point() else None,
-                                                           emit, "base tensor", release))
+                                                           emit, "base tensor", release, kernel=kernel))
                                 weight_map[target] = shard
                                 total_size += math.prod(info.shape) * out_dtypes[target].itemsize
                                 del w
@@ -341,6 +400,8 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                 "adapter_config": adp.config.to_json_dict(),
                 "output_dtype": str(out_dtype).removeprefix("torch."),
                 "compute_dtype": "float64",
+                "merge_kernel": _kernel_record(kernel_choice, kernel, n_fused, n_torch),
+                "threads": record(threads_requested, row_workers=workers),
                 "untied_embeddings": untie,
                 "base_fingerprint": fingerprints.to_json(),
                 "stacked_on": stacked_on,
@@ -349,6 +410,10 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                 "sha256": {
                     "adapter": {p.name: digests[p] for p in adp.files},
                     "base_shards": {s: digests[ckpt.path / s] for s in ckpt.shards},
+                },
+                "sha256_sources": {  # computed | cache | hf_lfs_blob_name (d2serve.digests)
+                    "adapter": {p.name: hasher.sources[p] for p in adp.files},
+                    "base_shards": {s: hasher.sources[ckpt.path / s] for s in ckpt.shards},
                 },
                 "num_layers_merged": len(layer_stats),
                 "layers": layer_stats,

@@ -5,9 +5,11 @@ in blocks of rows: each block is read from the (mapped) base tensor into
 float64, merged by the method (looked up in the registry; this module knows
 no formula), checked finite, cast once to the output dtype and handed to
 ``emit`` (a positioned write into the output file) as soon as it is done.
-Blocks run on ``torch.get_num_threads()`` worker threads, each running its
-torch ops on one thread with its own preallocated temporaries
-(:class:`Workspace`): nothing is allocated per block. Statistics and errors
+Blocks run on the merge's row-block worker threads (:func:`d2serve.threads.pick`),
+each running its torch ops on one thread with its own preallocated temporaries
+(:class:`Workspace`): nothing is allocated per block. After the GEMM a block runs
+through the fused kernel (:mod:`d2serve.merge_fused`) when one is loaded, else
+through the torch ops; both give the same bytes and statistics. Statistics and errors
 are taken in block order, so the bytes, the statistics and the error raised
 are those of a serial loop.
 
@@ -31,7 +33,7 @@ from d2serve.adapters.methods import Merged, MergeMathError, row_norm
 
 ROW_BLOCK_ELEMENTS = 1 << 18  # float64 temporaries of ~2 MiB per row block: memory flat, cache friendly
 COPY_CHUNK_BYTES = 16 << 20  # a copied tensor is checked, cast and written in chunks of at most this many bytes
-MAX_ROW_WORKERS = 8  # row-block worker threads: torch.get_num_threads(), at most this (temporaries per worker)
+MAX_ROW_WORKERS = 8  # row-block worker threads: d2serve.threads.pick("merge"), at most this (temporaries per worker)
 
 Emit = Callable[[torch.Tensor, int], None]  # emit(tensor bytes, byte offset inside the output tensor)
 
@@ -177,13 +179,18 @@ class LayerMerge:
         consumed: ``consumed(first_byte, end_byte)`` (offsets inside ``w`` as stored) once bytes of ``w`` are
             read for the last time (a row block of a non-transposed weight when it is done; a transposed
             weight whole, in :meth:`finish`), e.g. to drop its mapped pages from the resident set.
+        kernel: a :class:`d2serve.merge_fused.Handle` or None for the torch path. The kernel is used for a method
+            with a ``fused_form``, a non-transposed weight and dtypes it supports (:attr:`fused`), on every block
+            that starts once it is loaded; its bytes and statistics are those of the torch path (a block it flags
+            is redone on the torch path).
 
     Each task raises MergeMathError (NaN/Inf, a zero-norm row, an overflow of ``out_dtype``, naming
     ``target``) or the fingerprint check's error.
     """
 
     def __init__(self, target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype, emit: Emit,
-                 check_fingerprint=None, transposed: bool = False, consumed: Callable[[int, int], None] | None = None):
+                 check_fingerprint=None, transposed: bool = False, consumed: Callable[[int, int], None] | None = None,
+                 kernel=None):
         self.target, self.f, self.method, self.out_dtype, self.emit = target, f, method, out_dtype, emit
         self.check_fingerprint, self.consumed, self.transposed = check_fingerprint, consumed, transposed
         self.w = w.t() if transposed else w
@@ -194,6 +201,16 @@ class LayerMerge:
         self.spans = [(s, min(s + rows, self.w.shape[0])) for s in range(0, self.w.shape[0], rows)]
         self.row_bytes = self.w.shape[1] * out_dtype.itemsize
         self.in_bytes = self.w.shape[1] * w.element_size()
+        from d2serve import merge_fused
+
+        self.kernel = kernel if (kernel is not None and method.fused_form is not None and not transposed
+                                 and merge_fused.supports(w.dtype) and merge_fused.supports(out_dtype)
+                                 and out_dtype != torch.float64 and w.is_contiguous()) else None
+
+    @property
+    def fused(self) -> bool:
+        """Whether the row blocks may run through the fused kernel (those run once it is loaded)."""
+        return self.kernel is not None
 
     def tasks(self) -> list[Task]:
         """One task per row block, in row order."""
@@ -208,6 +225,43 @@ class LayerMerge:
                 self.b_all, self.a = self.method.low_rank(self.f, torch.float64)
 
     def _block(self, ws: Workspace, start: int, end: int) -> tuple:
+        if self.kernel is not None:
+            kernel = self.kernel.get()
+            self.kernel.count(kernel is not None)
+            if kernel is not None:
+                return self._block_fused(kernel, ws, start, end)
+        return self._block_torch(ws, start, end)
+
+    def _block_fused(self, kernel, ws: Workspace, start: int, end: int) -> tuple:
+        """One row block through the fused kernel: the same bytes and statistics as :meth:`_block_torch`."""
+        from d2serve import merge_fused
+
+        self._prepare()
+        w, fb = self.w, self.f.row_block(start, end, self.method.row_factors)
+        w0 = w[start:end]
+        rows = end - start
+        shape = (rows, w.shape[1])
+        dw = torch.mm(self.b_all[start:end], self.a, out=ws.buffer("dw", shape, torch.float64))
+        out = ws.buffer("out", shape, self.out_dtype)
+        norms, scale = ws.buffer("norms", (rows,), torch.float64), ws.buffer("scale", (rows,), torch.float64)
+        form = self.method.fused_form
+        mag = fb.tensors[self.method.fused_magnitude].to(torch.float64) if form == "rescale" else None
+        flag, big, max_err, n_same_cast, n_same = merge_fused.run_rows(kernel, w0, dw, mag, form, out, norms, scale)
+        if flag != merge_fused.OK:  # a zero norm, NaN/Inf or an overflow: the torch path raises its own error
+            return self._block_torch(ws, start, end)
+        if self.check_fingerprint is not None and fb.magnitude is not None:
+            self.check_fingerprint(w0, fb.magnitude, norms)
+        flat = dw.reshape(-1)
+        n_same = n_same if n_same_cast else 0
+        part = (float(torch.dot(flat, flat)), float(torch.dot(norms, norms)),
+                None if form == "add" else tuple(float(x) for x in torch.aminmax(scale)),
+                out.numel() - n_same, n_same_cast - n_same, max_err, big)
+        self.emit(out, start * self.row_bytes)
+        if self.consumed is not None:
+            self.consumed(start * self.in_bytes, end * self.in_bytes)
+        return part
+
+    def _block_torch(self, ws: Workspace, start: int, end: int) -> tuple:
         self._prepare()
         w, fb = self.w, self.f.row_block(start, end, self.method.row_factors)
         w0 = w[start:end]
@@ -256,14 +310,18 @@ class TensorCopy:
         what: ``base tensor`` or ``modules_to_save tensor``, for messages.
         consumed: ``consumed(first_input_byte, end_input_byte)`` after each chunk (offsets inside ``t``), e.g.
             to drop the mapped pages of a chunk already written.
+        kernel: a :class:`d2serve.merge_fused.Handle` whose C kernel, once loaded, takes max |value| and the
+            NaN/Inf test in one integer pass (torch's ``aminmax`` is slow on bfloat16); a chunk it finds
+            non-finite is checked again by :func:`check_finite` for the message.
 
     A task raises MergeMathError for a NaN/Inf value (the count is over the whole tensor) or an overflow of
     ``out_dtype``.
     """
 
     def __init__(self, name: str, t: torch.Tensor, out_dtype: torch.dtype | None, emit: Emit, what: str,
-                 consumed: Callable[[int, int], None] | None = None):
+                 consumed: Callable[[int, int], None] | None = None, kernel=None):
         self.name, self.flat, self.emit, self.what, self.consumed = name, t.reshape(-1), emit, what, consumed
+        self.kernel = kernel  # a merge_fused.Handle: its C kernel checks chunks (same result as check_finite)
         self.floating = t.is_floating_point() and out_dtype is not None
         self.dtype = out_dtype if self.floating else t.dtype
         n = max(1, COPY_CHUNK_BYTES // max(t.element_size(), self.dtype.itemsize))
@@ -276,8 +334,11 @@ class TensorCopy:
     def _chunk(self, ws: Workspace, start: int, end: int) -> None:
         chunk = out = self.flat[start:end]
         if self.floating:
+            kernel = self.kernel.get() if self.kernel is not None else None
+            big = kernel.check_finite(chunk) if hasattr(kernel, "check_finite") and chunk.is_contiguous() else None
             try:
-                big = check_finite(self.name, chunk, self.what)
+                if big is None:  # no kernel, or a NaN/Inf: torch's check (its count and message)
+                    big = check_finite(self.name, chunk, self.what)
             except MergeMathError:
                 check_finite(self.name, self.flat, self.what)  # the message counts the whole tensor's NaN/Inf
                 raise

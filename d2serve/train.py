@@ -8,6 +8,7 @@ trainer's own outputs) and ``d2serve_train.json`` (settings and loss curve).
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -26,6 +27,7 @@ from d2serve.errors import CheckFailedError, InputError, InputNotFoundError
 from d2serve.layers import inject_d2lora
 from d2serve.models import load_hf_model, load_tokenizer, resolve_device
 from d2serve.probe import PROBE_NAME
+from d2serve.threads import check_requested, pick, record, torch_threads
 
 TRAIN_LOG_NAME = "d2serve_train.json"
 DEFAULT_DATA = Path(__file__).parent / "data" / "boolq_train.jsonl"
@@ -189,7 +191,7 @@ def _batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def train(
+def _train(
     *,
     base: str | Path,
     out: str | Path,
@@ -199,6 +201,7 @@ def train(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     device: str | None = None,
+    threads: int | None = None,
 ) -> TrainResult:
     """Train a D2-LoRA adapter on ``base`` (float32, on ``device``) and write it to ``out``.
 
@@ -217,6 +220,8 @@ def train(
         device: "cpu", "cuda" or "cuda:N"; None -> cuda when available, else cpu (recorded in the log).
             The dtype is float32 on every device (frozen base and trained factors alike), so the probe
             logits are a float32 reference and the factors need no cast when written.
+        threads: torch CPU threads; None: every core this process may use (:func:`d2serve.threads.pick`, step
+            ``forward``). Recorded in ``d2serve_train.json`` (``threads``).
 
     Raises:
         FileNotFoundError / ValueError: bad data file or settings.
@@ -293,7 +298,8 @@ def train(
         write_adapter_files(tmp, config, factors)
         save_file(probe, str(tmp / PROBE_NAME), metadata={"format": "pt", "dtype": "float32", "mode": "unmerged"})
         log = {"d2serve_version": __version__, "base": str(base), "data": str(data), "records": len(rows),
-               "settings": asdict(s), "device": dev, "losses": losses, "train_seconds": round(seconds, 3)}
+               "settings": asdict(s), "device": dev, "losses": losses, "train_seconds": round(seconds, 3),
+               "threads": record(threads, forward=pick("forward", threads))}
         (tmp / TRAIN_LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
     return TrainResult(Path(out), losses, seconds)
 
@@ -307,3 +313,9 @@ def _probe(model, encoded: list[tuple[list[int], list[int]]], s: TrainSettings) 
     input_ids = torch.tensor([x[-n:] for x in seqs], dtype=torch.long)
     logits = model(input_ids=input_ids.to(model.device)).logits.float().cpu()
     return {"input_ids": input_ids, "logits": logits.contiguous()}
+
+
+@functools.wraps(_train)
+def train(**kwargs) -> TrainResult:
+    with torch_threads(pick("forward", check_requested(kwargs.get("threads")))):
+        return _train(**kwargs)

@@ -169,14 +169,10 @@ def test_row_block_workers_give_the_serial_bytes_and_statistics(tiny_llama_dir, 
     ad = random_adapter(tiny_llama_dir, tmp_path / "ad", target_modules=ALL_LINEAR, std=0.2, seed=4)
     monkeypatch.setattr(merge_mod, "ROW_BLOCK_ELEMENTS", 150)  # 1-2 rows per block: many blocks per layer
     threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)  # serial loop
-        serial = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "serial", dtype="bfloat16")
-        torch.set_num_threads(3)  # three row-block workers
-        pooled = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "pooled", dtype="bfloat16")
-        assert torch.get_num_threads() == 3  # restored after the merge
-    finally:
-        torch.set_num_threads(threads)
+    serial = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "serial", dtype="bfloat16", threads=1)  # serial loop
+    pooled = merge(base=tiny_llama_dir, adapter=ad, out=tmp_path / "pooled", dtype="bfloat16", threads=3)  # 3 workers
+    assert torch.get_num_threads() == threads  # restored after the merge
+    assert (serial.manifest["threads"]["row_workers"], pooled.manifest["threads"]["row_workers"]) == (1, 3)
     assert (tmp_path / "serial" / "model.safetensors").read_bytes() == (tmp_path / "pooled" / "model.safetensors").read_bytes()
     assert serial.manifest["layers"] == pooled.manifest["layers"]
     assert serial.manifest["base_fingerprint"] == pooled.manifest["base_fingerprint"]

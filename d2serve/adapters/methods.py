@@ -302,6 +302,11 @@ class Method:
         fold(W0, factors, dtype): the layer for unmerged serving as (s (out,), A' (R, in), B' (out, R)) with
             W_hat = diag(s) W0 + B' @ A' exactly (``lora_fold``, ``dora_fold``, ``d2lora_fold``); s scales
             the base layer's output rows (not its bias), B' A' is a plain LoRA (d2serve.export.vllm_lora).
+        fused_form: the shape of ``merge`` as the fused merge kernel (d2serve.merge_fused) computes it, with the
+            same roundings in the same order: ``add`` W0 + dW (``lora_merge``), ``rescale`` diag(v / ||W0 + dW||)(W0 + dW)
+            with v the factor ``fused_magnitude`` (``dora_merge``), ``rescale_add`` diag(m / ||W0 + dW||)(W0 + dW) + dW
+            with m = ||W0|| per row (``d2lora_merge``); None: only the torch path merges this method.
+        fused_magnitude: the (out_features,) factor v of the ``rescale`` form (DoRA's ``lora_magnitude_vector``).
         layer_kinds: the layer kinds (d2serve.architecture: ``linear``, ``conv1d``, ``embedding``) the method is
             defined and merged on: LoRA on all three (PEFT ``lora.Linear`` / Conv1D / ``lora.Embedding``), DoRA on
             linear and Conv1D (PEFT's DoRA embedding norms another axis; not merged), D2-LoRA on nn.Linear only.
@@ -324,6 +329,8 @@ class Method:
     branches: tuple[str, ...] = ()
     fold: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     layer_kinds: tuple[str, ...] = ("linear", "conv1d")
+    fused_form: str | None = None
+    fused_magnitude: str | None = None
 
     @property
     def factor_names(self) -> tuple[str, ...]:
@@ -355,12 +362,13 @@ _EMBEDDING_KEYS = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
 METHODS: dict[str, Method] = {
     "lora": Method("lora", "LORA", (("lora_A", "lora_B"),), lora_delta, lora_merged, lora_merge,
                    file_keys=_weight_keys("lora_A", "lora_B") | _EMBEDDING_KEYS, fold=lora_fold,
-                   layer_kinds=("linear", "conv1d", "embedding")),
+                   layer_kinds=("linear", "conv1d", "embedding"), fused_form="add"),
     "dora": Method("dora", "LORA", (("lora_A", "lora_B"),), lora_delta, dora_merged, dora_merge,
                    vectors=("lora_magnitude_vector",), selector="use_dora",
                    file_keys=_weight_keys("lora_A", "lora_B", "lora_magnitude_vector")
                    | {"lora_magnitude_vector": "lora_magnitude_vector"} | _EMBEDDING_KEYS,
-                   config_fields=("use_dora",), uses_base_norms=True, fold=dora_fold),
+                   config_fields=("use_dora",), uses_base_norms=True, fold=dora_fold,
+                   fused_form="rescale", fused_magnitude="lora_magnitude_vector"),
     "d2lora": Method(
         "d2lora", "D2LORA",
         (("lora_A_plus", "lora_B_plus"), ("lora_A_minus", "lora_B_minus")),
@@ -371,7 +379,7 @@ METHODS: dict[str, Method] = {
         file_keys=_weight_keys("lora_A_plus", "lora_B_plus", "lora_A_minus", "lora_B_minus"),
         tau_key="d2_tau", fingerprint_key="d2_magnitude",
         config_fields=("tau", "magnitude_axis"), uses_base_norms=True, branches=("plus", "minus"),
-        fold=d2lora_fold, layer_kinds=("linear",),
+        fold=d2lora_fold, layer_kinds=("linear",), fused_form="rescale_add",
     ),
 }
 

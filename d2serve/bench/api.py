@@ -106,7 +106,9 @@ def bench(
         quick: the reduced sweep (~1 minute on SmolLM2, 2 CPU threads).
         plan: explicit sweep (overrides ``quick``).
         workloads: subset of ``("eval", "generation")``.
-        threads: torch intra-op threads (default: the physical core count), fixed and recorded.
+        threads: torch intra-op threads for every workload; None: chosen per workload from the cores this process
+            may use (:func:`d2serve.threads.pick`: all of them for eval throughput, half of them for generation,
+            the same for every arm). Recorded (``threads`` in bench.json, each arm's settings).
         dtype: compute dtype of every arm: float32, bfloat16 or float16.
         eval_data: multiple-choice jsonl (ARC or BoolQ) for the eval-throughput workload.
         strict: refuse non-comparable arms (raise); False labels the report NOT COMPARABLE instead.
@@ -135,9 +137,11 @@ def bench(
         raise InputError(f"unknown workload(s) {sorted(bad)}; expected a subset of {WORKLOADS}")
     plan = plan or (QUICK_PLAN if quick else FULL_PLAN)
     report = Path(report)
-    import psutil
+    from d2serve.threads import check_requested, pick, record, torch_threads
 
-    threads = threads or psutil.cpu_count(logical=False) or 1
+    requested = check_requested(threads)
+    threads = pick("forward", requested)  # the eval workload (and loading); generation picks its own below
+    gen_threads = pick("generate", requested)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,6 +180,7 @@ def bench(
             "inputs": {"base": str(base), "adapter": adapter and str(adapter), "merged": merged and str(merged)},
             "plan": asdict(plan) | {"quick": quick},
             "environment": environment(threads),
+            "threads": record(requested, eval=threads, generation=gen_threads),
             "arms": {},
             "comparability": {},
             "workloads": {},
@@ -245,7 +250,8 @@ def bench(
                     _run_eval(wl, be, names, requests, [it.gold for it in items], plan, eval_path, step, save)
                 if cases:
                     wl = results["workloads"]["generation"] = {}
-                    _run_generation(wl, be, names, cases, plan, step, save)
+                    with torch_threads(gen_threads):
+                        _run_generation(wl, be, names, cases, plan, step, save)
             results["status"] = "complete"
         except KeyboardInterrupt:
             results["status"] = "interrupted"

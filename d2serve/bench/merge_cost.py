@@ -27,12 +27,16 @@ def _child(job: dict) -> dict:
         torch.set_num_threads(int(job["threads"]))
 
     base, out = Path(job["base"]), Path(job["out"])
+    extra: dict = {}
     rss_before = peak_rss_bytes()
     t0 = time.perf_counter()
     if job["kind"] == "d2serve_merge":
         from d2serve.merge import merge
 
-        merge(base=base, adapter=job["adapter"], out=out, overwrite=True)
+        m = merge(base=base, adapter=job["adapter"], out=out, overwrite=True, threads=job.get("threads"),
+                  kernel=job.get("kernel")).manifest
+        extra = {"merge_kernel": m["merge_kernel"], "threads": m["threads"],
+                 "sha256_sources": sorted({v for d in m["sha256_sources"].values() for v in d.values()})}
     elif job["kind"] == "plain_load_save":
         from safetensors.torch import load_file, save_file
 
@@ -55,7 +59,7 @@ def _child(job: dict) -> dict:
         raise ValueError(f"unknown job kind {job['kind']!r}; expected one of {KINDS}")
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "rss_after_imports_bytes": rss_before,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), **extra}
 
 
 def run_job(

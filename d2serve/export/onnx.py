@@ -103,6 +103,7 @@ class OnnxExportReport:
     validation_s: float = 0.0
     decode_tokens_per_s: float | None = None
     versions: dict = field(default_factory=dict)
+    threads: dict = field(default_factory=dict)  # d2serve.threads.record: torch threads of the reference runs
 
     def to_json(self) -> dict:
         """The manifest dict (``format``/``version`` first, then the fields in declaration order)."""
@@ -205,6 +206,7 @@ def export_onnx(
     tolerances: dict | None = None,
     max_new_tokens: int = onnx_genai.MAX_NEW_TOKENS,
     builder_options: list[str] | None = None,
+    threads: int | None = None,
 ) -> OnnxExportReport:
     """Export ``merged`` to ONNX (``target`` genai|plain), validate against transformers, write the manifest.
 
@@ -223,6 +225,8 @@ def export_onnx(
         max_new_tokens: genai greedy tokens generated per prompt (default 32).
         builder_options: extra ``key=value`` options for the genai model builder (``--extra_options``), e.g. a
             quantization recipe of :mod:`d2serve.export.onnx_quant`; recorded in ``parity.builder_args``.
+        threads: torch threads of the transformers reference (its logits and greedy decoding); None: chosen per
+            step from the cores this process may use (:func:`d2serve.threads.pick`). Recorded (``threads``).
 
     Returns:
         The report (also written as ``<out>/d2serve_export.json``). ``passed``
@@ -259,9 +263,13 @@ def export_onnx(
         target=target, precision=precision, merged=str(merged.resolve()), out=str(out.resolve()),
         tied_embeddings=tied, tolerances={**tol, "max_initializer_ratio": MAX_INITIALIZER_RATIO}, versions=_versions(),
     )
+    from d2serve.threads import check_requested, pick, record, torch_threads
+
+    threads = check_requested(threads)
+    report.threads = record(threads, forward=pick("forward", threads))
     step(f"loading {merged.name} in float32 (the parity reference)")
     hf_model = load_hf_model(merged, dtype=torch.float32)
-    with atomic_output_dir(out, overwrite) as tmp:
+    with torch_threads(report.threads["forward"]), atomic_output_dir(out, overwrite) as tmp:
         if target == "plain":
             step("exporting the plain ONNX logits graph (torch.onnx; minutes on CPU)")
             info = onnx_plain.export_plain(hf_model, tmp)

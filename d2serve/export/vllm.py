@@ -187,6 +187,7 @@ class VllmExportReport:
     d2serve_serve_command: str
     merge_seconds: float | None
     total_seconds: float
+    threads: dict | None = None  # d2serve.threads.record: --threads and the merge's row-block workers
 
     def to_json(self) -> dict:
         """A JSON-serialisable dict with stable keys."""
@@ -510,6 +511,7 @@ def export_vllm(
     n_exact: int = DEFAULT_N_EXACT,
     logprob_atol: float | None = None,
     progress: bool = False,
+    threads: int | None = None,
 ) -> VllmExportReport:
     """Write a checkpoint vLLM loads untouched, check it statically, and (``check``) prove it loads in vLLM.
 
@@ -534,6 +536,8 @@ def export_vllm(
         check: run :func:`load_check`; None = when vLLM is installed.
         overwrite: replace a non-empty ``out``.
         n_prompts, max_new_tokens, n_exact, logprob_atol: see :func:`load_check`.
+        threads: the merge's row-block workers (:func:`d2serve.merge.merge`); None: the cores this process may
+            use. Recorded in the report (``threads``). (vLLM's own CPU threads are vLLM's settings.)
 
     Returns:
         :class:`VllmExportReport` (``passed`` False only for a parity failure).
@@ -590,16 +594,22 @@ def export_vllm(
         return report
     out = Path(out)
     prepare_output_dir(out, overwrite, inputs=tuple(Path(p) for p in (base, adapter, merged) if p is not None))
+    from d2serve.threads import check_requested, record
+
+    threads = check_requested(threads)
     with atomic_output_dir(out, overwrite) as tmp:
-        merge_s = None
+        merge_s = merge_threads = None
         if merged_p is not None:
             _copy_checkpoint(merged_p, tmp)
         else:
             from d2serve.merge import merge
 
-            res = merge(base=base, adapter=adapter, out=tmp, dtype=dtype, overwrite=True, progress=progress)
+            res = merge(base=base, adapter=adapter, out=tmp, dtype=dtype, overwrite=True, progress=progress,
+                        threads=threads)
             merge_s = res.seconds
+            merge_threads = res.manifest["threads"]["row_workers"]
         report = finish(tmp, out, merge_s)
+        report.threads = record(threads, merge=merge_threads)
         report.total_seconds = time.perf_counter() - t0
         write_json(tmp / REPORT_NAME, report.to_json())
     return report

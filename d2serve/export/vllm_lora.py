@@ -46,7 +46,7 @@ from d2serve.architecture import (
     require_full_precision_base,
     to_out_in,
 )
-from d2serve.checkpoint import Checkpoint, atomic_output_dir, sha256_file, write_json
+from d2serve.checkpoint import Checkpoint, atomic_output_dir, write_json
 from d2serve.errors import InputError
 from d2serve.outdir import prepare_output_dir
 
@@ -129,13 +129,16 @@ def fold_adapter(base: str | Path, adapter: str | Path) -> tuple[str, dict[str, 
     return adp.method, folded, ckpt, adp
 
 
-def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False,
+                     threads: int | None = None) -> dict:
     """Write the unmerged vLLM LoRA folder of ``adapter`` for ``base`` (module docstring), atomically.
 
     Args:
         base: HF checkpoint directory the adapter is served on (s depends on its weights).
         adapter: D2-LoRA (format v1), PEFT LoRA or PEFT DoRA adapter directory.
         out: output directory (empty/absent unless ``overwrite``).
+        threads: torch threads of the fold (None: the cores this process may use, :func:`d2serve.threads.pick`);
+            recorded in the manifest (``threads``).
 
     Returns:
         the manifest written as ``d2serve_vllm_lora.json``.
@@ -144,10 +147,15 @@ def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, 
         See :func:`fold_adapter`; OutputExistsError for a non-empty ``out``; InputError for ``out`` overlapping
         an input or a folded rank above 512.
     """
+    from d2serve.threads import check_requested, pick, record, torch_threads
+
     t0 = time.perf_counter()
     out = Path(out)
+    threads = check_requested(threads)
+    n_threads = pick("forward", threads)
     prepare_output_dir(out, overwrite, inputs=(Path(base), Path(adapter)))
-    method, folded, ckpt, adp = fold_adapter(base, adapter)
+    with torch_threads(n_threads):
+        method, folded, ckpt, adp = fold_adapter(base, adapter)
     rank = max(f.a.shape[0] for f in folded.values())
     vllm_max_lora_rank(rank)
     tensors, scales = {}, {}
@@ -163,7 +171,10 @@ def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, 
             raise AdapterError(f"{adapter}: folded tensor {k} overflows float32")
     all_s = torch.cat([f.s for f in folded.values()])
     needs_scales = bool((all_s != 1).any())
-    base_sha = {s: sha256_file(ckpt.path / s) for s in ckpt.shards}
+    from d2serve.digests import sha256_files
+
+    sums = sha256_files([ckpt.path / s for s in ckpt.shards] + list(adp.files))  # cached digests: d2serve.digests
+    base_sha = {s: sums[ckpt.path / s] for s in ckpt.shards}
     marker = {"format": FORMAT_VERSION, "method": method, "scales": SCALES_NAME, "manifest": MANIFEST_NAME,
               "base_sha256": base_sha}
     config = {
@@ -180,8 +191,8 @@ def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, 
         "base": str(ckpt.path.resolve()), "adapter": str(Path(adapter).resolve()), "rank": rank, "lora_alpha": rank,
         "vllm_max_lora_rank": vllm_max_lora_rank(rank), "needs_plugin": needs_scales,
         "num_modules": len(folded), "row_scale_min": float(all_s.min()), "row_scale_max": float(all_s.max()),
-        "sha256": {"base_shards": base_sha, "adapter": {p.name: sha256_file(p) for p in adp.files}},
-        "seconds": 0.0,
+        "sha256": {"base_shards": base_sha, "adapter": {p.name: sums[p] for p in adp.files}},
+        "seconds": 0.0, "threads": record(threads, forward=n_threads),
     }
     with atomic_output_dir(out, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -256,15 +267,18 @@ def prepare_served_adapters(base: str | Path, adapters: dict[str, Path]) -> tupl
     """
     import hashlib
 
+    from d2serve.digests import sha256_files
+
     ckpt = Checkpoint(base)
-    base_sha = {s: sha256_file(ckpt.path / s) for s in ckpt.shards}
+    shard_sums = sha256_files([ckpt.path / s for s in ckpt.shards])
+    base_sha = {s: shard_sums[ckpt.path / s] for s in ckpt.shards}
     folders, ranks, needs_plugin = {}, [], []
     root = _cache_root()
     for name, adapter in adapters.items():
         adapter = Path(adapter)
         files = sorted(p for p in adapter.iterdir() if p.is_file()) if adapter.is_dir() else []
         h = hashlib.sha256(json.dumps([__version__, FORMAT_VERSION, base_sha,
-                                       [(p.name, sha256_file(p)) for p in files]]).encode()).hexdigest()[:24]
+                                       [(p.name, d) for p, d in sha256_files(files).items()]]).encode()).hexdigest()[:24]
         folder = root / h
         manifest = read_vllm_lora_manifest(folder)
         if not manifest:

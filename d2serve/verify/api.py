@@ -7,6 +7,7 @@ the measurements into ``failures`` and the report is written atomically.
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from dataclasses import dataclass
@@ -194,7 +195,7 @@ def without_progress_bars(lm):
 
 
 @in_steps  # each progress message below is a stage with elapsed time (d2serve.console; shown by the CLI)
-def verify(
+def _verify(
     *,
     base: str | Path,
     adapter: str | Path,
@@ -216,6 +217,7 @@ def verify(
     overwrite: bool = False,
     log=None,
     device: str | None = None,
+    threads: int | None = None,
 ) -> VerifyReport:
     """Verify that ``merged`` behaves like ``base`` + ``adapter`` (unmerged, float32) and write the report.
 
@@ -244,6 +246,9 @@ def verify(
             The dtypes are the same on every device: the unmerged reference in float32 (TF32 matmuls stay
             off, torch's default) and the merged model in ``merged_compute_dtype``. The weight check always
             runs on the CPU in float64.
+        threads: torch CPU threads for every step; None: chosen per step from the cores this process may use
+            (:func:`d2serve.threads.pick`: every core for the batched logits and tasks, half of them for the
+            greedy generation). Recorded in the report (``settings.threads``).
 
     Returns:
         :class:`VerifyReport` (``.passed``, ``.failures``).
@@ -266,7 +271,11 @@ def verify(
         step(message)
         if log:
             log(message)
+    from d2serve.threads import check_requested, pick, record, torch_threads
+
     dev = resolve_device(device)
+    threads = check_requested(threads)
+    n_forward, n_generate = pick("forward", threads), pick("generate", threads)
     th = parse_thresholds(thresholds)
     specs = parse_task_names(tasks)
     limit = None if not limit else int(limit)
@@ -310,6 +319,7 @@ def verify(
         "settings": {"device": dev, "unmerged_dtype": "float32", "merged_compute_dtype": ("onnxruntime-genai (CPU)" if onnx_under_test else str(compute_dtype).removeprefix("torch.")),
                      "limit": limit, "tasks": list(names), "windows": windows, "window_len": window_len,
                      "max_new_tokens": max_new_tokens, "lm_eval_batch_size": batch_size,
+                     "threads": record(threads, forward=n_forward, generate=n_generate),
                      "decoding": {"greedy": True, "do_sample": False, "repetition_penalty": 1.0,
                                   "generation_config": "ignored", "stop": "tokenizer eos or max_new_tokens"}},
         "thresholds": th.to_json(),
@@ -361,7 +371,8 @@ def verify(
     t = time.perf_counter()
     plist = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
     say(f"generation: greedy, {len(plist)} prompts x {max_new_tokens} tokens")
-    gens = compare_generation(unmerged_m, merged_m, tok, plist, max_new_tokens)
+    with torch_threads(n_generate):  # decoding small steps: fewer threads than cores (d2serve.threads)
+        gens = compare_generation(unmerged_m, merged_m, tok, plist, max_new_tokens)
     data["generation"] = {"max_new_tokens": max_new_tokens, "n_prompts": len(gens),
                           "n_identical": sum(g.identical for g in gens),
                           "n_content_tokens_compared": sum(g.n_content_compared for g in gens),
@@ -398,3 +409,11 @@ def verify(
         say(f"writing the report to {report_dir}")
         report.report_dir = write_report(data, Path(report_dir), overwrite=overwrite)
     return report
+
+
+@functools.wraps(_verify)
+def verify(**kwargs) -> VerifyReport:
+    from d2serve.threads import check_requested, pick, torch_threads
+
+    with torch_threads(pick("forward", check_requested(kwargs.get("threads")))):  # generation picks its own
+        return _verify(**kwargs)
