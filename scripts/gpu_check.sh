@@ -23,17 +23,29 @@ d2s 120 merge --base "$base" --adapter "$W/adapter" --out "$W/merged-fp32" --dty
 d2s 180 verify --base "$base" --adapter "$W/adapter" --merged "$W/merged-fp32" --report "$W/verify" --limit 5 --device "$DEVICE"
 d2s 180 bench --base "$base" --adapter "$W/adapter" --merged "$W/merged-bf16" --report "$W/bench" --backend hf \
     --quick --device "$DEVICE" --dtype bfloat16
-"$PY" - "$W" "$(( $(date +%s) - t0 ))" <<'PY'
-import json, sys
+DEVICE=$DEVICE "$PY" - "$W" "$(( $(date +%s) - t0 ))" <<'PY'
+import json, os, sys
 from pathlib import Path
 w, wall = Path(sys.argv[1]), int(sys.argv[2])
-log = json.loads((w / "adapter" / "d2serve_train.json").read_text())
-merge = json.loads((w / "merged-fp32" / "d2serve_merge.json").read_text())
-verify = json.loads((w / "verify" / "report.json").read_text())
-bench = json.loads((w / "bench" / "bench.json").read_text())
-print(json.dumps({"wall_s": wall, "train_device": log.get("device"), "train_losses": log.get("losses"),
-                  "merge_fp32": {k: merge.get(k) for k in ("max_rel_err", "seconds", "stats") if k in merge},
-                  "verify_passed": verify.get("passed"), "verify_device": verify.get("settings", {}).get("device"),
-                  "verify_logits": verify.get("logits"), "bench_device": bench.get("settings", {}).get("device"),
-                  "bench_ratios": bench.get("ratios")}, default=str)[:6000])
+rd = lambda p: json.loads((w / p).read_text())
+train, merge, verify, bench = (rd("adapter/d2serve_train.json"), rd("merged-fp32/d2serve_merge.json"),
+                               rd("verify/report.json"), rd("bench/bench.json"))
+lg = verify["logits"]["sources"][0]
+ratios = lambda wl: {k: round(v, 3) for k, v in bench["workloads"][wl]["ratios"].items() if isinstance(v, float)}
+print(json.dumps({
+    "wall_s": wall, "gpu": bench["environment"]["gpu"], "torch": bench["environment"]["versions"]["torch"],
+    "train": {"device": train["device"], "loss_first_last": [train["losses"][0], train["losses"][-1]],
+              "seconds": train["train_seconds"]},
+    "merge_fp32": {"seconds": merge["merge_seconds"], "kernel": merge["merge_kernel"],
+                   "max_rel_err_vs_fp64": verify["weights"]["max_rel_err"]},
+    "verify": {"passed": verify["passed"], "device": verify["settings"]["device"],
+               "top1_agreement": lg["top1_agreement"], "max_abs_logit_diff": lg["max_abs_logit_diff"],
+               "mean_kl": lg["mean_kl"], "generation_identical": f'{verify["generation"]["n_identical"]}/'
+                                                                 f'{verify["generation"]["n_prompts"]}'},
+    "bench": {"devices": sorted({a["device"] for a in bench["arms"].values()}),
+              "eval_examples_per_s_ratios": ratios("eval_throughput"), "generation_tokens_per_s_ratios": ratios("generation")},
+}, indent=1))
+want = os.environ.get("DEVICE", "cuda")  # every step must have run where it was asked to
+devices = [train["device"], verify["settings"]["device"], *(a["device"] for a in bench["arms"].values())]
+sys.exit(0 if verify["passed"] and all(d.startswith(want) for d in devices) else 1)
 PY
