@@ -313,7 +313,7 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                                 del w
                             # every block and chunk of the shard queued at once: the workers never idle at a
                             # tensor's end; statistics folded and errors raised in file order
-                            results = run_in_order(jobs, blocks, workspaces, bar.advance)
+                            results = run_in_order(jobs, blocks, workspaces, bar.advance, src_file.check_intact)
                             layer_stats |= {job.f.module: r for job, r in zip(jobs, results, strict=True)
                                             if isinstance(job, LayerMerge)}
                             del jobs, results

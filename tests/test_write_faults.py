@@ -177,6 +177,57 @@ def test_a_300_character_report_file_is_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# ------------------------------------------------------------------------------------------------ truncated shard
+
+
+def test_a_shard_truncated_after_mapping_is_exit_2_naming_it(tiny_llama_dir, lora, tmp_path, monkeypatch):
+    base = shutil.copytree(tiny_llama_dir, tmp_path / "base")
+    shard = base / "model.safetensors"
+    size = shard.stat().st_size
+
+    class TruncatedAfterMapping(MappedShard):
+        def __init__(self, path):
+            super().__init__(path)
+            os.truncate(path, size // 2)  # after the header was validated and the file mapped, before any read
+
+    monkeypatch.setattr(merge_mod, "MappedShard", TruncatedAfterMapping)
+    out = tmp_path / "m"
+    res, text = _cli(["merge", "--base", base, "--adapter", lora, "--out", out])
+    _assert_one_line_error(res, text, str(shard), f"the file shrank to {size // 2} bytes", f"it had {size}")
+    assert _left(out) == []
+
+
+_CHILD_TRUNCATE_MID_MERGE = r'''
+import os, sys, torch
+torch.set_num_threads(1)  # serial row blocks: the truncation lands between two blocks
+import d2serve.merge as M
+from d2serve.cli import main
+shard, real, state = sys.argv[1], M.ShardOut.write, {"n": 0}
+def write(self, name, t, offset=0):
+    real(self, name, t, offset)
+    state["n"] += 1
+    if state["n"] == 2:  # the merge has read and written some of the shard: cut it to a quarter
+        os.truncate(shard, os.path.getsize(shard) // 4)
+M.ShardOut.write = write
+sys.argv = ["d2serve", *sys.argv[2:]]
+main()
+'''
+
+
+def test_a_shard_truncated_during_the_merge_is_exit_2_not_sigbus(tiny_llama_dir, lora, tmp_path):
+    base = shutil.copytree(tiny_llama_dir, tmp_path / "base")
+    shard, out = base / "model.safetensors", tmp_path / "m"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _CHILD_TRUNCATE_MID_MERGE, str(shard), "merge", "--base", str(base),
+                        "--adapter", str(lora), "--out", str(out)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])  # SIGBUS would be -7
+    joined = " ".join(r.stderr.split())
+    assert "Traceback" not in r.stderr and "the file shrank to" in joined, r.stderr[-3000:]
+    assert "model.safetensors" in joined and "nothing was written" in joined
+    assert _left(out) == []
+
+
 # ------------------------------------------------------------------------------------------------ cache checksum
 
 
