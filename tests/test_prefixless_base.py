@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from d2serve.adapters.io import AdapterError, load_adapter
 from d2serve.architecture import architecture_at, compare_tensor_list, require_full_precision_base
 from d2serve.checkpoint import Checkpoint, CheckpointError
-from d2serve.export.checks import check_keys
+from d2serve.export.checks import check_hf_checkpoint, check_keys
 from d2serve.merge import merge
 from d2serve.verify.weights import check_weights
 
@@ -129,6 +129,7 @@ def test_peft_lora_on_a_bare_base_equals_peft_merge_and_unload(gpt2, bare, tmp_p
     assert not torch.equal(got[changed], Checkpoint(base).get_tensor(changed))  # the merge did something
     rep = check_weights(str(base), load_adapter(ad), str(out))
     assert rep.layers and all(lay.passed for lay in rep.layers)
+    assert check_hf_checkpoint(out, base) == []  # the static checks of the vLLM and ONNX exports
 
 
 def _bare_adapter(base: Path, out: Path) -> Path:
