@@ -34,7 +34,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import dataclasses
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +101,10 @@ class Architecture:
         base_model_prefix: the model class's ``base_model_prefix`` (``transformer`` for GPT-2, ``model`` for
             Llama; may be empty): a checkpoint may store the base model's keys without it
             (:func:`model_key_names`).
+        ignore_unexpected: regular expressions of stored keys transformers ignores when loading (the model's
+            ``_keys_to_ignore_on_load_unexpected``, e.g. GPT-2's ``attn.bias`` causal masks that old checkpoints
+            such as openai-community/gpt2 store, plus its rules for old ``rotary_emb.inv_freq`` / ``position_ids``
+            buffers); such keys are not reported as extras.
     """
 
     model_type: str
@@ -110,6 +116,7 @@ class Architecture:
     input_embedding: str | None
     output_embedding: str | None
     base_model_prefix: str = ""
+    ignore_unexpected: tuple[str, ...] = ()
 
     def layer(self, module: str) -> LayerKind | None:
         """The :class:`LayerKind` of module path ``module`` (None if it is not a Linear/Conv1D/Embedding)."""
@@ -207,7 +214,20 @@ def _build(config_json: str, where: str) -> Architecture:
         input_embedding=inp,
         output_embedding=out,
         base_model_prefix=str(getattr(model, "base_model_prefix", "") or ""),
+        ignore_unexpected=_ignored_unexpected(model),
     )
+
+
+def _ignored_unexpected(model) -> tuple[str, ...]:
+    """The patterns of stored keys transformers drops from ``unexpected_keys`` when it loads ``model``
+    (``PreTrainedModel._adjust_missing_and_unexpected_keys``, transformers 5), sorted."""
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [n for n, _ in model.named_buffers()]
+    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(b.endswith("position_ids") for b in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    return tuple(sorted(str(p) for p in patterns))
 
 
 # ------------------------------------------------------------------------------------------- on-disk cache
@@ -297,6 +317,7 @@ def _to_entry(arch: Architecture, key: str) -> dict:
         "input_embedding": arch.input_embedding,
         "output_embedding": arch.output_embedding,
         "base_model_prefix": arch.base_model_prefix,
+        "ignore_unexpected": list(arch.ignore_unexpected),
     }
     entry["sha256"] = _payload_sha256(entry)
     return entry
@@ -332,6 +353,8 @@ def _from_entry(entry: object, key: str) -> Architecture:
     need(is_bool(entry.get("tie_default")) and is_bool(entry.get("tied")), "tie flags")
     need(is_name(entry.get("input_embedding")) and is_name(entry.get("output_embedding")), "embedding names")
     need(isinstance(entry.get("base_model_prefix"), str), "base_model_prefix")
+    ignore = entry.get("ignore_unexpected")
+    need(isinstance(ignore, list) and all(isinstance(p, str) for p in ignore), "ignore_unexpected")
     layers, expected = entry.get("layers"), entry.get("expected")
     need(isinstance(layers, dict) and isinstance(expected, dict), "layers/expected")
     for v in layers.values():
@@ -349,6 +372,7 @@ def _from_entry(entry: object, key: str) -> Architecture:
         input_embedding=entry["input_embedding"],
         output_embedding=entry["output_embedding"],
         base_model_prefix=entry["base_model_prefix"],
+        ignore_unexpected=tuple(ignore),
     )
 
 
@@ -463,7 +487,7 @@ class TensorListDiff:
 
     Attributes:
         missing: expected keys not stored (transformers would silently re-initialise them).
-        extra: stored keys the architecture does not have (adapter leftovers, old buffers).
+        extra: stored keys the architecture does not have (adapter leftovers) and transformers does not ignore.
         wrong_shape: ``"name: stored (a, b), expected (c, d)"`` lines.
         not_float: ``"name: stored int8"`` lines for tensors the architecture holds as floating
             point but that are stored otherwise (quantized weights).
@@ -473,6 +497,7 @@ class TensorListDiff:
     extra: list[str]
     wrong_shape: list[str]
     not_float: list[str]
+    ignored: list[str] = dataclasses.field(default_factory=list)  # stored keys transformers ignores (old buffers), passed through
 
     def problems(self, where: str | Path, *, extra: bool = True) -> list[str]:
         """One line per kind of problem, naming up to five tensors each; ``extra=False`` leaves extras out."""
@@ -503,9 +528,12 @@ def compare_tensor_list(infos: dict[str, TensorInfo], arch: Architecture) -> Ten
         infos = {renamed.get(k, k): v for k, v in infos.items()}
     exp = arch.expected
     both = sorted(set(infos) & set(exp))
+    ignore = re.compile("|".join(f"({p})" for p in arch.ignore_unexpected)) if arch.ignore_unexpected else None
+    unknown = sorted(set(infos) - set(exp))
     return TensorListDiff(
         missing=sorted(set(exp) - set(infos)),
-        extra=sorted(set(infos) - set(exp)),
+        extra=[k for k in unknown if ignore is None or ignore.search(k) is None],
+        ignored=[k for k in unknown if ignore is not None and ignore.search(k) is not None],
         wrong_shape=[f"{k}: stored {tuple(infos[k].shape)}, expected {exp[k].shape}"
                      for k in both if tuple(infos[k].shape) != exp[k].shape],
         not_float=[f"{k}: stored {str(infos[k].dtype).removeprefix('torch.')}"

@@ -28,13 +28,19 @@ from test_bad_inputs import expect_refused
 PREFIX = "transformer."
 
 
-def _strip_prefix(src: Path, dst: Path, shards: int = 1) -> Path:
+def _strip_prefix(src: Path, dst: Path, shards: int = 1, old_masks: bool = False) -> Path:
     """Copy checkpoint ``src`` to ``dst`` with every ``transformer.`` key stored without the prefix, in ``shards``
-    files (with an index when more than one)."""
+    files (with an index when more than one). ``old_masks``: also store the per-layer causal masks
+    ``h.<i>.attn.bias`` (1, 1, n_positions, n_positions) that openai-community/gpt2's file holds (transformers
+    ignores them: GPT-2's ``_keys_to_ignore_on_load_unexpected``)."""
     shutil.copytree(src, dst)
     (dst / "model.safetensors").unlink()
     sd = {k.removeprefix(PREFIX): v for k, v in load_file(src / "model.safetensors").items()}
     assert not any(k.startswith(PREFIX) for k in sd) and "h.0.attn.c_attn.weight" in sd and "wte.weight" in sd
+    if old_masks:
+        n = json.loads((src / "config.json").read_text())["n_positions"]
+        for i in range(json.loads((src / "config.json").read_text())["n_layer"]):
+            sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
     if shards == 1:
         save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
         return dst
@@ -58,6 +64,12 @@ def gpt2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bare(gpt2, tmp_path_factory) -> Path:
     return _strip_prefix(gpt2, tmp_path_factory.mktemp("gpt2_bare") / "base")
+
+
+@pytest.fixture(scope="module")
+def openai_layout(gpt2, tmp_path_factory) -> Path:
+    """openai-community/gpt2's layout: no prefix, and the old causal-mask buffers stored."""
+    return _strip_prefix(gpt2, tmp_path_factory.mktemp("gpt2_openai") / "base", old_masks=True)
 
 
 def _peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
@@ -94,11 +106,27 @@ def test_the_bare_layout_is_named_as_in_the_model(gpt2, bare):
     assert ck.tied_embeddings  # the tie is found through the renamed embedding
 
 
-@pytest.mark.parametrize("shards", [1, 3])
+def test_the_old_mask_buffers_are_ignored_as_transformers_ignores_them(openai_layout):
+    from transformers import AutoModelForCausalLM
+
+    _, info = AutoModelForCausalLM.from_pretrained(openai_layout, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # ignored by its own patterns
+    ck = Checkpoint(openai_layout)
+    assert {"h.0.attn.bias", "h.1.attn.bias"} <= set(ck.tensors)  # not model keys: not renamed
+    diff = compare_tensor_list(ck.tensors, ck.architecture)
+    assert (diff.missing, diff.extra, diff.ignored) == ([], [], ["h.0.attn.bias", "h.1.attn.bias"])
+    assert check_keys(openai_layout, ck.stored_tensors) == []
+    stray = compare_tensor_list(ck.tensors | {"h.0.attn.c_attn.lora_A.weight": ck.tensors["h.0.attn.bias"]},
+                                ck.architecture)
+    assert stray.extra == ["h.0.attn.c_attn.lora_A.weight"]  # what transformers does not ignore is still reported
+
+
+@pytest.mark.parametrize("layout", ["bare", "bare_3_shards", "openai"])
 @pytest.mark.parametrize("targets", [["c_attn", "c_proj", "c_fc"], ["c_attn", "lm_head"]],
                          ids=["conv1d", "untied_lm_head"])
-def test_peft_lora_on_a_bare_base_equals_peft_merge_and_unload(gpt2, bare, tmp_path, targets, shards):
-    base = bare if shards == 1 else _strip_prefix(gpt2, tmp_path / "sharded", shards=shards)
+def test_peft_lora_on_a_bare_base_equals_peft_merge_and_unload(gpt2, bare, openai_layout, tmp_path, targets, layout):
+    shards = 3 if layout == "bare_3_shards" else 1
+    base = {"bare": bare, "openai": openai_layout}.get(layout) or _strip_prefix(gpt2, tmp_path / "sharded", shards=3)
     ad = peft_adapter(base, tmp_path / "ad", target_modules=targets)
     # PEFT names modules as in the model it wrapped: the prefixed names, whatever the base file stores
     assert all(k.startswith("base_model.model.transformer.") or k.startswith("base_model.model.lm_head.")
@@ -115,6 +143,9 @@ def test_peft_lora_on_a_bare_base_equals_peft_merge_and_unload(gpt2, bare, tmp_p
     if shards > 1:
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert set(index["weight_map"]) == set(stored)
+    masks = {k: stored.pop(k) for k in list(stored) if k.endswith(".attn.bias")}  # passed through unchanged
+    assert all(torch.equal(v, Checkpoint(base).get_tensor(k)) for k, v in masks.items())
+    assert len(masks) == (2 if layout == "openai" else 0)
     got = {k if k == "lm_head.weight" else PREFIX + k: v for k, v in stored.items()}
     if not untied:
         ref.pop("lm_head.weight")  # tied: not stored (save_pretrained leaves it out as well)
