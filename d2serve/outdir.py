@@ -106,7 +106,9 @@ def refused_write(e: OSError, out: str | Path | None) -> OutputWriteError:
     where = os.fsdecode(e.filename) if e.filename is not None else str(out or "output")
     reason = (e.strerror or os.strerror(e.errno)) if e.errno else str(e)
     hint = _HINTS.get(e.errno)
-    msg = f"{where}: {reason}" + (f" (writing {out})" if out is not None and str(out) != where else "")
+    writing = out is not None and str(out) != where and (
+        e.filename is None or Path(os.fsdecode(e.filename)).absolute().is_relative_to(Path(out).absolute().parent))
+    msg = f"{where}: {reason}" + (f" (writing {out})" if writing else "")  # else: an input that could not be read
     err = OutputWriteError(msg + (f"; {hint}" if hint else "") + ("; nothing was written" if out is not None else ""))
     err.errno, err.filename = e.errno, e.filename
     return err
