@@ -34,7 +34,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import dataclasses
 import logging
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,6 +98,13 @@ class Architecture:
             (no non-persistent buffers, no tied duplicates).
         input_embedding / output_embedding: tensor names of the input embedding
             (e.g. ``model.embed_tokens.weight``) and output projection (``lm_head.weight``), or None.
+        base_model_prefix: the model class's ``base_model_prefix`` (``transformer`` for GPT-2, ``model`` for
+            Llama; may be empty): a checkpoint may store the base model's keys without it
+            (:func:`model_key_names`).
+        ignore_unexpected: regular expressions of stored keys transformers ignores when loading (the model's
+            ``_keys_to_ignore_on_load_unexpected``, e.g. GPT-2's ``attn.bias`` causal masks that old checkpoints
+            such as openai-community/gpt2 store, plus its rules for old ``rotary_emb.inv_freq`` / ``position_ids``
+            buffers); such keys are not reported as extras.
     """
 
     model_type: str
@@ -105,6 +115,8 @@ class Architecture:
     expected: dict[str, ExpectedTensor]
     input_embedding: str | None
     output_embedding: str | None
+    base_model_prefix: str = ""
+    ignore_unexpected: tuple[str, ...] = ()
 
     def layer(self, module: str) -> LayerKind | None:
         """The :class:`LayerKind` of module path ``module`` (None if it is not a Linear/Conv1D/Embedding)."""
@@ -201,12 +213,26 @@ def _build(config_json: str, where: str) -> Architecture:
         expected=expected,
         input_embedding=inp,
         output_embedding=out,
+        base_model_prefix=str(getattr(model, "base_model_prefix", "") or ""),
+        ignore_unexpected=_ignored_unexpected(model),
     )
+
+
+def _ignored_unexpected(model) -> tuple[str, ...]:
+    """The patterns of stored keys transformers drops from ``unexpected_keys`` when it loads ``model``
+    (``PreTrainedModel._adjust_missing_and_unexpected_keys``, transformers 5), sorted."""
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [n for n, _ in model.named_buffers()]
+    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(b.endswith("position_ids") for b in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    return tuple(sorted(str(p) for p in patterns))
 
 
 # ------------------------------------------------------------------------------------------- on-disk cache
 
-CACHE_SCHEMA = 1  # version of the entry layout below; an entry of another version is ignored and rebuilt
+CACHE_SCHEMA = 2  # version of the entry layout below; an entry of another version is ignored and rebuilt
 _KINDS = (LINEAR, CONV1D, EMBEDDING)
 _log = logging.getLogger(__name__)
 
@@ -269,10 +295,17 @@ def architecture_cache_path(config: dict) -> Path | None:
     return _entry_path(json.dumps(config, sort_keys=True))
 
 
+def _payload_sha256(entry: dict) -> str:
+    """sha256 (hex) of the canonical JSON (keys sorted, no spaces) of ``entry`` without its ``sha256`` field."""
+    payload = {k: v for k, v in entry.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
 def _to_entry(arch: Architecture, key: str) -> dict:
     """The JSON entry of ``arch``: the schema version, the key, every field (LayerKind as ``[kind, transposed,
-    fused]``, ExpectedTensor as ``[shape list, floating]``)."""
-    return {
+    fused]``, ExpectedTensor as ``[shape list, floating]``) and ``sha256``, the checksum of all of that
+    (:func:`_payload_sha256`), so an entry edited by hand or damaged on disk is detected and rebuilt."""
+    entry = {
         "schema": CACHE_SCHEMA,
         "key": key,
         "model_type": arch.model_type,
@@ -283,14 +316,23 @@ def _to_entry(arch: Architecture, key: str) -> dict:
         "expected": {n: [list(e.shape), e.floating] for n, e in arch.expected.items()},
         "input_embedding": arch.input_embedding,
         "output_embedding": arch.output_embedding,
+        "base_model_prefix": arch.base_model_prefix,
+        "ignore_unexpected": list(arch.ignore_unexpected),
     }
+    entry["sha256"] = _payload_sha256(entry)
+    return entry
+
+
+class _ChecksumMismatch(ValueError):
+    """A cache entry whose content does not match its ``sha256`` (edited by hand or damaged)."""
 
 
 def _from_entry(entry: object, key: str) -> Architecture:
     """The :class:`Architecture` of a JSON entry written by :func:`_to_entry` for ``key``.
 
     Raises:
-        ValueError: anything not exactly that layout (other schema or key, missing field, wrong type).
+        ValueError: anything not exactly that layout (other schema or key, content not matching its ``sha256``,
+            missing field, wrong type).
     """
 
     def need(ok: bool, what: str) -> None:
@@ -305,9 +347,14 @@ def _from_entry(entry: object, key: str) -> Architecture:
 
     need(isinstance(entry, dict), "not a JSON object")
     need(entry.get("schema") == CACHE_SCHEMA and entry.get("key") == key, "other schema or key")
+    if entry.get("sha256") != _payload_sha256(entry):
+        raise _ChecksumMismatch("architecture cache entry: its content does not match its sha256 (edited or damaged)")
     need(isinstance(entry.get("model_type"), str) and isinstance(entry.get("config_class"), str), "names")
     need(is_bool(entry.get("tie_default")) and is_bool(entry.get("tied")), "tie flags")
     need(is_name(entry.get("input_embedding")) and is_name(entry.get("output_embedding")), "embedding names")
+    need(isinstance(entry.get("base_model_prefix"), str), "base_model_prefix")
+    ignore = entry.get("ignore_unexpected")
+    need(isinstance(ignore, list) and all(isinstance(p, str) for p in ignore), "ignore_unexpected")
     layers, expected = entry.get("layers"), entry.get("expected")
     need(isinstance(layers, dict) and isinstance(expected, dict), "layers/expected")
     for v in layers.values():
@@ -324,14 +371,20 @@ def _from_entry(entry: object, key: str) -> Architecture:
         expected={n: ExpectedTensor(tuple(v[0]), v[1]) for n, v in expected.items()},
         input_embedding=entry["input_embedding"],
         output_embedding=entry["output_embedding"],
+        base_model_prefix=entry["base_model_prefix"],
+        ignore_unexpected=tuple(ignore),
     )
 
 
 def _read_entry(path: Path) -> Architecture | None:
     """The :class:`Architecture` stored at ``path``, or None when it is missing or cannot be trusted (unreadable,
-    truncated, not JSON, other schema or key, wrong layout): the caller rebuilds it."""
+    truncated, not JSON, other schema or key, content not matching its sha256 (a warning is logged), wrong layout):
+    the caller rebuilds it."""
     try:
         return _from_entry(json.loads(path.read_text(encoding="utf-8")), path.stem)
+    except _ChecksumMismatch as e:  # readable but not what d2serve wrote: say so, it is rebuilt
+        _log.warning("d2serve cache: rebuilding %s: %s", path, e)
+        return None
     except (OSError, ValueError, TypeError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError: ValueError
         if not isinstance(e, FileNotFoundError):
             _log.debug("d2serve cache: ignoring %s: %s", path, e)
@@ -390,13 +443,51 @@ def expected_state_dict(path: str | Path) -> dict[str, tuple[int, ...]]:
     return {k: e.shape for k, e in architecture_at(path).expected.items()}
 
 
+def model_key_names(stored: Iterable[str], arch: Architecture, where: str | Path = "<checkpoint>") -> dict[str, str]:
+    """Stored tensor key -> the state-dict key transformers loads it into, for every key that differs.
+
+    transformers' own rule when it loads a checkpoint (``transformers.core_model_loading.rename_source_key``,
+    step 3, transformers 5): a stored key that starts with ``base_model_prefix.`` and whose rest is a key of the
+    model loses the prefix; else a key that is a model key once ``base_model_prefix.`` is put in front gets it.
+    So a GPT-2 checkpoint saved from the base model (openai-community/gpt2: ``h.0.attn.c_attn.weight``,
+    ``wte.weight``) loads into ``transformer.h.0.attn.c_attn.weight``, ``transformer.wte.weight``. The model's
+    keys here are :attr:`Architecture.expected` and the two embeddings. Keys that are neither stay as they are
+    (extras, which transformers ignores).
+
+    Raises:
+        CheckpointError: two stored keys that load into the same model key (``where`` names the checkpoint).
+    """
+    prefix = arch.base_model_prefix
+    if not prefix:
+        return {}
+    model_keys = set(arch.expected) | {n for n in (arch.input_embedding, arch.output_embedding) if n}
+    dot = prefix + "."
+    renamed: dict[str, str] = {}
+    for k in stored:
+        if k.startswith(dot) and k[len(dot):] in model_keys:
+            renamed[k] = k[len(dot):]
+        elif dot + k in model_keys:
+            renamed[k] = dot + k
+    if renamed:
+        stored = set(stored)
+        seen: dict[str, str] = {}
+        for k in sorted(stored):
+            m = renamed.get(k, k)
+            if m in seen:
+                raise CheckpointError(f"{where}: tensors {seen[m]} and {k} are both stored; transformers loads both into "
+                                      f"{m} (base_model_prefix {prefix!r} added or removed): a checkpoint holds each "
+                                      "tensor once")
+            seen[m] = k
+    return renamed
+
+
 @dataclass
 class TensorListDiff:
     """Stored tensors against the architecture's full tensor list.
 
     Attributes:
         missing: expected keys not stored (transformers would silently re-initialise them).
-        extra: stored keys the architecture does not have (adapter leftovers, old buffers).
+        extra: stored keys the architecture does not have (adapter leftovers) and transformers does not ignore.
         wrong_shape: ``"name: stored (a, b), expected (c, d)"`` lines.
         not_float: ``"name: stored int8"`` lines for tensors the architecture holds as floating
             point but that are stored otherwise (quantized weights).
@@ -406,6 +497,7 @@ class TensorListDiff:
     extra: list[str]
     wrong_shape: list[str]
     not_float: list[str]
+    ignored: list[str] = dataclasses.field(default_factory=list)  # stored keys transformers ignores (old buffers), passed through
 
     def problems(self, where: str | Path, *, extra: bool = True) -> list[str]:
         """One line per kind of problem, naming up to five tensors each; ``extra=False`` leaves extras out."""
@@ -426,12 +518,22 @@ class TensorListDiff:
 
 
 def compare_tensor_list(infos: dict[str, TensorInfo], arch: Architecture) -> TensorListDiff:
-    """Compare stored tensor headers with ``arch.expected`` (keys, shapes, floating point or not)."""
+    """Compare stored tensor headers with ``arch.expected`` (keys, shapes, floating point or not).
+
+    ``infos`` keyed by stored names or by model names (:attr:`d2serve.checkpoint.Checkpoint.tensors`): stored
+    names are first put into the model's (:func:`model_key_names`), as transformers does when it loads them.
+    """
+    renamed = model_key_names(infos, arch)
+    if renamed:
+        infos = {renamed.get(k, k): v for k, v in infos.items()}
     exp = arch.expected
     both = sorted(set(infos) & set(exp))
+    ignore = re.compile("|".join(f"({p})" for p in arch.ignore_unexpected)) if arch.ignore_unexpected else None
+    unknown = sorted(set(infos) - set(exp))
     return TensorListDiff(
         missing=sorted(set(exp) - set(infos)),
-        extra=sorted(set(infos) - set(exp)),
+        extra=[k for k in unknown if ignore is None or ignore.search(k) is None],
+        ignored=[k for k in unknown if ignore is not None and ignore.search(k) is not None],
         wrong_shape=[f"{k}: stored {tuple(infos[k].shape)}, expected {exp[k].shape}"
                      for k in both if tuple(infos[k].shape) != exp[k].shape],
         not_float=[f"{k}: stored {str(infos[k].dtype).removeprefix('torch.')}"

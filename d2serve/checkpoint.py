@@ -193,7 +193,8 @@ class Checkpoint:
         path: the directory.
         config: the parsed ``config.json``.
         shards: shard file names in index order (one name for a single file).
-        tensors: tensor name -> :class:`TensorInfo` from the shard headers.
+        tensors: model state-dict key -> :class:`TensorInfo` from the shard headers (see :attr:`tensors`).
+        stored_tensors: the same keyed by the names stored in the files.
         sharded: True when an index file is present.
 
     Raises:
@@ -234,22 +235,66 @@ class Checkpoint:
             hint = f" (found {found}: pickle files are not read; convert them to safetensors)" if found else ""
             raise CheckpointError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
         self.sharded = self.index is not None
-        self.tensors: dict[str, TensorInfo] = {}
+        self.stored_tensors: dict[str, TensorInfo] = {}
+        self._tensors: dict[str, TensorInfo] | None = None
+        self._stored_names: dict[str, str] = {}  # model key -> stored key, where they differ
+        self._prefix_added = ""  # the base_model_prefix the stored keys lack (transformers adds it on load)
         for shard in self.shards:
             p = self.path / shard
             if not p.is_file():
                 raise CheckpointError(f"{index}: names shard {shard}, which is not in {self.path}")
             infos = tensor_infos(p)
-            dup = sorted(set(infos) & set(self.tensors))
+            dup = sorted(set(infos) & set(self.stored_tensors))
             if dup:
                 raise CheckpointError(
-                    f"{self.path}: tensor {dup[0]} is stored in both {self.tensors[dup[0]].shard} and {shard} "
+                    f"{self.path}: tensor {dup[0]} is stored in both {self.stored_tensors[dup[0]].shard} and {shard} "
                     f"({len(dup)} duplicated); a checkpoint holds each tensor once"
                 )
-            self.tensors.update(infos)
-        missing = [k for k, s in weight_map.items() if k not in self.tensors or self.tensors[k].shard != s]
+            self.stored_tensors.update(infos)
+        missing = [k for k, s in weight_map.items() if k not in self.stored_tensors or self.stored_tensors[k].shard != s]
         if missing:
             raise CheckpointError(f"{index}: {len(missing)} tensors of the weight_map are not in their shard, e.g. {missing[:3]}")
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Model state-dict key -> :class:`TensorInfo` of every stored tensor: the key transformers loads it into.
+
+        Stored keys without the architecture's ``base_model_prefix`` (a GPT-2 saved from its base model,
+        openai-community/gpt2: ``h.0.attn.c_attn.weight``) are named as in the model
+        (``transformer.h.0.attn.c_attn.weight``), by transformers' own rule
+        (:func:`d2serve.architecture.model_key_names`); every comparison with the architecture and with adapter
+        module paths uses these names, and writers put a tensor back under its stored name
+        (:meth:`stored_name`). When transformers cannot build the architecture the stored names are used (the
+        architecture's own error comes where it is needed).
+
+        Raises:
+            CheckpointError: two stored keys that load into the same model key.
+        """
+        if self._tensors is None:
+            from d2serve.architecture import model_key_names
+
+            try:
+                arch = self.architecture
+            except CheckpointError:
+                renamed = {}
+            else:
+                renamed = model_key_names(self.stored_tensors, arch, self.path)
+                added = {m[: len(m) - len(k) - 1] for k, m in renamed.items() if m.endswith("." + k)}
+                self._prefix_added = arch.base_model_prefix if arch.base_model_prefix in added else ""
+            self._stored_names = {m: k for k, m in renamed.items()}
+            self._tensors = {renamed.get(k, k): v for k, v in self.stored_tensors.items()}
+        return self._tensors
+
+    def stored_name(self, name: str) -> str:
+        """The key under which model tensor ``name`` is (or, written into a checkpoint of this layout, goes) in
+        the files: its stored key; for a tensor the base does not store (an untied ``lm_head.weight``), ``name``
+        without the ``base_model_prefix`` the stored keys lack, else ``name``."""
+        self.tensors  # noqa: B018 -- builds the name maps
+        if name in self._stored_names:
+            return self._stored_names[name]
+        if self._prefix_added and name.startswith(self._prefix_added + ".") and name not in self._tensors:
+            return name[len(self._prefix_added) + 1:]
+        return name
 
     @property
     def architecture(self):

@@ -26,17 +26,29 @@ def _error_boundary(fn):
     """The CLI's one error boundary around a command.
 
     :class:`~d2serve.errors.InputError` (bad usage or bad input) -> its one-line
-    message and exit code 2; :class:`~d2serve.errors.CheckFailedError` (a
-    fidelity/parity check ran and failed) -> its message and exit code 1. Any
-    other exception is a bug and keeps its traceback.
+    message and exit code 2; an ``OSError`` of a write the environment refuses
+    (disk full, name too long, read-only, permission:
+    :data:`d2serve.outdir.WRITE_ERRNOS`) that no output directory turned into an
+    :class:`~d2serve.outdir.OutputWriteError` already -> the same, naming the path;
+    :class:`~d2serve.errors.CheckFailedError` (a fidelity/parity check ran and
+    failed) -> its message and exit code 1. Any other exception is a bug and keeps
+    its traceback.
     """
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        from d2serve.outdir import is_refused_write, refused_write
+
         try:
             return fn(*args, **kwargs)
         except InputError as e:
             err_console.print(f"[red]error:[/red] {escape(str(e))}")
+            raise typer.Exit(2) from e
+        except OSError as e:
+            if not is_refused_write(e):
+                raise
+            msg = str(refused_write(e, None))
+            err_console.print(f"[red]error:[/red] {escape(msg)}")
             raise typer.Exit(2) from e
         except CheckFailedError as e:
             err_console.print(f"[red]failed:[/red] {escape(str(e))}")
@@ -606,7 +618,9 @@ def export_vllm_cmd(
                       overwrite=overwrite, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
                       n_exact=n_exact, logprob_atol=logprob_atol, progress=True, threads=threads)
     if report:
-        report.write_text(_json.dumps(rep.to_json(), indent=2) + "\n")
+        from d2serve.outdir import write_file_atomic
+
+        write_file_atomic(report, _json.dumps(rep.to_json(), indent=2) + "\n")
     console.print(f"exported {rep.out} ({rep.dtype}); static checks passed")
     lc = rep.load_check
     if lc is None:

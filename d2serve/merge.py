@@ -334,7 +334,9 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                     order = sorted(outputs, key=lambda t: ckpt.tensors[outputs[t][0]].begin)
                     out_dtypes = {t: out_dtype if ckpt.tensors[outputs[t][0]].dtype.is_floating_point
                                   else ckpt.tensors[outputs[t][0]].dtype for t in order}
-                    specs = [(t, out_dtypes[t], ckpt.tensors[outputs[t][0]].shape) for t in order]
+                    # written under the base's own key names (model names -> stored: e.g. a GPT-2 without
+                    # the transformer. prefix keeps its layout)
+                    specs = [(ckpt.stored_name(t), out_dtypes[t], ckpt.tensors[outputs[t][0]].shape) for t in order]
                     src_file = MappedShard(ckpt.path / shard)
                     try:
                         with ShardOut(tmp / shard, specs, {"format": "pt"}) as dst:
@@ -344,7 +346,7 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                                 info = ckpt.tensors[src]
                                 w = src_file.tensor(info)
 
-                                def emit(t: torch.Tensor, offset: int, target: str = target) -> None:
+                                def emit(t: torch.Tensor, offset: int, target: str = ckpt.stored_name(target)) -> None:
                                     dst.write(target, t, offset)
 
                                 def release(lo: int, hi: int, begin: int = info.begin) -> None:
@@ -365,12 +367,12 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                                     name = target if target == src else f"{src} (written as {target})"
                                     jobs.append(TensorCopy(name, w, out_dtype if w.is_floating_point() else None,
                                                            emit, "base tensor", release, kernel=kernel))
-                                weight_map[target] = shard
+                                weight_map[ckpt.stored_name(target)] = shard
                                 total_size += math.prod(info.shape) * out_dtypes[target].itemsize
                                 del w
                             # every block and chunk of the shard queued at once: the workers never idle at a
                             # tensor's end; statistics folded and errors raised in file order
-                            results = run_in_order(jobs, blocks, workspaces, bar.advance)
+                            results = run_in_order(jobs, blocks, workspaces, bar.advance, src_file.check_intact)
                             layer_stats |= {job.f.module: r for job, r in zip(jobs, results, strict=True)
                                             if isinstance(job, LayerMerge)}
                             del jobs, results

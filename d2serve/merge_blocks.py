@@ -355,7 +355,7 @@ class TensorCopy:
 
 
 def run_in_order(jobs: list, pool: ThreadPoolExecutor | None, workspaces: Workspaces,
-                 done: Callable[[], None] | None = None) -> list:
+                 done: Callable[[], None] | None = None, before: Callable[[], None] | None = None) -> list:
     """Run every task of ``jobs`` (:class:`LayerMerge` / :class:`TensorCopy`) on ``pool``, all queued at once so
     the workers never wait for one tensor to finish before starting the next; then each job's :meth:`finish`
     on its tasks' results, in job order. Serial (``pool`` None): the tasks run here, in order.
@@ -363,7 +363,8 @@ def run_in_order(jobs: list, pool: ThreadPoolExecutor | None, workspaces: Worksp
     Errors are taken in submission order, so the error raised is the one the serial loop raises first; on an
     error the tasks not started are cancelled and the running ones awaited before it propagates.
 
-    ``done()`` is called after each job's ``finish`` (e.g. to advance a progress bar).
+    ``done()`` is called after each job's ``finish`` (e.g. to advance a progress bar); ``before()`` before each
+    task (e.g. to check that a mapped source file did not shrink; what it raises is the task's error).
 
     Returns:
         each job's ``finish`` result, in job order.
@@ -376,6 +377,8 @@ def run_in_order(jobs: list, pool: ThreadPoolExecutor | None, workspaces: Worksp
         return r
 
     def run(task: Task):
+        if before is not None:
+            before()
         ws = workspaces.take()
         try:
             return task(ws)

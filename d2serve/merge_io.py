@@ -51,18 +51,44 @@ class MappedShard:
 
     Tensors from :meth:`tensor` are views of the mapping (no copy): valid until :meth:`close`. On a file
     system that cannot map the file (``mmap`` raises OSError) each tensor is read instead (a positioned read).
+
+    A file truncated in place while mapped would kill the process with SIGBUS at the first touch of a page past
+    its new end. So the file stays open and its size is checked (``fstat``, microseconds) by :meth:`tensor` and
+    by :meth:`check_intact`, which the merge calls before every row block or chunk it reads: a shard that
+    shrank is a :class:`CheckpointError` naming it. What no check can cover is a truncation during the read of
+    one block (milliseconds); docs/adapter-format.md ("A base changed during a merge") gives the recovery.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._mm = None
-        with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size:
+        self._file = open(self.path, "rb")  # noqa: SIM115 -- kept open for the size checks, closed by close()
+        try:
+            self._size = os.fstat(self._file.fileno()).st_size
+            if self._size:
                 try:
-                    self._mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+                    self._mm = mmap.mmap(self._file.fileno(), self._size, access=mmap.ACCESS_COPY)
                 except OSError:  # e.g. a FUSE file system without mmap: read tensors instead
                     self._mm = None
+        except BaseException:
+            self._file.close()
+            raise
+
+    def check_intact(self, need: int | None = None) -> None:
+        """Refuse a shard that is now shorter than when it was mapped (or than byte ``need``): reading a mapped
+        page past the end of a file kills the process (SIGBUS).
+
+        Raises:
+            CheckpointError: naming the file, its size now and before.
+        """
+        if self._file.closed:
+            return
+        size = os.fstat(self._file.fileno()).st_size
+        need = self._size if need is None else need
+        if size < need:
+            raise CheckpointError(f"{self.path}: the file shrank to {size} bytes while being merged (it had "
+                                  f"{self._size}; was it truncated or rewritten in place?); nothing was written: "
+                                  "run again on a stable base")
 
     def tensor(self, info: TensorInfo) -> torch.Tensor:
         """The tensor at ``info`` (dtype, shape, absolute byte range): a view of the mapping, or a copy when its
@@ -76,6 +102,7 @@ class MappedShard:
         if info.end > len(self._mm):
             raise CheckpointError(f"{self.path}: the file ends at byte {len(self._mm)}, before tensor data that its "
                                   f"header places at bytes [{info.begin}, {info.end}) (was it changed while being merged?)")
+        self.check_intact(info.end)  # shrunk since it was mapped
         return torch.frombuffer(self._mm, dtype=info.dtype, count=n // info.dtype.itemsize,
                                 offset=info.begin).reshape(info.shape)
 
@@ -87,13 +114,15 @@ class MappedShard:
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
-        """Unmap (views handed out must be gone; if one is still alive the mapping is freed with it)."""
+        """Unmap (views handed out must be gone; if one is still alive the mapping is freed with it) and close
+        the file."""
         if self._mm is not None:
             try:
                 self._mm.close()
             except BufferError:  # a view still references it (e.g. held by an exception traceback)
                 pass
             self._mm = None
+        self._file.close()
 
 
 class ShardHasher:

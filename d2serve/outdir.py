@@ -18,6 +18,14 @@ the end with one atomic step:
 Temporary siblings left by killed runs (their pid is dead on this host, or they
 are older than :data:`STALE_AFTER_S`) are deleted, with a logged warning, by the
 next run that writes the same ``out``.
+
+A write the environment refuses (disk full, quota, file too large, a name too
+long for the file system, read-only file system, permission; :data:`WRITE_ERRNOS`)
+inside :func:`atomic_output_dir` removes the temporary directory and becomes an
+:class:`OutputWriteError` (exit 2 at the CLI) naming the path and what to do,
+never an ``OSError`` traceback. An ``out`` whose name, with the temporary
+sibling's suffix, would not fit the file system's name limit is refused before
+any work (:func:`prepare_output_dir`).
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from d2serve.errors import InputError, OutputExistsError
+from d2serve.errors import D2ServeError, InputError, OutputExistsError
 
 TMP_TAG = ".d2serve-tmp-"
 SWAP_TAG = ".d2serve-swap-"
@@ -56,6 +64,85 @@ _swap_hook: Callable[[str], None] | None = None
 def _hook(stage: str) -> None:
     if _swap_hook is not None:
         _swap_hook(stage)
+
+
+# ---------------------------------------------------------------------------------------------- refused writes
+
+#: errno values of a write the environment refuses: reported as one line naming the path (exit 2)
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG, errno.EROFS, errno.EACCES,
+                          errno.EPERM})
+_HINTS = {
+    errno.ENOSPC: "free space on that file system or choose an --out on another one",
+    errno.EDQUOT: "free space within the quota or choose an --out on another file system",
+    errno.EFBIG: "the file system's largest file is smaller than this output: choose an --out on another one",
+    errno.ENAMETOOLONG: "choose a shorter --out (each name at most 255 bytes on most file systems, fewer here: "
+                        "d2serve's temporary sibling adds its own suffix)",
+    errno.EROFS: "choose an --out on a writable file system",
+}
+# the suffix a temporary sibling adds to ``.<name>``: TMP_TAG, pid, host, "-", and up to 32 bytes of its own
+# ("old-" + 8 random characters from mkdtemp, "builder-<ns>.log" of the ONNX export, ...)
+_SIBLING_SUFFIX_MAX = 32
+
+
+class OutputWriteError(InputError, OSError):
+    """Writing an output failed for a reason of the environment (disk full, name too long, read-only, ...).
+
+    ``errno`` and ``filename`` are those of the underlying :class:`OSError`; the message names the path, the
+    reason and what to do, and says that nothing was written.
+    """
+
+    def __str__(self) -> str:  # the message as given (OSError's own form would be "[Errno 28] None: None")
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+def is_refused_write(e: BaseException) -> bool:
+    """``e`` is an :class:`OSError` (not already a d2serve error) whose errno is in :data:`WRITE_ERRNOS`."""
+    return isinstance(e, OSError) and not isinstance(e, D2ServeError) and e.errno in WRITE_ERRNOS
+
+
+def refused_write(e: OSError, out: str | Path | None) -> OutputWriteError:
+    """The :class:`OutputWriteError` of OSError ``e`` raised while writing output ``out`` (whose temporary files
+    were removed); ``out`` None: the output is not known (the message then names only the path of ``e``)."""
+    where = os.fsdecode(e.filename) if e.filename is not None else str(out or "output")
+    reason = (e.strerror or os.strerror(e.errno)) if e.errno else str(e)
+    hint = _HINTS.get(e.errno)
+    writing = out is not None and str(out) != where and (
+        e.filename is None or Path(os.fsdecode(e.filename)).absolute().is_relative_to(Path(out).absolute().parent))
+    msg = f"{where}: {reason}" + (f" (writing {out})" if writing else "")  # else: an input that could not be read
+    err = OutputWriteError(msg + (f"; {hint}" if hint else "") + ("; nothing was written" if out is not None else ""))
+    err.errno, err.filename = e.errno, e.filename
+    return err
+
+
+def _name_max(parent: Path) -> int:
+    """The file system's longest name in bytes (``NAME_MAX``) at ``parent`` or its nearest existing ancestor."""
+    p = Path(parent).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return int(os.pathconf(p, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def check_output_name(out: str | Path) -> None:
+    """Refuse an ``out`` whose last component, or the temporary sibling made beside it, exceeds the file
+    system's name limit (every name here is written with a suffix: ``.<name>.d2serve-tmp-<pid>-<host>-...``).
+
+    Raises:
+        OutputWriteError: naming the length, the limit and the longest name that fits (errno ENAMETOOLONG).
+    """
+    out = Path(out)
+    limit = _name_max(out.parent)
+    extra = len(os.fsencode(f".{TMP_TAG}{os.getpid()}-{_HOST}-")) + _SIBLING_SUFFIX_MAX
+    n = len(os.fsencode(out.name))
+    if n + extra > limit:
+        err = OutputWriteError(
+            f"{out}: the output name is {n} bytes; with the suffix of d2serve's temporary sibling ({extra} bytes) it "
+            f"exceeds this file system's limit of {limit} bytes per name: choose a name of at most {limit - extra} "
+            "bytes; nothing was written")
+        err.errno, err.filename = errno.ENAMETOOLONG, str(out)
+        raise err
 
 
 # ---------------------------------------------------------------------------------------------- input overlap
@@ -81,10 +168,12 @@ def prepare_output_dir(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()
 
     Raises:
         OutputExistsError: ``out`` is a file, or exists non-empty and ``overwrite`` is False.
+        OutputWriteError: ``out``'s name is too long for the file system (:func:`check_output_name`).
         InputError: ``out`` overlaps an input (the input entry and what it resolves to are named),
             or a path cannot be resolved (symlink loop).
     """
     out = Path(out)
+    check_output_name(out)
     clean_stale(out)
     try:
         out_r = out.resolve()
@@ -254,17 +343,47 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     Raises:
         OutputExistsError: ``out`` is non-empty and ``overwrite`` is False (checked
             before any work and again before the final swap).
+        OutputWriteError: a write refused by the environment (:data:`WRITE_ERRNOS`: disk full, name too long,
+            read-only, ...), here or in the caller's block; the temporary directory is removed first.
     """
     out = Path(out)
     prepare_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-{_HOST}-", dir=out.parent))
-    tmp.chmod(0o755)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-{_HOST}-", dir=out.parent))
+        tmp.chmod(0o755)
+    except OSError as e:
+        if is_refused_write(e):
+            raise refused_write(e, out) from e
+        raise
     try:
         yield tmp
         if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
             raise OutputExistsError(f"{out} appeared while writing; it is replaced only with overwrite")
         _put_in_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        if is_refused_write(e):
+            raise refused_write(e, out) from e
+        raise
+
+
+def write_file_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write one file so that readers see the old one or the whole new one (a temporary sibling renamed over
+    ``path``); on any error the temporary file is removed.
+
+    Raises:
+        OutputWriteError: a write refused by the environment (disk full, name too long, read-only, ...).
+    """
+    path = Path(path)
+    tmp = temp_sibling(path, "file")
+    try:
+        check_output_name(path)
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if is_refused_write(e):
+            raise refused_write(e, path) from e
         raise

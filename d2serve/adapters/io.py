@@ -283,6 +283,15 @@ def match_to_base(adapter: Adapter, base: Checkpoint) -> dict[str, str]:
             f"matched {len(adapter.layers) - len(unmatched)} of {len(adapter.layers)} adapter layers to base modules; "
             f"unmatched: " + "; ".join(lines)
         )
+        prefix = base.architecture.base_model_prefix
+        if prefix and all(f"{prefix}.{m}" in linear for m in unmatched):
+            # PEFT keys name modules of the model PEFT wrapped: the base model alone (e.g. GPT2Model) has no prefix
+            problems.append(
+                f"the adapter's module paths lack the model's base_model_prefix {prefix!r} (it was saved on the base "
+                f"model without its LM head, e.g. AutoModel): PEFT does not load such keys into the causal-LM model "
+                f"(it reports them as missing adapter keys and leaves the layers unchanged); save the adapter from "
+                f"the causal-LM model, or rename its keys to base_model.model.{prefix}.<module>"
+            )
     unselected = [m for m in adapter.layers if not adapter.config.targets(m)]
     if unselected:
         problems.append(

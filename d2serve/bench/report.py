@@ -7,16 +7,15 @@ leaves the last complete version of each file.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 SCHEMA_VERSION = 1
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from d2serve.outdir import write_file_atomic  # no temporary file left on an error; a full disk is one line
+
+    write_file_atomic(path, data)
 
 
 def write_bench_json(report_dir: Path, results: dict) -> Path:
