@@ -10,6 +10,9 @@ Every method is a pair of pure tensor functions for ONE nn.Linear layer:
   applied (what the merge statistics need, computed once); ``merged_weight`` is its ``weight``.
 * ``low_rank(f, dtype)``: (B', A') with dW = B' @ A', B' (out_features, k), A' (k, in_features):
   the scale (and D2-LoRA's tau and two branches) folded into B', so dW is one matrix product.
+* ``as_dora(W0, f, scaling, dtype)`` (D2-LoRA only): the layer as an exact PEFT DoRA layer of rank 2r
+  (:func:`d2lora_as_dora`, d2serve.export.peft); :func:`truncated_svd_lora` is the plain-LoRA approximation of
+  any method's update W_hat - W0 (``d2serve export lora``).
 
 Layout (the nn.Linear convention): ``W0`` is (out_features, in_features);
 ``lora_A*`` factors are (r, in_features); ``lora_B*`` factors are
