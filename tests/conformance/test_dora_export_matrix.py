@@ -6,7 +6,7 @@ Per cell, the D2-LoRA adapter of the merge matrix is exported to a PEFT DoRA fol
 * ``PeftModel.from_pretrained(base, DIR)`` float32 logits within ``ATOL`` of d2serve's own unmerged D2-LoRA model
   (d2serve/layers.py), while the base differs from it by more than ``MARGIN``;
 * PEFT's ``merge_and_unload`` equals ``d2serve merge`` of the D2-LoRA adapter within 1e-6 relative (max |diff| /
-  max |W|) on every adapted weight (untied bases; on a tied base PEFT's merge writes an adapted lm_head into the
+  max |W|) on every adapted weight, and ``d2serve verify`` of the DoRA export against that merge passes (untied bases; on a tied base PEFT's merge writes an adapted lm_head into the
   shared embedding, which is PEFT's own semantics, not D2-LoRA's: those cells check the unmerged model only).
 """
 
@@ -57,3 +57,11 @@ def test_dora_export_cell(bases, tmp_path, arch, feature):
         w, r = merged[f"{m}.weight"].double(), ref[f"{m}.weight"].double()
         assert float((w - r).abs().max() / r.abs().max()) < MERGE_RTOL, m
     torch.testing.assert_close(logits(unloaded), got, atol=ATOL, rtol=0)  # PEFT's merged model = its unmerged one
+    if feature == "d2lora":  # d2serve verify: the exported DoRA (unmerged, PEFT) vs the D2-LoRA merge
+        from d2serve.verify import verify
+
+        rep = verify(base=bases.dir(arch), adapter=tmp_path / "dora", merged=ours, report_dir=None, tasks="none",
+                     windows=1, window_len=32, prompts=["The capital of France is"], max_new_tokens=8,
+                     base_accuracy=False, device="cpu")
+        assert rep.passed, rep.failures
+        assert rep.data["inputs"]["method"] == "dora" and rep.data["weights"]["n_layers_failed"] == 0
