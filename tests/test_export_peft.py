@@ -229,11 +229,16 @@ def test_verify_passes_with_the_exported_dora_and_hflm_scores_equal_the_unmerged
         assert theirs[t].predictions == ours[t].predictions
 
 
-def test_export_dora_refusals(tiny_llama_dir, d2, tmp_path):
+def test_export_dora_refusals(tiny_llama_dir, tiny_llama_tied_dir, d2, tmp_path):
     lora = random_adapter(tiny_llama_dir, tmp_path / "lora", method="lora", std=0.1)
     with pytest.raises(InputError, match=r"already a PEFT adapter"):
         export_dora(base=tiny_llama_dir, adapter=lora, out=tmp_path / "o1")
     assert not (tmp_path / "o1").exists()
+    from d2serve.merge import WrongBaseError
+
+    with pytest.raises(WrongBaseError, match=r"d2_magnitude"):  # same shapes, another base: the merge's own check
+        export_dora(base=tiny_llama_tied_dir, adapter=d2["plain"]["src"], out=tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
     r = _cli("export", "dora", "--base", tiny_llama_dir, "--adapter", d2["plain"]["src"], "--out", d2["plain"]["dora"])
     assert r.exit_code == 2 and "not empty" in " ".join(r.output.split())  # an export is never replaced silently
 
