@@ -99,7 +99,8 @@ def _read_text(path: Path, what: str) -> str:
 
 
 app = _Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-export_app = _Typer(no_args_is_help=True, help="Export a merged model for a serving runtime.")
+export_app = _Typer(no_args_is_help=True, help="Export a merged model for a serving runtime, or an adapter as a "
+                    "standard PEFT adapter.")
 app.add_typer(export_app, name="export")
 
 
@@ -212,6 +213,8 @@ def inspect_cmd(
     console.print(f"{adapter}: method {info['method']}, r={c['r']}, lora_alpha={c['lora_alpha']}"
                   + (f", tau={c.get('tau')}" if info["method"] == "d2lora" else "")
                   + f", {info['num_layers']} layers, {info['num_parameters']:,} parameters")
+    if info.get("exported_from"):
+        console.print(escape(info["exported_from"]["summary"]))
     t = Table("module", "rank", "scale", "tau", "shape (out, in)", "||dW||_F")
     for row in info["layers"][:12]:
         t.add_row(row["module"], str(row["rank"]), f"{row['scale']:g}",
@@ -676,6 +679,55 @@ def export_vllm_lora_cmd(
         if not rep["passed"]:
             err_console.print("[red]PARITY FAILED[/red]")
             raise typer.Exit(1)
+
+
+@export_app.command("dora")
+def export_dora_cmd(
+    base: Path = typer.Option(..., "--base", help="Base HF checkpoint the adapter is applied to" + _HUB_HELP + "."),
+    adapter: Path = typer.Option(..., "--adapter", help="D2-LoRA adapter directory" + _HUB_HELP + "."),
+    out: Path = typer.Option(..., "--out", help="Output folder: a standard PEFT DoRA adapter (rank 2r)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Write a D2-LoRA adapter as the exact PEFT DoRA adapter that PEFT, lm-eval and other PEFT readers load."""
+    from d2serve.export.peft import export_dora
+
+    base, adapter = _model(base, "base"), _model(adapter, "adapter")
+    _warn_base_name(adapter, base)
+    man = export_dora(base=base, adapter=adapter, out=out, overwrite=overwrite)
+    c = man["source"]["config"]
+    console.print(f"wrote {out}: PEFT DoRA, {man['num_layers']} layers, r={2 * c['r']} (source r={c['r']}, two "
+                  f"branches); max relative error of the merged weights vs the D2-LoRA merge (float64): "
+                  f"{man['max_rel_error']:.3g}; valid for base {base} only (magnitudes depend on its weights)")
+
+
+@export_app.command("lora")
+def export_lora_cmd(
+    base: Path = typer.Option(..., "--base", help="Base HF checkpoint the adapter is applied to" + _HUB_HELP + "."),
+    adapter: Path = typer.Option(..., "--adapter", help="D2-LoRA, PEFT DoRA or PEFT LoRA adapter directory"
+                                 + _HUB_HELP + "."),
+    out: Path = typer.Option(..., "--out", help="Output folder: a standard PEFT LoRA adapter."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Rank of every layer (capped at min(out, in))."),
+    max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", help="Per-layer budget: relative "
+                                                  "Frobenius error of the merged weight (default 0.01 unless --rank)."),
+    threshold: Optional[list[str]] = typer.Option(None, "--threshold", help="Override a gate threshold, key=value: "
+                                                  "max_mean_kl, min_top1_agreement, min_generation_identical."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Approximate an adapter by a plain PEFT LoRA (truncated SVD of W_hat - W0 per layer), gated on the merged model
+    (exit 1 and nothing written when the converted model is too far from it)."""
+    from d2serve.export.peft import export_lora
+
+    base, adapter = _model(base, "base"), _model(adapter, "adapter")
+    _warn_base_name(adapter, base)
+    man = export_lora(base=base, adapter=adapter, out=out, rank=rank, max_rel_error=max_rel_error,
+                      thresholds=threshold, overwrite=overwrite)
+    ranks = sorted(v["rank"] for v in man["layers"].values())
+    lg, g = man["fidelity"]["logits"], man["fidelity"]["generation"]
+    console.print(f"wrote {out}: PEFT LoRA of a {man['source']['method']} adapter, {man['num_layers']} layers, ranks "
+                  f"{ranks[0]}..{ranks[-1]} ({man['num_parameters']:,} parameters), worst layer relative error "
+                  f"{man['worst_rel_error']:.3g}")
+    console.print(f"merged vs converted: mean KL {lg['mean_kl']:.3g} nats, top-1 agreement {lg['top1_agreement']:.4f}, "
+                  f"greedy identical {g['n_identical']}/{g['n_prompts']}; gate passed")
 
 
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

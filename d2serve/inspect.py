@@ -18,7 +18,8 @@ def inspect_adapter(adapter: str | Path, base: str | Path | None = None) -> dict
         ``{"method", "config", "num_layers", "num_parameters", "layers": [{"module",
         "rank", "scale", "tau", "shape" (out, in), "delta_fro" (Frobenius norm of dW,
         float64)}], "fits_base": {"ok", "error", "warning"} (only with ``base``; ``warning``:
-        see :func:`base_name_warning`)}``.
+        see :func:`base_name_warning`), "exported_from": :func:`export_origin` (None unless written by
+        ``d2serve export dora`` / ``export lora``)}``.
 
     Raises:
         AdapterConfigError, AdapterError, CheckpointError: the adapter itself is invalid
@@ -36,6 +37,7 @@ def inspect_adapter(adapter: str | Path, base: str | Path | None = None) -> dict
     info = {"method": adp.method, "config": adp.config.to_json_dict(), "num_layers": len(rows),
             "num_parameters": adp.num_parameters(), "ignored_fields": list(adp.config.ignored_fields),
             "layers": rows}
+    info["exported_from"] = export_origin(adapter)
     if base is not None:
         try:
             match_to_base(adp, Checkpoint(base))
@@ -44,6 +46,25 @@ def inspect_adapter(adapter: str | Path, base: str | Path | None = None) -> dict
             info["fits_base"] = {"ok": False, "error": str(e)}
         info["fits_base"]["warning"] = base_name_warning(adapter, base)
     return info
+
+
+def export_origin(adapter: str | Path) -> dict | None:
+    """What a folder written by ``d2serve export dora`` / ``export lora`` came from (its adapter_config.json marker
+    ``d2serve_export``, d2serve.export.peft), with a one-line ``summary``; None for any other adapter."""
+    from d2serve.export.peft import read_export_marker
+
+    m = read_export_marker(adapter)
+    if m is None:
+        return None
+    what = {"dora": "the exact PEFT DoRA form (rank 2r)", "lora_svd": "a truncated-SVD plain LoRA"}.get(
+        m.get("kind"), f"an export of kind {m.get('kind')!r}")
+    sha = next(iter((m.get("source_sha256") or {}).values()), "")
+    budget = ""
+    if m.get("kind") == "lora_svd":
+        budget = f" (rank {m['rank']})" if m.get("rank") else f" (max rel error {m.get('max_rel_error')})"
+    summary = (f"d2serve export: {what}{budget} of the {m.get('source_method')} adapter {m.get('source_adapter')} "
+               f"(sha256 {sha[:12]}...), for base {m.get('base')}; d2serve {m.get('d2serve_version')}")
+    return {**m, "summary": summary}
 
 
 def _norm_name(name: str) -> str:

@@ -180,6 +180,55 @@ def _check_stacking(base: Path, method, adapter: Adapter) -> dict | None:
             f"method {method.name} adds dW without reading the base's norms: merges commute"}
 
 
+@dataclass
+class Fit:
+    """An adapter checked against a base by :func:`check_fit`: what every reader of (base, adapter) needs.
+
+    Attributes:
+        ckpt: the base :class:`Checkpoint`; adapter: the loaded :class:`Adapter`; method: its registry entry.
+        names: module path -> base tensor holding W0 (d2serve.adapters.io.match_to_base).
+        ties: d2serve.architecture.tie_plan of the pair.
+        stacked_on: what :func:`_check_stacking` records when the base is itself a merge output, else None.
+    """
+
+    ckpt: Checkpoint
+    adapter: Adapter
+    method: object
+    names: dict[str, str]
+    ties: object
+    stacked_on: dict | None
+
+    def base_weight(self, module: str, magnitude_rtol: float = MAGNITUDE_RTOL) -> torch.Tensor:
+        """W0 of ``module`` as (out_features, in_features) float64 (Conv1D transposed), after checking the layer's
+        ``d2_magnitude`` fingerprint against it (:func:`_check_fingerprint`; WrongBaseError on a mismatch)."""
+        from d2serve.architecture import to_out_in
+
+        w0 = to_out_in(self.ckpt.get_tensor(self.names[module]), self.ckpt.architecture.layer(module)).double()
+        f = self.adapter.layers[module]
+        if f.magnitude is not None:
+            _check_fingerprint(module, w0, f.magnitude, self.ckpt.path, magnitude_rtol)
+        return w0
+
+
+def check_fit(ckpt: Checkpoint, adp: Adapter) -> Fit:
+    """Every check of an adapter against a base that the merge, the exports and serving share, in one order:
+    full-precision base, tensors matched to base modules, layer kinds of the method, tied embeddings, saved
+    base-tensor copies, merges stacked on merges (the per-layer fingerprint is checked when W0 is read:
+    :meth:`Fit.base_weight`, or the merge's row blocks).
+
+    Raises:
+        CheckpointError, AdapterError, WrongBaseError: as :func:`merge` (nothing is written).
+    """
+    require_full_precision_base(ckpt)  # nothing for transformers to re-initialise, nothing quantized
+    names = match_to_base(adp, ckpt)  # module -> base tensor holding W0
+    check_layer_kinds(ckpt, adp)
+    ties = tie_plan(ckpt, adp)
+    check_base_copies(ckpt, adp)
+    method = get_method(adp.method)
+    stacked_on = _check_stacking(ckpt.path, method, adp)  # the base is itself a merge output
+    return Fit(ckpt, adp, method, names, ties, stacked_on)
+
+
 def merge(
     *,
     base: str | Path,
@@ -283,15 +332,10 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
     """:func:`merge` after the inputs were parsed and their hashing started: validate, merge, write, record."""
     prepare_output_dir(out, overwrite, inputs=tuple(p for p in (ckpt.path, adp.path) if p is not None))
     out_dtype = resolve_dtype(dtype, ckpt)
-    require_full_precision_base(ckpt)  # nothing for transformers to re-initialise, nothing quantized
+    fit = check_fit(ckpt, adp)
     arch = ckpt.architecture
-    w0_names = match_to_base(adp, ckpt)  # module -> base tensor holding W0
-    check_layer_kinds(ckpt, adp)
-    ties = tie_plan(ckpt, adp)
-    check_base_copies(ckpt, adp)
+    w0_names, ties, method, stacked_on = fit.names, fit.ties, fit.method, fit.stacked_on
     untie = ties.tied_base and not ties.tied_out
-    method = get_method(adp.method)
-    stacked_on = _check_stacking(ckpt.path, method, adp)  # the base is itself a merge output
     fingerprints = _Fingerprints(method, adp, ckpt.path, magnitude_rtol)
     kernel = _kernel_for(kernel_choice)
     n_fused = n_torch = 0

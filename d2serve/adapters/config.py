@@ -36,6 +36,7 @@ from d2serve.errors import InputError, InputNotFoundError
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
+EXPORT_MARKER = "d2serve_export"  # written by d2serve.export.peft into the PEFT adapters it exports
 
 IMPLEMENTED, IGNORED, REFUSED = "implemented", "ignored", "refused"
 _BOTH, _PEFT, _OURS = ("D2LORA", "LORA"), ("LORA",), ("D2LORA",)
@@ -101,6 +102,8 @@ FIELDS: dict[str, FieldRule] = {
     "inference_mode": FieldRule(IGNORED, "trainability flag only", _BOTH),
     "d2serve_version": FieldRule(IGNORED, "informational", _OURS),
     "auto_mapping": FieldRule(IGNORED, "PEFT's record of the base class; informational"),
+    EXPORT_MARKER: FieldRule(IGNORED, "d2serve export dora / export lora's record of the source adapter and base "
+                             "(d2serve inspect shows it); PEFT ignores it, the factors in the file are what is merged"),
     "peft_version": FieldRule(IGNORED, "informational"),
     "lora_dropout": FieldRule(IGNORED, "dropout is the identity at inference"),
     "runtime_config": FieldRule(IGNORED, "PEFT runtime options (device offload); never saved, no effect on weights"),

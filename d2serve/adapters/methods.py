@@ -10,6 +10,9 @@ Every method is a pair of pure tensor functions for ONE nn.Linear layer:
   applied (what the merge statistics need, computed once); ``merged_weight`` is its ``weight``.
 * ``low_rank(f, dtype)``: (B', A') with dW = B' @ A', B' (out_features, k), A' (k, in_features):
   the scale (and D2-LoRA's tau and two branches) folded into B', so dW is one matrix product.
+* ``as_dora(W0, f, scaling, dtype)`` (D2-LoRA only): the layer as an exact PEFT DoRA layer of rank 2r
+  (:func:`d2lora_as_dora`, d2serve.export.peft); :func:`truncated_svd_lora` is the plain-LoRA approximation of
+  any method's update W_hat - W0 (``d2serve export lora``).
 
 Layout (the nn.Linear convention): ``W0`` is (out_features, in_features);
 ``lora_A*`` factors are (r, in_features); ``lora_B*`` factors are
@@ -275,6 +278,113 @@ def d2lora_fold(w0: torch.Tensor, f: LayerFactors, dtype: torch.dtype = torch.fl
     return s, a, (s + 1).unsqueeze(1) * b
 
 
+# ---- leaving d2serve: exact PEFT DoRA and truncated-SVD plain LoRA ----------------------------
+
+
+class DoraFactors(NamedTuple):
+    """One layer as a PEFT DoRA layer (PEFT ``DoraLinearLayer``): W = diag(m / ||W0 + scaling B A||)(W0 + scaling B A).
+
+    Attributes:
+        lora_A: (R, in_features); lora_B: (out_features, R); magnitude: ``lora_magnitude_vector`` (out,).
+    """
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    magnitude: torch.Tensor
+
+
+def d2lora_as_dora(
+    w0: torch.Tensor, f: LayerFactors, scaling: float, dtype: torch.dtype = torch.float64,
+    factor_dtype: torch.dtype | None = torch.float32,
+) -> DoraFactors:
+    """D2-LoRA as an exact PEFT DoRA layer of rank 2r (the identity of docs/adapter-format.md, "Exports").
+
+    With dW = scale (B+ A+ - tau B- A-) and s = m / ||W0 + dW|| (out,), m = ||W0|| per output row:
+
+    * A' = [A+; A-]                                           (2r, in)
+    * B' = diag((1 + s) / s) [B+, -tau B-] * (scale / scaling) (out, 2r), so scaling B' A' = diag((1 + s) / s) dW
+    * m' = s * ||W0 + scaling B' A'||                         (out,)
+
+    Then PEFT's DoRA weight m' / ||W0 + scaling B'A'|| (W0 + scaling B'A') = s (W0 + dW) + dW = W_hat
+    (:func:`d2lora_merge`): the DoRA rescaling of the row is s again, and s * (1 + s)/s dW = (1 + s) dW.
+
+    Args:
+        w0: (out, in) base weight (nn.Linear layout), any float dtype.
+        f: the D2-LoRA layer factors.
+        scaling: the scaling PEFT will apply to the exported layer (its lora_alpha' / r', or / sqrt(r') with
+            rsLoRA); equal to ``f.scale`` up to rounding, kept exact by the factor ``scale / scaling`` in B'.
+        dtype: compute dtype (float64).
+        factor_dtype: dtype A' and B' are stored in (float32): m' is computed from the ROUNDED A', B' so that
+            PEFT's norm of the stored layer gives back exactly s; None keeps ``dtype``.
+
+    Returns:
+        :class:`DoraFactors` in ``dtype`` (A', B' already rounded to ``factor_dtype`` and back).
+
+    Raises:
+        MergeMathError: a zero-norm row of W0 or of W0 + dW (s undefined).
+    """
+    w0 = w0.to(dtype)
+    dw = d2lora_delta(f, dtype)
+    s = _checked_scale(w0 + dw, _base_row_norms(w0, f), f.module, f.row_offset)
+    a = torch.cat([_f(f, "lora_A_plus", dtype), _f(f, "lora_A_minus", dtype)], 0)
+    b = torch.cat([_f(f, "lora_B_plus", dtype), -f.tau * _f(f, "lora_B_minus", dtype)], 1)
+    b = b * ((1 + s) / s * (f.scale / scaling)).unsqueeze(1)
+    if factor_dtype is not None:
+        a, b = a.to(factor_dtype).to(dtype), b.to(factor_dtype).to(dtype)
+    magnitude = s * row_norm(w0 + scaling * (b @ a))
+    return DoraFactors(a, b, magnitude)
+
+
+class LowRankFit(NamedTuple):
+    """A truncated SVD of a layer's update (:func:`truncated_svd_lora`).
+
+    Attributes:
+        lora_A: (k, in) = sqrt(S_k) V_k^T; lora_B: (out, k) = U_k sqrt(S_k): B A is the best rank-k approximation
+            of the update in Frobenius norm (Eckart-Young).
+        rank: k.
+        rel_error: ||W_hat - (W0 + B A)||_F / ||W_hat||_F, the relative Frobenius error of the merged weight.
+        singular_values: every singular value of the update (min(out, in),), descending, float64.
+    """
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    rank: int
+    rel_error: float
+    singular_values: torch.Tensor
+
+
+def truncated_svd_lora(
+    update: torch.Tensor, merged_norm: float, *, rank: int | None = None, max_rel_error: float | None = None,
+) -> LowRankFit:
+    """A plain LoRA (B A, scaling 1) for a full update U = W_hat - W0 (out, in), float64, by truncated SVD.
+
+    Exactly one of ``rank`` (k = min(rank, min(out, in))) and ``max_rel_error`` (the smallest k >= 1 with
+    sqrt(sum_{i > k} sigma_i^2) / merged_norm <= max_rel_error) chooses k; ``merged_norm`` is ||W_hat||_F.
+    Whatever the method, U holds the whole change of the merged weight (DoRA / D2-LoRA magnitudes included).
+
+    Raises:
+        ValueError: neither or both of rank / max_rel_error, rank < 1, a negative budget.
+    """
+    if (rank is None) == (max_rel_error is None):
+        raise ValueError("give exactly one of rank and max_rel_error")
+    u = update.to(torch.float64)
+    uu, sv, vh = torch.linalg.svd(u, full_matrices=False)
+    # tail[k] = sqrt(sum_{i >= k} sigma_i^2): the Frobenius error of keeping the first k
+    tail = torch.cat([sv.flip(0).square().cumsum(0).flip(0), sv.new_zeros(1)]).sqrt()
+    denom = merged_norm if merged_norm > 0 else 1.0
+    if rank is not None:
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        k = min(int(rank), sv.numel())
+    else:
+        if not max_rel_error >= 0:
+            raise ValueError(f"max_rel_error must be >= 0, got {max_rel_error}")
+        ok = (tail / denom <= max_rel_error).nonzero().flatten()
+        k = max(1, int(ok[0]) if ok.numel() else sv.numel())
+    root = sv[:k].sqrt()
+    return LowRankFit(root.unsqueeze(1) * vh[:k], uu[:, :k] * root.unsqueeze(0), k, float(tail[k] / denom), sv)
+
+
 @dataclass(frozen=True)
 class Method:
     """A merge method: its file format (factor keys, which factors are A-like / B-like, per-layer
@@ -307,6 +417,8 @@ class Method:
             with v the factor ``fused_magnitude`` (``dora_merge``), ``rescale_add`` diag(m / ||W0 + dW||)(W0 + dW) + dW
             with m = ||W0|| per row (``d2lora_merge``); None: only the torch path merges this method.
         fused_magnitude: the (out_features,) factor v of the ``rescale`` form (DoRA's ``lora_magnitude_vector``).
+        as_dora(W0, factors, scaling, dtype): the layer as an exact PEFT DoRA layer (:class:`DoraFactors`), for
+            methods PEFT cannot read (``d2lora_as_dora``; d2serve.export.peft), else None.
         layer_kinds: the layer kinds (d2serve.architecture: ``linear``, ``conv1d``, ``embedding``) the method is
             defined and merged on: LoRA on all three (PEFT ``lora.Linear`` / Conv1D / ``lora.Embedding``), DoRA on
             linear and Conv1D (PEFT's DoRA embedding norms another axis; not merged), D2-LoRA on nn.Linear only.
@@ -328,6 +440,7 @@ class Method:
     uses_base_norms: bool = False
     branches: tuple[str, ...] = ()
     fold: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    as_dora: Callable[..., DoraFactors] | None = None
     layer_kinds: tuple[str, ...] = ("linear", "conv1d")
     fused_form: str | None = None
     fused_magnitude: str | None = None
@@ -379,7 +492,7 @@ METHODS: dict[str, Method] = {
         file_keys=_weight_keys("lora_A_plus", "lora_B_plus", "lora_A_minus", "lora_B_minus"),
         tau_key="d2_tau", fingerprint_key="d2_magnitude",
         config_fields=("tau", "magnitude_axis"), uses_base_norms=True, branches=("plus", "minus"),
-        fold=d2lora_fold, layer_kinds=("linear",), fused_form="rescale_add",
+        fold=d2lora_fold, as_dora=d2lora_as_dora, layer_kinds=("linear",), fused_form="rescale_add",
     ),
 }
 

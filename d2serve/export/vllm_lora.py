@@ -33,19 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from d2serve import __version__
-from d2serve.adapters.io import (
-    PREFIX,
-    WEIGHTS_NAME,
-    AdapterError,
-    load_adapter,
-    match_to_base,
-)
-from d2serve.adapters.methods import get_method
-from d2serve.architecture import (
-    check_layer_kinds,
-    require_full_precision_base,
-    to_out_in,
-)
+from d2serve.adapters.io import PREFIX, WEIGHTS_NAME, AdapterError, load_adapter
 from d2serve.checkpoint import Checkpoint, atomic_output_dir, write_json
 from d2serve.errors import InputError
 from d2serve.outdir import prepare_output_dir
@@ -97,13 +85,11 @@ def fold_adapter(base: str | Path, adapter: str | Path) -> tuple[str, dict[str, 
         MergeMathError: a zero-norm row (s undefined).
         CheckpointError: unreadable or quantized base.
     """
-    from d2serve.merge import MAGNITUDE_RTOL, _check_fingerprint, _check_stacking
+    from d2serve.merge import check_fit
 
     ckpt = Checkpoint(base)
     adp = load_adapter(adapter)
-    require_full_precision_base(ckpt)
-    names = match_to_base(adp, ckpt)
-    check_layer_kinds(ckpt, adp)
+    fit = check_fit(ckpt, adp)
     arch = ckpt.architecture
     where = Path(adapter) / WEIGHTS_NAME
     problems = []
@@ -117,14 +103,9 @@ def fold_adapter(base: str | Path, adapter: str | Path) -> tuple[str, dict[str, 
                             " layer; unmerged vLLM serving supports adapted nn.Linear layers of the decoder only")
     if problems:
         raise AdapterError(f"{where} cannot be served unmerged by vLLM:\n  - " + "\n  - ".join(problems))
-    method = get_method(adp.method)
-    _check_stacking(ckpt.path, method, adp)
     folded = {}
     for m, f in adp.layers.items():
-        w0 = to_out_in(ckpt.get_tensor(names[m]), arch.layer(m)).double()
-        if f.magnitude is not None:
-            _check_fingerprint(m, w0, f.magnitude, ckpt.path, MAGNITUDE_RTOL)
-        s, a, b = method.fold(w0, f, torch.float64)
+        s, a, b = fit.method.fold(fit.base_weight(m), f, torch.float64)
         folded[m] = FoldedLayer(s, a, b)
     return adp.method, folded, ckpt, adp
 
