@@ -114,9 +114,15 @@ def loaded(impl: str | None = None) -> bool:
 
 def prefetch(impl: str | None = None) -> None:
     """Start :func:`load` in a background thread (a first C compilation takes ~1 s, numba's import ~0.5 s:
-    overlap them with the merge's checks). Does nothing when already loaded."""
+    overlap them with the merge's checks). Does nothing when already loaded.
+
+    The thread is not a daemon: a merge that finishes before the kernel has loaded (small checkpoints) leaves
+    the interpreter waiting for it at exit (bounded by the compiler's 300 s timeout). A daemon thread still inside
+    torch (the load's self-check) while the interpreter finalizes aborted the process ("terminate called without
+    an active exception", exit -6) after a merge that had succeeded: tests/test_merge_fused.py repeats that case.
+    """
     if not loaded(impl):
-        threading.Thread(target=load, args=(impl,), name="d2serve-merge-kernel-load", daemon=True).start()
+        threading.Thread(target=load, args=(impl,), name="d2serve-merge-kernel-load", daemon=False).start()
 
 
 def _cpu_signature() -> str:

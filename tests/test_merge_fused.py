@@ -308,3 +308,20 @@ def test_a_nan_in_a_copied_tensor_is_refused_with_the_same_count(tiny_llama_dir,
     ad = random_adapter(base, tmp_path / "ad", target_modules=("q_proj",), std=0.2, with_magnitude=False)
     with pytest.raises(MergeMathError, match=r"base tensor model\.embed_tokens\.weight has 5 NaN/Inf"):
         merge(base=base, adapter=ad, out=tmp_path / "o", dtype="bfloat16", kernel=kernel)
+
+
+def test_a_merge_that_ends_before_the_kernel_has_loaded_exits_0(tiny_llama_dir, tmp_path):
+    """Each merge below runs in a fresh process (kernel not loaded yet; `auto` loads it in the background while
+    the tiny merge finishes). The loader thread used to be a daemon still inside torch when the interpreter
+    finalized: about half of these processes aborted with exit -6 ("terminate called without an active
+    exception") after writing a correct output."""
+    import subprocess
+    import sys
+
+    ad = random_adapter(tiny_llama_dir, tmp_path / "ad", method="d2lora", r=4, lora_alpha=8.0, std=0.1, seed=3)
+    codes = []
+    for i in range(6):
+        r = subprocess.run([sys.executable, "-m", "d2serve.cli", "merge", "--base", str(tiny_llama_dir), "--adapter",
+                            str(ad), "--out", str(tmp_path / f"m{i}")], capture_output=True, text=True, timeout=300)
+        codes.append((r.returncode, r.stderr[-300:] if r.returncode else ""))
+    assert [c for c, _ in codes] == [0] * 6, codes
