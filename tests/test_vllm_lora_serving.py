@@ -135,8 +135,8 @@ def test_cpu_shrink_gives_slot_minus_one_no_lora():
     a = torch.randn(2, 1, 8, 16, generator=g)  # (slots, 1, rank, in): both slots filled
     x = torch.randn(5, 16, generator=g)
     idx = torch.tensor([-1, 0, 1, -1, 1])
-    want = torch.stack([torch.zeros(8, dtype=torch.float64) if int(i) < 0 else 0.5 * (a[int(i), 0].double() @ r.double())
-                        for i, r in zip(idx, x)])
+    want = torch.stack([torch.zeros(8, dtype=torch.float64) if int(i) < 0
+                        else 0.5 * (a[int(i), 0].double() @ r.double()) for i, r in zip(idx, x)])
     out = torch.full((5, 8), 7.0)
     punica_cpu.bgmv_shrink(x, a, out, idx, 0.5)
     assert torch.allclose(out.double(), want, atol=1e-5, rtol=0), out
@@ -145,11 +145,59 @@ def test_cpu_shrink_gives_slot_minus_one_no_lora():
     assert torch.equal(out, out2)
 
 
+@pytest.mark.vllm
+def test_tp_slices_of_scales_match_hand_sliced_full_width():
+    """The plugin's TP scale rows (patches._slot_row, with vLLM's own slice_lora_b of each layer class) equal the
+    full-width s sliced by hand: QKV on rank 1 of 2 (q rows 64..127, k/v rows 32..63, ones for the unadapted k),
+    gate_up (each half's rank-1 rows), row-parallel o_proj (the full width: it scales partial sums before the
+    all-reduce); and _scale_rows multiplies each token by its slot's row, slot -1 and padded rows by the ones row."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.lora.layers.column_parallel_linear import (
+        MergedColumnParallelLinearWithLoRA,
+        MergedQKVParallelLinearWithLoRA,
+    )
+    from vllm.lora.layers.row_parallel_linear import RowParallelLinearWithLoRA
+
+    from d2serve.vllm_plugin.patches import _scale_rows, _slot_row
+
+    g = torch.Generator().manual_seed(0)
+    full = {n: torch.rand(w, generator=g) + 0.5 for n, w in (("q_proj", 128), ("v_proj", 64), ("gate_proj", 192),
+                                                            ("up_proj", 192), ("o_proj", 128))}
+    manager = SimpleNamespace(packed_modules={"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                              "gate_up_proj": ["gate_proj", "up_proj"]})
+
+    def layer(cls, **kw):
+        m = SimpleNamespace(tp_size=2, tp_rank=1, **kw)
+        m.slice_lora_b = cls.slice_lora_b.__get__(m)
+        return m
+
+    qkv = layer(MergedQKVParallelLinearWithLoRA, n_slices=3, output_slices=(64, 32, 32), output_ids=(1, 1, 1))
+    want = torch.cat([full["q_proj"][64:], torch.ones(32), full["v_proj"][32:]])
+    assert torch.equal(_slot_row(manager, "qkv_proj", qkv, full), want)
+    gu = layer(MergedColumnParallelLinearWithLoRA, n_slices=2, output_slices=(96, 96), output_ids=(1, 1))
+    want = torch.cat([full["gate_proj"][96:], full["up_proj"][96:]])
+    assert torch.equal(_slot_row(manager, "gate_up_proj", gu, full), want)
+    o = layer(RowParallelLinearWithLoRA, n_slices=1, output_slices=(128,))
+    assert torch.equal(_slot_row(manager, "o_proj", o, full), full["o_proj"])
+    assert _slot_row(manager, "down_proj", o, full) is None  # not adapted: every row 1
+
+    buf = torch.ones(3, 4)  # max_loras 2 + the ones row (slot -1)
+    buf[0], buf[1] = torch.tensor([2.0, 3, 4, 5]), torch.tensor([0.5, 0.25, 1, 2])
+    out = torch.arange(20, dtype=torch.float32).reshape(5, 4)
+    wrapper = SimpleNamespace(token_lora_indices=torch.tensor([1, -1, 0, 0]))
+    lay = SimpleNamespace(d2_scale_stacked=buf, punica_wrapper=wrapper)
+    got = _scale_rows(lay, out)
+    want = out * torch.stack([buf[1], torch.ones(4), buf[0], buf[0], torch.ones(4)])  # row 5: padding, no adapter
+    assert torch.equal(got, want)
+
+
 # ------------------------------------------------------------------------ offline engines: few slots, LRU
 
 @pytest.fixture(scope="module")
 def refs(fx) -> dict:
-    """The right values: greedy outputs of the plain base (key None) and of each merged model, plain vLLM, one worker."""
+    """The right values: greedy outputs of the plain base (key None) and each merged model, plain vLLM, one worker."""
     jobs = [{"model": str(m), "dtype": "float32", "max_model_len": MAX_MODEL_LEN, "max_tokens": MAX_TOKENS,
              "runs": [{"name": "ref", "requests": [{"prompt_token_ids": x, "lora": None} for x in fx.ids]}]}
             for m in (fx.base, *(fx.merged[n] for n in NAMES))]

@@ -95,7 +95,7 @@ FOLD_HINT = "run `d2serve export vllm-lora --base BASE --adapter {path} --out FO
 
 
 def _refuse_unfolded(lora_path: str, config: dict) -> None:
-    """Raise ValueError for an adapter folder that must be folded first (d2serve.export.vllm_lora) before vLLM serves it.
+    """Raise ValueError for an adapter folder that must be folded (d2serve.export.vllm_lora) before vLLM serves it.
 
     An unfolded D2-LoRA folder (``peft_type: D2LORA``) has no lora_A/lora_B pair vLLM can read, and a PEFT DoRA folder
     without the ``d2serve`` marker has no row scales: vLLM would refuse the first obscurely (or serve nothing of it) and
