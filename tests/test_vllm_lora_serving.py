@@ -110,7 +110,7 @@ def test_plugin_refuses_unfolded_folders_by_config(tmp_path, tiny_llama_dir):
     cfg = json.loads((raw / "adapter_config.json").read_text())
     with pytest.raises(ValueError, match=r"unfolded D2-LoRA adapter.*d2serve export vllm-lora --base BASE --adapter "):
         _refuse_unfolded(str(raw), cfg)
-    with pytest.raises(ValueError, match=r"PEFT DoRA adapter \(not folded\).*d2serve export vllm-lora"):
+    with pytest.raises(ValueError, match=r"unfolded PEFT DoRA adapter.*d2serve export vllm-lora"):
         _refuse_unfolded("/x/dora", {"peft_type": "LORA", "use_dora": True})
     folded = export_vllm_lora(base=tiny_llama_dir, adapter=raw, out=tmp_path / "vl")
     assert folded["needs_plugin"]
@@ -366,9 +366,23 @@ def test_runtime_load_unload_reload_exact(server, fx, refs):
 
 
 @pytest.mark.vllm
+def test_resolver_folds_on_first_use(server, fx, refs):
+    """With D2SERVE_LORA_RESOLVER_DIR, a request for ``dora-auto`` (a raw PEFT DoRA folder there) is folded for the
+    served base on first use and served exactly, beside the base and the static adapter; an unknown name is 404."""
+    _assert_serves(server, fx, refs, {"dora": "dora-auto", None: None, "d2": "d2"})
+    st, body = _post(f"{server.url}/v1/completions", {"model": "no-such", "prompt": fx.ids[0], "max_tokens": 2})
+    assert st == 404, (st, body)
+
+
+@pytest.mark.vllm
 def test_runtime_load_refuses_unfolded_folders(server, fx, refs):
     """A raw D2-LoRA folder or a PEFT DoRA folder posted directly is refused with the command that folds it (never
-    "Success" followed by wrong or base outputs); a missing path is vLLM's 404; the server keeps serving."""
+    "Success" followed by wrong or base outputs); a missing path is vLLM's 404; the server keeps serving exactly.
+
+    Runs last: under TP=2, vLLM 0.32's MultiprocExecutor.collective_rpc raises at the first rank's failure and leaves
+    the other ranks' replies queued, so the NEXT adapter load after a refused one fails with the stale error
+    (measured: a resolver load right after these refusals got "...d2 is an unfolded D2-LoRA adapter"); a refusal,
+    never a wrong answer, and generation is unaffected (checked below)."""
     load = f"{server.url}/v1/load_lora_adapter"
     for name in ("d2", "dora"):
         st, body = _post(load, {"lora_name": f"raw-{name}", "lora_path": str(fx.raw[name])})
@@ -380,12 +394,3 @@ def test_runtime_load_refuses_unfolded_folders(server, fx, refs):
     st, body = _post(load, {"lora_name": "missing", "lora_path": str(fx.base.parent / "no-such-adapter")})
     assert st == 404, (st, body)
     _assert_serves(server, fx, refs, {"d2": "d2"})
-
-
-@pytest.mark.vllm
-def test_resolver_folds_on_first_use(server, fx, refs):
-    """With D2SERVE_LORA_RESOLVER_DIR, a request for ``dora-auto`` (a raw PEFT DoRA folder there) is folded for the
-    served base on first use and served exactly, beside the base and the static adapter; an unknown name is 404."""
-    _assert_serves(server, fx, refs, {"dora": "dora-auto", None: None, "d2": "d2"})
-    st, body = _post(f"{server.url}/v1/completions", {"model": "no-such", "prompt": fx.ids[0], "max_tokens": 2})
-    assert st == 404, (st, body)

@@ -105,7 +105,7 @@ def _refuse_unfolded(lora_path: str, config: dict) -> None:
     if peft_type == "D2LORA":
         kind = "an unfolded D2-LoRA adapter"
     elif config.get("use_dora") and config.get(MARKER) is None:
-        kind = "a PEFT DoRA adapter (not folded)"
+        kind = "an unfolded PEFT DoRA adapter (no d2serve row scales)"
     else:
         return
     raise ValueError(f"d2serve: {lora_path} is {kind}; vLLM serves D2-LoRA / DoRA only as a folded LoRA folder with "
