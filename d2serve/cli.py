@@ -749,7 +749,7 @@ def serve_cmd(
     if adapter:
         from d2serve.export.vllm_lora import lora_serve_args, parse_adapter_specs
 
-        extra = lora_serve_args(model, parse_adapter_specs(adapter)) + extra
+        extra = lora_serve_args(model, parse_adapter_specs(adapter), user_args=extra) + extra
     cmd = build_serve_command(model, host=host, port=port, served_model_name=served_model_name, extra_args=extra)
     err_console.print(f"[dim]{' '.join(cmd)}[/dim]\nOpenAI API at http://{host}:{port}/v1")
     serve(model, host=host, port=port, served_model_name=served_model_name, extra_args=extra)  # exec

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,11 +223,9 @@ def plugin_problem() -> str | None:
     allowed = os.environ.get("VLLM_PLUGINS")
     if allowed is not None and "d2serve" not in [p.strip() for p in allowed.split(",")]:
         return f"VLLM_PLUGINS={allowed!r} excludes d2serve's vLLM plugin"
-    import vllm
-
     from d2serve.vllm_plugin import compat
 
-    found = compat.problems(getattr(vllm, "__version__", "unknown"))
+    found = compat.problems(compat.installed_version())
     if found:
         return "the plugin steps aside on this vLLM: " + "; ".join(found)
     return None
@@ -274,15 +273,46 @@ def prepare_served_adapters(base: str | Path, adapters: dict[str, Path]) -> tupl
     return folders, vllm_max_lora_rank(max(ranks))
 
 
-def lora_serve_args(base: str | Path, adapters: dict[str, Path]) -> list[str]:
+def _last_option_value(args: Sequence[str], name: str) -> str | None:
+    """The value of the last ``name VALUE`` / ``name=VALUE`` in ``args`` (argparse's last-wins), else None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def lora_serve_args(base: str | Path, adapters: dict[str, Path], user_args: Sequence[str] = ()) -> list[str]:
     """vLLM ``serve`` options that serve ``adapters`` unmerged on ``base`` (folded by :func:`prepare_served_adapters`):
     ``--enable-lora --lora-modules NAME=FOLDER ... --max-lora-rank R --max-loras N+1`` (one spare slot, see
-    d2serve.export.vllm_lora_check.cpu_safe_max_loras)."""
+    d2serve.export.vllm_lora_check.cpu_safe_max_loras).
+
+    ``user_args`` are the vLLM options the user passes after them: a ``--max-loras`` there replaces d2serve's N+1
+    (fewer slots than adapters: vLLM evicts and re-activates adapters, least recently used first). Base requests stay
+    exact with any slot count only through d2serve's vLLM plugin (it keeps slot -1 tokens off the slots' LoRA,
+    d2serve.vllm_plugin.patches._wrap_cpu_lora_shrink), so a value below N+1 is refused while the plugin is not loaded.
+
+    Raises:
+        InputError: see :func:`prepare_served_adapters`; ``--max-loras`` not a positive integer, or below N+1 while
+            d2serve's vLLM plugin would not be loaded.
+    """
     from d2serve.export.vllm_lora_check import cpu_safe_max_loras
 
     folders, rank = prepare_served_adapters(base, adapters)
-    args = ["--enable-lora", "--lora-modules", *[f"{n}={f}" for n, f in folders.items()],
-            "--max-lora-rank", str(rank), "--max-loras", str(cpu_safe_max_loras(len(folders)))]
+    args = ["--enable-lora", "--lora-modules", *[f"{n}={f}" for n, f in folders.items()], "--max-lora-rank", str(rank)]
+    safe = cpu_safe_max_loras(len(folders))
+    given = _last_option_value(user_args, "--max-loras")
+    if given is None:
+        return [*args, "--max-loras", str(safe)]
+    if not given.isdigit() or int(given) < 1:
+        raise InputError(f"--max-loras must be a positive integer, got {given!r}")
+    problem = plugin_problem()
+    if int(given) < safe and problem:
+        raise InputError(f"--max-loras {given} leaves no spare LoRA slot for {len(folders)} adapters: vLLM 0.32's CPU "
+                         f"LoRA then gives base requests an adapter's LoRA unless d2serve's vLLM plugin is loaded "
+                         f"({problem}); drop --max-loras (d2serve uses {safe}) or load the plugin")
     return args
 
 

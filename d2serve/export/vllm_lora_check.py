@@ -40,7 +40,9 @@ def cpu_safe_max_loras(n_adapters: int) -> int:
     vLLM 0.32's CPU LoRA ops (vllm/lora/ops/torch_ops/lora_ops.py, ``bgmv_shrink`` / ``bgmv_expand``) index the
     stacked weights with the token's slot, and a base token's slot is -1, i.e. the LAST slot: when every slot
     holds an adapter, base requests batched with adapter requests get the last adapter's LoRA (measured on the
-    tiny model: base tokens changed from the 1st token). With a spare last slot (all zeros) they get none.
+    tiny model: base tokens changed from the 1st token). d2serve's vLLM plugin removes that root cause
+    (d2serve.vllm_plugin.patches._wrap_cpu_lora_shrink), so any ``--max-loras`` is exact with it; the spare slot
+    (all zeros) keeps base requests exact also in an engine without the plugin (plain-LoRA folders only).
     """
     return n_adapters + 1
 

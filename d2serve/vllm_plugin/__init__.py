@@ -7,7 +7,9 @@ idempotent. It imports nothing heavy until vLLM itself has been imported by the 
 What it adds to vLLM's LoRA (see d2serve.export.vllm_lora for the folder and docs/vllm.md for the math):
 every adapted linear layer computes ``s[slot] * (x W0^T) + b + LoRA(x)`` where ``s`` is the per-output-row
 scale of the token's adapter (``d2serve_scales.safetensors``), and tokens without an adapter use s = 1.
-The patch surface (d2serve.vllm_plugin.patches) is a small, named set of functions.
+The patch surface (d2serve.vllm_plugin.patches) is a small, named set of functions. With
+``D2SERVE_LORA_RESOLVER_DIR`` set it also registers a LoRA resolver that folds adapters on first use
+(d2serve.vllm_plugin.resolver).
 """
 
 from __future__ import annotations
@@ -35,11 +37,9 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    import vllm
-
     from d2serve.vllm_plugin import compat
 
-    version = getattr(vllm, "__version__", "unknown")
+    version = compat.installed_version()
     found = compat.problems(version)
     if found:
         stepped_aside = "; ".join(found)
@@ -49,3 +49,14 @@ def register() -> None:
     from d2serve.vllm_plugin import patches
 
     patches.install()
+    _register_resolver()
+
+
+def _register_resolver() -> None:
+    """d2serve's folding LoRA resolver (d2serve.vllm_plugin.resolver), only when D2SERVE_LORA_RESOLVER_DIR is set."""
+    import os
+
+    if os.environ.get("D2SERVE_LORA_RESOLVER_DIR"):
+        from d2serve.vllm_plugin.resolver import register_resolver
+
+        register_resolver()

@@ -3,7 +3,7 @@
 The plugin (:mod:`d2serve.vllm_plugin.patches`) reaches vLLM only through this module:
 
 * :data:`IMPORTS`: the vLLM classes and functions it uses, loaded by :func:`load`;
-* :data:`PATCH_POINTS`: the methods it wraps or re-implements, with the sha256 of each one's upstream source
+* :data:`PATCH_POINTS`: the methods and functions it wraps or re-implements, with the sha256 of each one's upstream source
   (``inspect.getsource``) and its signature in every checked release (:data:`CHECKED`);
 * :data:`ATTRIBUTES_READ`: the attributes it reads or calls on vLLM objects;
 * :data:`DORA_REFUSAL`: the one vLLM error text it matches; :data:`ENV_FLAGS`: the vLLM settings it reads.
@@ -42,6 +42,12 @@ IMPORTS = {
     "UnquantizedLinearMethod": "vllm.model_executor.layers.linear:UnquantizedLinearMethod",
     "MergedColumnParallelLinear": "vllm.model_executor.layers.linear:MergedColumnParallelLinear",
     "maybe_get_oot_by_class": "vllm.model_executor.custom_op:maybe_get_oot_by_class",
+    "lora_ops": "vllm.lora.ops.torch_ops.lora_ops",
+    "torch_ops": "vllm.lora.ops.torch_ops",
+    "punica_cpu": "vllm.lora.punica_wrapper.punica_cpu",
+    "LoRAResolver": "vllm.lora.resolver:LoRAResolver",
+    "LoRAResolverRegistry": "vllm.lora.resolver:LoRAResolverRegistry",
+    "LoRARequest": "vllm.lora.request:LoRARequest",
 }
 
 
@@ -71,6 +77,10 @@ PATCH_POINTS = (
     PatchPoint("LoRAModelManager", "activate_adapter", "wrapped"),
     PatchPoint("BaseLinearLayerWithLoRA", "_apply_sync", "re-implemented"),
     PatchPoint("BaseLinearLayerWithLoRA", "_apply_base_forward", "re-implemented"),
+    # one function, three bindings: the CPU punica wrapper calls the name it imported (0.32 indexes slot -1)
+    PatchPoint("lora_ops", "bgmv_shrink", "wrapped"),
+    PatchPoint("torch_ops", "bgmv_shrink", "wrapped"),
+    PatchPoint("punica_cpu", "bgmv_shrink", "wrapped"),
 )
 
 #: attributes the plugin reads or calls: IMPORTS name of the class -> names (instance or class attributes)
@@ -103,6 +113,8 @@ CHECKED = {
         "LoRAModelManager.activate_adapter": ("0661f9e08a07fe15", "(self, lora_id)"),
         "BaseLinearLayerWithLoRA._apply_sync": ("0aa325824c187d76", "(self, x, bias=)"),
         "BaseLinearLayerWithLoRA._apply_base_forward": ("c01ffd2029da725d", "(self, x)"),
+        **{f"{m}.bgmv_shrink": ("e7a5eafed74a2bc1", "(inputs, lora_b_weights, output_tensor, lora_indices_tensor, "
+                                "scaling=)") for m in ("lora_ops", "torch_ops", "punica_cpu")},
     },
 }
 # 0.33.0 (the CUDA wheel, imported on a CPU machine; scripts/check_vllm_compat.sh): two methods changed, both
@@ -115,7 +127,17 @@ CHECKED["0.33.0"] = {
     **CHECKED["0.32.0"],
     "LoRAModelManager._create_lora_modules": ("b300f06d5777a3b2", "(self)"),
     "LoRAModelManager.activate_adapter": ("b044458b878ef5d4", "(self, lora_id)"),
+    # 0.33 masks slot -1 inside bgmv_shrink itself; the wrapper's zeroing is then a no-op
+    **{f"{m}.bgmv_shrink": ("ff08e86052b966c9", "(inputs, lora_b_weights, output_tensor, lora_indices_tensor, "
+                            "scaling=)") for m in ("lora_ops", "torch_ops", "punica_cpu")},
 }
+
+
+def installed_version() -> str:
+    """``vllm.__version__`` of the installed vLLM (imports it), "unknown" when it has none."""
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
 
 
 def series(version: str) -> str | None:

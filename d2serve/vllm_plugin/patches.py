@@ -1,4 +1,4 @@
-"""The patch surface of d2serve's vLLM plugin (vLLM 0.32.x and 0.33.x): six methods wrapped, two re-implemented.
+"""The patch surface of d2serve's vLLM plugin (vLLM 0.32.x and 0.33.x): seven functions wrapped, two re-implemented.
 
 Every vLLM name used here comes from :mod:`d2serve.vllm_plugin.compat` (imports, patched methods with the
 sha256 of their upstream source per checked release, attributes read, the error text matched);
@@ -27,6 +27,13 @@ vLLM function                                       what the wrapper adds
                                                     are three lines each and have no hook between the base matmul
                                                     and the bias, so they are rewritten, and compat.CHECKED pins
                                                     their upstream source hash per release
+``lora_ops.bgmv_shrink`` (CPU punica op, also       wrapped: zeroes the shrink output of tokens whose slot is -1 (no
+bound as ``torch_ops.bgmv_shrink`` and              adapter): vLLM 0.32 indexes the stacked lora_a with -1, i.e. the
+``punica_cpu.bgmv_shrink``)                         LAST slot, so base tokens batched with adapter tokens got the last
+                                                    slot's LoRA whenever every slot was filled (the expand of a zero
+                                                    buffer adds nothing, whatever slot it reads; 0.33 masks -1 itself)
+``PEFTHelper.from_local_dir`` (same wrapper)        refuses an unfolded D2-LoRA folder and a PEFT DoRA folder
+                                                    without the marker, naming ``d2serve export vllm-lora``
 =================================================  ==============================================================
 
 Row-parallel layers scale their partial sums before the all-reduce: s is per output row, so
@@ -73,7 +80,9 @@ def _wrap_peft_helper() -> None:
     def from_local_dir(cls, lora_path, max_position_embeddings):
         helper = orig_from_local_dir(cls, lora_path, max_position_embeddings)
         with open(os.path.join(lora_path, "adapter_config.json")) as f:
-            marker = json.load(f).get(MARKER)
+            config = json.load(f)
+        _refuse_unfolded(lora_path, config)
+        marker = config.get(MARKER)
         helper.d2serve_marker = marker
         helper.d2serve_dir = lora_path
         return helper
@@ -90,6 +99,27 @@ def _wrap_peft_helper() -> None:
 
     PEFTHelper.from_local_dir = from_local_dir
     PEFTHelper._validate_features = _validate_features
+
+
+FOLD_HINT = "run `d2serve export vllm-lora --base BASE --adapter {path} --out FOLDER` and load FOLDER instead"
+
+
+def _refuse_unfolded(lora_path: str, config: dict) -> None:
+    """Raise ValueError for an adapter folder that must be folded (d2serve.export.vllm_lora) before vLLM serves it.
+
+    An unfolded D2-LoRA folder (``peft_type: D2LORA``) has no lora_A/lora_B pair vLLM can read, and a PEFT DoRA folder
+    without the ``d2serve`` marker has no row scales: vLLM would refuse the first obscurely (or serve nothing of it) and
+    refuses the second ("vLLM does not yet support DoRA") without saying what to do. The message names the fix.
+    """
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "D2LORA":
+        kind = "an unfolded D2-LoRA adapter"
+    elif config.get("use_dora") and config.get(MARKER) is None:
+        kind = "an unfolded PEFT DoRA adapter (no d2serve row scales)"
+    else:
+        return
+    raise ValueError(f"d2serve: {lora_path} is {kind}; vLLM serves D2-LoRA / DoRA only as a folded LoRA folder with "
+                     f"row scales: {FOLD_HINT.format(path=lora_path)}")
 
 
 def _wrap_lora_model() -> None:
@@ -282,6 +312,28 @@ def _wrap_linear() -> None:
     BaseLinearLayerWithLoRA._apply_base_forward = _apply_base_forward
 
 
+def _wrap_cpu_lora_shrink() -> None:
+    """Make vLLM 0.32's CPU LoRA ops give tokens without an adapter (slot -1) no LoRA, whatever the slots hold.
+
+    ``bgmv_shrink`` (vllm/lora/ops/torch_ops/lora_ops.py) gathers ``lora_a_stacked[token slot]``; slot -1 is
+    Python's LAST slot, so with every slot filled a base token batched with adapter tokens got the last adapter's
+    x A^T, and the matching ``bgmv_expand*`` then added its B (vLLM's GPU kernels skip -1). The wrapper zeroes the
+    shrink output rows of slot -1 tokens; every CPU LoRA product is shrink-then-expand (``add_lora_linear``,
+    ``add_lora_logits``; ``sgmv_shrink`` calls ``bgmv_shrink`` through the module), and the expand of a zero row
+    adds exactly 0. ``apply_lora_full_linear`` masks slot -1 itself (``_select_full_linear_output``).
+    """
+    lora_ops, torch_ops, punica_cpu = _v.lora_ops, _v.torch_ops, _v.punica_cpu
+    orig = lora_ops.bgmv_shrink
+
+    @functools.wraps(orig)
+    def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+        orig(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling)
+        # (tokens, 1) mask; one index broadcasts over every row exactly as the gather did
+        output_tensor.masked_fill_((lora_indices_tensor < 0).reshape(-1, 1), 0.0)
+
+    lora_ops.bgmv_shrink = torch_ops.bgmv_shrink = punica_cpu.bgmv_shrink = bgmv_shrink  # every binding CPU code calls
+
+
 def install() -> None:
     """Apply every wrapper once (idempotent); refuses the CUDA dual-stream LoRA path, which it does not patch.
 
@@ -300,4 +352,5 @@ def install() -> None:
     _wrap_lora_model()
     _wrap_manager()
     _wrap_linear()
+    _wrap_cpu_lora_shrink()
     _installed = True
