@@ -49,9 +49,10 @@ $(OLDEST_STAMP): requirements-oldest.txt pyproject.toml
 	rm -f $(OLDEST)/.d2serve-oldest-*
 	touch $@
 
-# The core only (no vllm/onnx extras): the two modules that import onnx at the top are onnx-marked as a whole.
+# The core only (no vllm/onnx/numba): tests marked `extras` need one of them; the two modules that import onnx at the
+# top are onnx-marked as a whole.
 test-oldest: $(OLDEST_STAMP)
-	$(OLDEST)/bin/python -m pytest -q -m "not real and not vllm and not onnx" \
+	$(OLDEST)/bin/python -m pytest -q -m "not real and not vllm and not onnx and not extras" \
 		--ignore=tests/test_export_onnx.py --ignore=tests/conformance/test_export_matrix.py
 
 clean:

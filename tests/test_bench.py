@@ -211,6 +211,7 @@ def test_interrupt_keeps_completed_results(tiny_arms, mc_file, tmp_path, monkeyp
     assert "interrupted" in (tmp_path / "r" / "bench.md").read_text()
 
 
+@pytest.mark.extras
 def test_backend_refuses_unsupported_arm(tiny_arms, tmp_path):
     base, adapter, merged = tiny_arms
     with pytest.raises(ValueError, match="cannot run arm"):

@@ -97,6 +97,7 @@ def test_nan_score_is_a_named_failure(arms, tmp_path):
         _run(arms, tmp_path, merged=bad)
 
 
+@pytest.mark.extras
 def test_vllm_backend_records_prefix_caching_off(tiny_llama_dir):
     from d2serve.bench.backends.vllm import VLLMBackend
     import importlib.util

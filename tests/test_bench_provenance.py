@@ -9,6 +9,7 @@ import pytest
 from d2serve.bench.environment import versions
 
 
+@pytest.mark.extras
 def test_versions_record_the_installed_vllm_distribution_and_the_reference_libraries():
     got = versions()
     for dist in ("torch", "transformers", "safetensors", "peft", "lm_eval"):

@@ -61,6 +61,7 @@ def _unfair_copy(merged: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.extras
 def test_unfair_pair_is_refused_with_the_diff(serve_arms, tmp_path):
     base, adapter, merged = serve_arms
     unfair = _unfair_copy(merged, tmp_path / "unfair")
@@ -74,6 +75,7 @@ def test_unfair_pair_is_refused_with_the_diff(serve_arms, tmp_path):
     assert not (rep / "online.json").exists()  # refused before any server starts or anything is written
 
 
+@pytest.mark.extras
 def test_unfair_pair_labelled_when_allowed(serve_arms, tmp_path):
     """The settings diff itself, without the CLI: dtype/tokenizer differences are found, the merged path and its
     (unapplied) generation config are not differences."""

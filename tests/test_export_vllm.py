@@ -250,6 +250,7 @@ def _cli(*args, timeout=300):
                           timeout=timeout, env=env, cwd=ROOT)
 
 
+@pytest.mark.extras
 def test_cli_export_vllm_no_check(tiny_llama_dir, tiny_d2lora_adapter, tmp_path):
     r = _cli("export", "vllm", "--base", tiny_llama_dir, "--adapter", tiny_d2lora_adapter, "--out", tmp_path / "e",
              "--no-check")
@@ -261,6 +262,7 @@ def test_cli_export_vllm_no_check(tiny_llama_dir, tiny_d2lora_adapter, tmp_path)
     assert r.returncode == 2 and "config.json" in r.stderr
 
 
+@pytest.mark.extras
 def test_serve_command_passes_vllm_options_through(tiny_llama_dir):
     from d2serve.serve import build_serve_command
 

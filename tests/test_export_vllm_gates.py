@@ -38,6 +38,7 @@ def _fake_vllm_is_transformers(monkeypatch):
     monkeypatch.setattr(vx, "run_vllm_worker", fake)
 
 
+@pytest.mark.extras
 def test_load_check_of_eos_only_model_fails_on_content_tokens(tiny_llama_dir, tmp_path, monkeypatch):
     model = make_eos_only_llama(tiny_llama_dir, tmp_path / "eos")
     _fake_vllm_is_transformers(monkeypatch)
@@ -48,6 +49,7 @@ def test_load_check_of_eos_only_model_fails_on_content_tokens(tiny_llama_dir, tm
     assert len(rep.failures) == 1 and "only 0 content tokens compared over 3 prompts" in rep.failures[0]
 
 
+@pytest.mark.extras
 def test_load_check_of_ordinary_model_passes_with_content_tokens(tiny_llama_dir, monkeypatch):
     _fake_vllm_is_transformers(monkeypatch)
     rep = vx.load_check(tiny_llama_dir, n_prompts=3, max_new_tokens=10, n_exact=4)
@@ -55,6 +57,7 @@ def test_load_check_of_ordinary_model_passes_with_content_tokens(tiny_llama_dir,
     assert rep.n_content_tokens_compared >= 24
 
 
+@pytest.mark.extras
 def test_load_check_nan_weight_fails_naming_it(tiny_llama_dir, tmp_path, monkeypatch):
     import shutil
 

@@ -20,6 +20,8 @@ OUT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 IMPLS = ("c", "numba")
+# numba is an optional fallback (not a core dependency): its cases need it installed
+IMPL_PARAMS = ["c", pytest.param("numba", marks=pytest.mark.extras)]
 
 
 def _kernel(impl: str = "c"):
@@ -44,7 +46,7 @@ def _both(base, adapter, out, dtype, impl="c"):
     return res
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("method", ["d2lora", "lora", "dora"])
 @pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
 def test_fused_kernel_writes_the_torch_paths_bytes_and_statistics(bases, method, base_dtype, impl, tmp_path):
@@ -85,7 +87,7 @@ def _refusal(base, ad, tmp_path, dtype, kernel):
     return str(e.value)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("case", ["float16_overflow", "nan_row", "inf_row", "zero_row"])
 def test_fused_kernel_refuses_what_the_torch_path_refuses_with_its_message(tiny_llama_dir, tmp_path, case, impl):
     _kernel(impl)
@@ -159,7 +161,7 @@ def _tie_float32s() -> torch.Tensor:
     return x[torch.isfinite(x)]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_kernel_casts_round_to_nearest_even_like_torch(out_dtype, impl):
     """The kernel's float32 -> bfloat16/float16 rounding equals torch's ``Tensor.to`` bit for bit at every tie,
@@ -188,7 +190,7 @@ def test_kernel_casts_round_to_nearest_even_like_torch(out_dtype, impl):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_kernel_row_norm_and_formula_match_torch_bit_for_bit_on_odd_lengths(impl):
     k = _kernel(impl)
     gen = torch.Generator().manual_seed(7)
@@ -231,6 +233,7 @@ def test_missing_numba_falls_back_to_torch_with_the_reason_recorded(tiny_llama_d
     assert r.manifest["layers"] == ref.manifest["layers"]
 
 
+@pytest.mark.extras
 def test_a_kernel_that_fails_to_compile_or_disagrees_with_torch_is_not_used(tiny_llama_dir, tmp_path, monkeypatch):
     import d2serve.merge_fused_kernels as kmod
 

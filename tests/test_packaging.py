@@ -37,6 +37,7 @@ def merged_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     return merge(base=tiny_llama_dir, adapter=adapter, out=d / "merged").out
 
 
+@pytest.mark.extras
 def test_require_names_the_extra(monkeypatch):
     assert missing("vllm") == [] and missing("onnx") == []  # this venv has every extra (make setup)
     require("vllm")
@@ -63,6 +64,7 @@ def test_require_names_the_extra(monkeypatch):
     ("onnxruntime_genai", "onnx", ["bench", "--backend", "onnx", "--base", "{base}", "--merged", "{merged}",
                                    "--report", "{out}"]),
 ])
+@pytest.mark.extras
 def test_command_without_its_extra_exits_2(blocked, extra, argv, monkeypatch, tiny_llama_dir, merged_dir, tmp_path):
     monkeypatch.setitem(sys.modules, blocked, None)
     out = tmp_path / "out"
