@@ -364,7 +364,8 @@ def run_in_order(jobs: list, pool: ThreadPoolExecutor | None, workspaces: Worksp
     error the tasks not started are cancelled and the running ones awaited before it propagates.
 
     ``done()`` is called after each job's ``finish`` (e.g. to advance a progress bar); ``before()`` before each
-    task (e.g. to check that a mapped source file did not shrink; what it raises is the task's error).
+    task (e.g. to check that a mapped source file did not shrink; what it raises is the task's error), and again
+    when a task raises an OSError, so that a source that shrank during the task is reported as such.
 
     Returns:
         each job's ``finish`` result, in job order.
@@ -382,6 +383,12 @@ def run_in_order(jobs: list, pool: ThreadPoolExecutor | None, workspaces: Worksp
         ws = workspaces.take()
         try:
             return task(ws)
+        except OSError:
+            # a mapped source truncated while this task read it: the kernel answers a syscall on its pages with
+            # EFAULT (os.pwrite of a mapped view), so re-check first and report the shrink rather than the symptom
+            if before is not None:
+                before()
+            raise
         finally:
             workspaces.give(ws)
 
