@@ -23,6 +23,7 @@ pytestmark = pytest.mark.vllm  # vllm is pinned: a missing vllm fails these test
 
 REPO = Path(__file__).resolve().parents[1]
 PATCHES = REPO / "d2serve" / "vllm_plugin" / "patches.py"
+PATCH_MODULES = (PATCHES, REPO / "d2serve" / "vllm_plugin" / "logits.py")  # every plugin module that patches vLLM
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,11 @@ def test_installed_vllm_sources_match_a_checked_release():
 
 
 def test_patches_touch_vllm_only_through_compat():
-    """No vLLM import in patches.py, and every ``Class.method = ...`` it assigns is a listed PatchPoint."""
+    """No vLLM import in the patching modules, and every ``Class.method = ...`` they assign is a listed PatchPoint
+    (together they assign exactly the PatchPoints)."""
     from d2serve.vllm_plugin import compat
 
-    tree = ast.parse(PATCHES.read_text())
+    tree = ast.Module(body=[n for f in PATCH_MODULES for n in ast.parse(f.read_text()).body], type_ignores=[])
     imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
     vllm_imports = [ast.unparse(n) for n in imports
                     if any(a.name.split(".")[0] == "vllm" for a in getattr(n, "names", []))

@@ -42,6 +42,10 @@ IMPORTS = {
     "UnquantizedLinearMethod": "vllm.model_executor.layers.linear:UnquantizedLinearMethod",
     "MergedColumnParallelLinear": "vllm.model_executor.layers.linear:MergedColumnParallelLinear",
     "maybe_get_oot_by_class": "vllm.model_executor.custom_op:maybe_get_oot_by_class",
+    # prompt logprobs with LoRA on CPU (d2serve.vllm_plugin.logits)
+    "GPUModelRunner": "vllm.v1.worker.gpu_model_runner:GPUModelRunner",
+    "LogitsProcessorWithLoRA": "vllm.lora.layers.logits_processor:LogitsProcessorWithLoRA",
+    "PunicaWrapperCPU": "vllm.lora.punica_wrapper.punica_cpu:PunicaWrapperCPU",
 }
 
 
@@ -71,6 +75,9 @@ PATCH_POINTS = (
     PatchPoint("LoRAModelManager", "activate_adapter", "wrapped"),
     PatchPoint("BaseLinearLayerWithLoRA", "_apply_sync", "re-implemented"),
     PatchPoint("BaseLinearLayerWithLoRA", "_apply_base_forward", "re-implemented"),
+    # d2serve.vllm_plugin.logits: one adapter slot per row for prompt logprobs on the CPU punica wrapper
+    PatchPoint("GPUModelRunner", "_get_prompt_logprobs_dict", "wrapped"),
+    PatchPoint("LogitsProcessorWithLoRA", "_get_logits", "wrapped"),
 )
 
 #: attributes the plugin reads or calls: IMPORTS name of the class -> names (instance or class attributes)
@@ -80,6 +87,8 @@ ATTRIBUTES_READ = {
     "LoRAModelManager": ("modules", "packed_modules", "lora_config", "lora_slots", "lora_index_to_id",
                          "_registered_adapters"),
     "LoRAModel": ("loras",),
+    "LogitsProcessorWithLoRA": ("punica_wrapper",),
+    "PunicaWrapperCPU": ("token_lora_indices", "sampler_indices", "_sampler_indices", "indices_len"),
 }
 #: attributes read on objects reached through the ones above (checked by the mocked-layer tests, not statically):
 #: ``punica_wrapper.token_lora_indices`` (tokens,) int, -1 = no adapter; ``base_layer.quant_method``,
@@ -103,6 +112,9 @@ CHECKED = {
         "LoRAModelManager.activate_adapter": ("0661f9e08a07fe15", "(self, lora_id)"),
         "BaseLinearLayerWithLoRA._apply_sync": ("0aa325824c187d76", "(self, x, bias=)"),
         "BaseLinearLayerWithLoRA._apply_base_forward": ("c01ffd2029da725d", "(self, x)"),
+        "GPUModelRunner._get_prompt_logprobs_dict": ("889fdb068dfc37dd", "(self, hidden_states, num_scheduled_tokens)"),
+        "LogitsProcessorWithLoRA._get_logits": ("e78cb65460f61061", "(self, hidden_states, lm_head, embedding_bias=, "
+                                                "skip_gather=)"),
     },
     # 0.33.0 (the CUDA wheel, imported on a CPU machine; scripts/check_vllm_compat.sh): two methods changed, both
     # re-read: _create_lora_modules only routes pooling/classifier heads differently (is_token_level,
@@ -121,6 +133,9 @@ CHECKED = {
         "LoRAModelManager.activate_adapter": ("b044458b878ef5d4", "(self, lora_id)"),
         "BaseLinearLayerWithLoRA._apply_sync": ("0aa325824c187d76", "(self, x, bias=)"),
         "BaseLinearLayerWithLoRA._apply_base_forward": ("c01ffd2029da725d", "(self, x)"),
+        "GPUModelRunner._get_prompt_logprobs_dict": ("889fdb068dfc37dd", "(self, hidden_states, num_scheduled_tokens)"),
+        "LogitsProcessorWithLoRA._get_logits": ("e78cb65460f61061", "(self, hidden_states, lm_head, embedding_bias=, "
+                                                "skip_gather=)"),
     },
 }
 
@@ -215,7 +230,9 @@ def problems(version: str) -> list[str]:
         return [f"vLLM {version} lacks a name the plugin uses: {e}"]
     found = fingerprint(ns)
     out = []
-    known = [rel for rel, table in CHECKED.items() if all(found[k] == v for k, v in table.items())]
+    # a release matches only when it records every patch point (a point missing from its table is not "unchanged")
+    known = [rel for rel, table in CHECKED.items() if set(table) == set(found)
+             and all(found[k] == v for k, v in table.items())]
     if not known:
         changed = [k for k in found if all(table.get(k) != found[k] for table in CHECKED.values())]
         what = (f"the source of {', '.join(changed)} differs" if changed else
