@@ -1,0 +1,44 @@
+"""Subprocess entry point: score lm-eval multiple-choice tasks with one vLLM engine (lm-eval's own ``VLLM`` model).
+
+Run as ``python -m d2serve.verify._vllm_tasks_worker REQUEST.json RESULT.json`` (a ``__main__`` guard because
+vLLM spawns processes). The request: ``{"model", "dtype", "max_model_len", "batch_size", "tasks": [names],
+"data_dir", "limit", "lora": folder or null, "max_lora_rank", "max_loras"}``; with ``lora`` every request carries
+that adapter (served unmerged by vLLM's LoRA path and d2serve's plugin). The result: ``{"vllm": version,
+"scores": {task: TaskScores fields}}`` or ``{"error": traceback}``. Scoring is
+:func:`d2serve.verify.tasks.score_tasks` with lm-eval's ``lm_eval.models.vllm_causallms.VLLM`` (log-likelihoods
+from vLLM's ``prompt_logprobs``), engine eager (``enforce_eager``), seed 0.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from d2serve.childproc import json_worker_main
+
+
+def _run(req: dict) -> dict:
+    import vllm
+    from lm_eval.models.vllm_causallms import VLLM
+
+    from d2serve.verify.tasks import score_tasks
+
+    kwargs = {"pretrained": req["model"], "dtype": req["dtype"], "max_model_len": req["max_model_len"],
+              "batch_size": req["batch_size"], "seed": 0, "enforce_eager": True}
+    if req.get("lora"):
+        kwargs |= {"lora_local_path": req["lora"], "max_lora_rank": req["max_lora_rank"],
+                   "max_loras": req["max_loras"]}
+    lm = VLLM(**kwargs)
+    scores = score_tasks(lm, tuple(req["tasks"]), Path(req["data_dir"]) if req.get("data_dir") else None,
+                         req.get("limit"))
+    return {"vllm": vllm.__version__, "scores": {name: asdict(s) for name, s in scores.items()}}
+
+
+def main(argv: list[str]) -> int:
+    """``REQUEST.json RESULT.json`` -> writes the result (or ``{"error": ...}``); exit 0/1."""
+    return json_worker_main(argv, "d2serve.verify._vllm_tasks_worker", _run)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
