@@ -57,7 +57,7 @@ def test_parse_endpoints():
 
 def test_probe_records_models_version_and_cache_config():
     srv, url = _stub([{"id": "d2serve-base", "root": "/m/base", "parent": None, "max_model_len": 256},
-                      {"id": "lora-a", "root": "/m/a", "parent": "d2serve-base", "max_model_len": 256}])
+                      {"id": "lora-a", "root": "/m/a", "parent": "d2serve-base"}])  # vLLM's LoRA card: no length
     try:
         with pytest.raises(InputError, match="name the one"):
             probe_endpoint(parse_endpoints([f"x={url}"])[0])
@@ -68,6 +68,7 @@ def test_probe_records_models_version_and_cache_config():
         srv.shutdown()
         srv.server_close()
     assert arm.served_model_name == "lora-a" and rec["max_model_len"] == 256 and rec["vllm_version"] == "0.32.0"
+    assert rec["max_model_len_from"] == "parent d2serve-base"
     assert rec["cache_config"] == {"block_size": "16", "cache_dtype": "auto", "enable_prefix_caching": "False",
                                    "gpu_memory_utilization": "0.9", "num_gpu_blocks": "100"}
     assert rec["lora_info"]["max_lora"] == "2" and rec["not_exposed"] == []

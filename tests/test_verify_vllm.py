@@ -73,8 +73,10 @@ def test_verify_engine_vllm_merged_vs_plugin_unmerged(tmp_path, monkeypatch):
     per = {t["task"]: t for t in d["tasks"]["per_task"]}
     assert set(per) == {"arc_easy", "boolq"} and all(t["n"] == 8 for t in per.values())
     assert all(t["max_abs_loglikelihood_diff"] <= 1e-2 for t in per.values()), per  # unmerged vs merged, vLLM
+    from d2serve.verify.data import resolve_data_dir
+
     hf = score_tasks(hf_lm(load_hf_model(merged, dtype=torch.float32), load_tokenizer(base)), ("arc_easy", "boolq"),
-                     None, 8)
+                     resolve_data_dir(None), 8)
     worst = 0.0
     for name, t in per.items():
         assert t["acc_unmerged"] == t["acc_merged"] == hf[name].acc, (name, t, hf[name].acc)

@@ -8,7 +8,7 @@ from the servers' usage) and the report are ``bench_serve``'s; repeats re-run th
 order rotated.
 
 Fairness record, per endpoint, before any load: ``/v1/models`` (served model names, the chosen one's
-``max_model_len``, ``root``/``parent``), ``/version`` (vLLM's version), ``/metrics`` (vLLM's
+``max_model_len`` (an adapter's: its parent's, vLLM lists none for LoRA cards), ``root``/``parent``), ``/version`` (vLLM's version), ``/metrics`` (vLLM's
 ``vllm:cache_config_info`` labels: block size, KV cache dtype, prefix caching, GPU memory utilization, number of
 KV blocks..., and ``vllm:lora_requests_info``'s ``max_lora``). A difference between arms in max_model_len, vLLM
 version or cache config refuses the run (``strict``) or labels it NOT COMPARABLE; what an endpoint does not expose
@@ -140,8 +140,12 @@ def probe_endpoint(arm: EndpointArm) -> tuple[EndpointArm, dict]:
     elif arm.model not in ids:
         raise InputError(f"endpoint {arm.name} ({arm.url}) does not serve model {arm.model!r}; it serves {ids}")
     chosen = next(m for m in models if m["id"] == arm.model)
-    rec: dict = {"url": arm.url, "model": arm.model, "models": models, "max_model_len": chosen.get("max_model_len"),
-                 "not_exposed": []}
+    max_len, source = chosen.get("max_model_len"), "model"
+    if max_len is None and chosen.get("parent"):  # a LoRA card (vLLM lists none): it runs in its base's engine
+        parent = next((m for m in models if m["id"] == chosen["parent"]), {})
+        max_len, source = parent.get("max_model_len"), f"parent {chosen['parent']}"
+    rec: dict = {"url": arm.url, "model": arm.model, "models": models, "max_model_len": max_len,
+                 "max_model_len_from": source if max_len is not None else None, "not_exposed": []}
     code, body = _get(f"{arm.url}/version")
     try:
         rec["vllm_version"] = json.loads(body).get("version") if code == 200 else None
