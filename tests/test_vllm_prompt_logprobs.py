@@ -123,6 +123,29 @@ def test_prompt_rows_get_their_own_requests_slot(v):
                               atol=1e-2)
 
 
+def test_no_lm_head_lora_skips_the_zero_term(v, monkeypatch):
+    """Rows whose slots hold no lm_head LoRA (d2serve's folded adapters never adapt lm_head): the logits are the
+    base logits bit for bit and vLLM's add_lora_logits is not called; a slot with one still gets it."""
+    from d2serve.vllm_plugin import logits
+
+    punica = _punica(v, TOKEN_SLOTS, SAMPLER_SLOTS)
+    layer, w = _layer(v, punica)
+    layer.lora_b_stacked[1] = 0  # slot 1: A set, B zero -> no lm_head LoRA; slot 0 keeps one
+    hidden = torch.randn(len(TOKEN_SLOTS), HIDDEN, generator=torch.Generator().manual_seed(4))
+    calls = []
+    real = v.PunicaWrapperCPU.add_lora_logits
+    monkeypatch.setattr(v.PunicaWrapperCPU, "add_lora_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    token = logits._step_hidden.set(hidden)
+    try:
+        for lo, hi in ((3, 7), (7, 10)):  # slot 1 (zero B) and base rows (-1 -> the spare, all-zero slot)
+            got = v.LogitsProcessorWithLoRA._get_logits(layer, hidden[lo:hi], None)
+            assert torch.equal(got, hidden[lo:hi] @ w.T) and not calls
+        got = v.LogitsProcessorWithLoRA._get_logits(layer, hidden[0:3], None)
+    finally:
+        logits._step_hidden.reset(token)
+    assert calls and torch.allclose(got.double(), _reference(layer, w, hidden[0:3], [0] * 3), atol=1e-5, rtol=0)
+
+
 def test_row_offset_refuses_what_is_not_a_row_slice():
     from d2serve.vllm_plugin.logits import row_offset
 

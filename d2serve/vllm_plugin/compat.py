@@ -87,8 +87,9 @@ ATTRIBUTES_READ = {
     "LoRAModelManager": ("modules", "packed_modules", "lora_config", "lora_slots", "lora_index_to_id",
                          "_registered_adapters"),
     "LoRAModel": ("loras",),
-    "LogitsProcessorWithLoRA": ("punica_wrapper",),
-    "PunicaWrapperCPU": ("token_lora_indices", "sampler_indices", "_sampler_indices", "indices_len"),
+    "LogitsProcessorWithLoRA": ("punica_wrapper", "lora_a_stacked", "lora_b_stacked"),
+    "PunicaWrapperCPU": ("token_lora_indices", "sampler_indices", "_sampler_indices", "indices_len",
+                         "add_lora_logits"),
 }
 #: attributes read on objects reached through the ones above (checked by the mocked-layer tests, not statically):
 #: ``punica_wrapper.token_lora_indices`` (tokens,) int, -1 = no adapter; ``base_layer.quant_method``,

@@ -25,7 +25,11 @@ vLLM function                                           what the wrapper adds
                                                         recorded tensor: same storage, same strides) and runs
                                                         vLLM's ``_get_logits`` with a shallow copy of the punica
                                                         wrapper whose ``sampler_indices`` are
-                                                        ``token_lora_indices[offset : offset + n]``
+                                                        ``token_lora_indices[offset : offset + n]``; when no
+                                                        slot of those rows holds a non-zero lm_head LoRA the
+                                                        copy's ``add_lora_logits`` does nothing (its term is
+                                                        exactly zero; bgmv would gather a (rows, vocab, rank)
+                                                        tensor of zeros per call)
 =====================================================  ==========================================================
 
 Outside prompt log-probabilities (the sampler's own ``compute_logits``), and on any other punica wrapper, vLLM's
@@ -96,6 +100,26 @@ def with_sampler_indices(punica, slots: torch.Tensor):
     return p
 
 
+def lm_head_lora_used(layer, slots: torch.Tensor) -> bool:
+    """Whether any slot in ``slots`` holds a non-zero lm_head LoRA in ``layer`` (a LogitsProcessorWithLoRA).
+
+    ``slots`` (n,) long, -1 = no adapter: checked as the slot torch indexing reads for it (the last one, what
+    vLLM 0.32's CPU ops read; 0.33 masks it). The term ``(x A^T) B^T`` is exactly zero when A or B of every slot
+    used is zero, so skipping it changes no bit of the logits (for finite x).
+    """
+    n_slots = layer.lora_a_stacked.shape[0]
+    for i in torch.unique(slots).tolist():
+        i %= n_slots
+        if torch.count_nonzero(layer.lora_a_stacked[i]) and torch.count_nonzero(layer.lora_b_stacked[i]):
+            return True
+    return False
+
+
+def _no_lm_head_lora(*args, **kwargs) -> None:
+    """Stands in for ``add_lora_logits`` when no row's adapter has an lm_head LoRA (its term is exactly 0)."""
+    return None
+
+
 def install(_v) -> None:
     """Wrap the two vLLM methods (``_v`` = :func:`d2serve.vllm_plugin.compat.load`'s namespace). Idempotent."""
     global _installed
@@ -121,7 +145,13 @@ def install(_v) -> None:
         punica = getattr(self, "punica_wrapper", None)
         if full is None or not isinstance(punica, PunicaWrapperCPU):
             return orig_logits(self, hidden_states, *args, **kwargs)
-        self.punica_wrapper = with_sampler_indices(punica, row_slots(punica, full, hidden_states))
+        slots = row_slots(punica, full, hidden_states)
+        local = with_sampler_indices(punica, slots)
+        if not lm_head_lora_used(self, slots):
+            # bgmv would gather a (rows, vocab, rank) tensor of zeros for every prompt row (SmolLM2: ~6 MiB a
+            # row): the cost, not the value, of vLLM's lm_head LoRA for adapters that do not adapt lm_head
+            local.add_lora_logits = _no_lm_head_lora
+        self.punica_wrapper = local
         try:
             return orig_logits(self, hidden_states, *args, **kwargs)
         finally:
