@@ -29,7 +29,9 @@ def _import_lm_eval_vllm():
     import importlib.metadata as md
 
     import vllm
+    from vllm.platforms import current_platform
 
+    current_platform.device_type  # noqa: B018 - resolve (and cache) vLLM's platform from the real distributions first
     real = md.version
     try:
         real("vllm")
