@@ -382,9 +382,14 @@ def bench_cmd(
 
 @bench_app.command("serve")
 def bench_serve_cmd(
-    base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory."),
-    merged: Path = typer.Option(..., "--merged", help="Merged checkpoint from `d2serve merge` of this base."),
+    base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory (with --endpoint: the tokenizer "
+                              "the prompts are built with)."),
+    merged: Optional[Path] = typer.Option(None, "--merged", help="Merged checkpoint from `d2serve merge` of this "
+                                          "base (required unless --endpoint)."),
     report: Path = typer.Option(..., "--report", help="Output directory (online.json, online.md, plots, raw/)."),
+    endpoint: Optional[list[str]] = typer.Option(None, "--endpoint", help="NAME=URL[#MODEL] of an already-running "
+                                                 "OpenAI-compatible server (repeatable; no server is started; "
+                                                 "names base/merged/unmerged get the ratios)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="The adapter merged into --merged (provenance "
                                            "check; the unmerged arm when `d2serve serve` serves adapters)."),
     arms: Optional[str] = typer.Option(None, "--arms", help="Comma list of base,merged,unmerged (default: all)."),
@@ -438,18 +443,34 @@ def bench_serve_cmd(
                       concurrencies=nums(concurrencies, "--concurrencies", int), num_prompts=num_prompts,
                       input_len=input_len, output_len=output_len, repeats=repeats, warmups=warmups, goodput=slo,
                       slo_attainment=slo_attainment, seed=seed)
+    if endpoint:
+        if merged is not None or adapter is not None or arms:
+            raise InputError("--endpoint drives running servers: --merged, --adapter and --arms do not apply")
+        from d2serve.bench.endpoints import bench_endpoints
+
+        res = bench_endpoints(endpoints=endpoint, tokenizer=base, report=report, plan=plan, data_dir=data,
+                              strict=not allow_not_comparable, log=lambda m: err_console.print(escape(m)))
+    elif merged is None:
+        raise InputError("--merged is required (or drive running servers with --endpoint NAME=URL)")
     engine = EngineOptions(dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                            kv_cache_gib=kv_cache_gib, prefix_caching=prefix_caching, enforce_eager=enforce_eager,
                            extra_args=tuple(a for x in server_arg or [] for a in shlex.split(x)))
     try:
-        res = bench_serve(base=base, merged=merged, adapter=adapter, report=report, plan=plan, engine=engine,
-                          arms=tuple(a.strip() for a in arms.split(",")) if arms else None, data_dir=data,
-                          strict=not allow_not_comparable, log=lambda m: err_console.print(escape(m)))
+        if not endpoint:
+            res = bench_serve(base=base, merged=merged, adapter=adapter, report=report, plan=plan, engine=engine,
+                              arms=tuple(a.strip() for a in arms.split(",")) if arms else None, data_dir=data,
+                              strict=not allow_not_comparable, log=lambda m: err_console.print(escape(m)))
     except KeyboardInterrupt as e:
         err_console.print(f"[yellow]interrupted; servers stopped, completed results saved in {report}[/yellow]")
         raise typer.Exit(130) from e
     from rich.table import Table
 
+    if endpoint:
+        from d2serve.bench.online_report import render_online_markdown
+
+        console.print(escape(render_online_markdown(res)))
+        console.print(f"report: {report}/online.json, {report}/online.md")
+        return
     t = Table(title="d2serve bench serve: merged/base per load point (median over repeats)")
     for col in ("load", "output tok/s", "p50 TTFT", "p50 TPOT", "p99 E2EL"):
         t.add_column(col)
@@ -549,6 +570,9 @@ def verify_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --report folder."),
     device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP + " Same dtypes on every device."),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
+    engine: str = typer.Option("hf", "--engine", help="hf (every check in transformers) or vllm (weights, then task "
+                               "accuracy through vLLM: the merged checkpoint vs the adapter served unmerged by "
+                               "d2serve's plugin; no logit/generation comparison)."),
 ) -> None:
     """Verify a merged checkpoint against the unmerged adapter model (exit 0 pass, 1 fidelity fail, 2 bad input)."""
     from d2serve.verify import verify
@@ -559,7 +583,7 @@ def verify_cmd(
                  limit=limit, tasks=tasks, thresholds=threshold, windows=windows, window_len=window_len,
                  max_new_tokens=max_new_tokens, base_accuracy=not no_base,
                  merged_compute_dtype=merged_compute_dtype, overwrite=overwrite, device=device,
-                 threads=threads)  # stages: d2serve.console
+                 threads=threads, engine=engine)  # stages: d2serve.console
     d = rep.data
     w = d["weights"]
     if w is None:  # an ONNX export under test
@@ -574,8 +598,11 @@ def verify_cmd(
         console.print(f"logits[{s['source']}]: mean KL {s['mean_kl']:.3g} nats, top-1 agreement "
                       f"{s['top1_agreement']:.4f}, ppl {s['ppl_unmerged']:.3f} -> {s['ppl_merged']:.3f}")
     g = d["generation"]
-    console.print(f"generation: {g['n_identical']}/{g['n_prompts']} greedy outputs identical, "
-                  f"{g['n_content_tokens_compared']} content tokens compared")
+    if g is not None:
+        console.print(f"generation: {g['n_identical']}/{g['n_prompts']} greedy outputs identical, "
+                      f"{g['n_content_tokens_compared']} content tokens compared")
+    for why in d["settings"].get("not_run", []):
+        console.print(f"not run: {escape(why)}")
     for t in d.get("tasks", {}).get("per_task", []):
         console.print(f"{t['task']}: n={t['n']} unmerged {t['acc_unmerged']:.4f} merged {t['acc_merged']:.4f} "
                       f"gap {t['gap_pp']:+.2f} pp, {t['n_flipped']} flipped, McNemar p={t['mcnemar_p']:.3g}")

@@ -3,7 +3,8 @@
 # wheel of a release the plugin does not pin here; it imports on a CPU machine), without starting an engine:
 #   1. install this checkout into VENV (--no-deps: VENV keeps its own torch, transformers and vLLM);
 #   2. print vLLM's version, the source hash and parameters of every patched method, and compat.problems();
-#   3. run the plugin's mocked-layer tests (tests/test_vllm_plugin_compat.py) with VENV's Python.
+#   3. run the plugin's mocked-layer tests (tests/test_vllm_plugin_compat.py, tests/test_vllm_prompt_logprobs.py
+#      without its engine test) with VENV's Python.
 # Usage: scripts/check_vllm_compat.sh VENV        (VENV has vllm, torch, transformers, peft, pytest installed)
 # Exit 0: the plugin would be active on that vLLM and its tests pass; what needs a GPU is not run (see docs/vllm.md).
 set -euo pipefail
@@ -20,4 +21,5 @@ print(json.dumps({"vllm": vllm.__version__, "torch": torch.__version__, "transfo
                   "patch_points": compat.fingerprint(), "problems": compat.problems(vllm.__version__)}, indent=1))
 sys.exit(1 if compat.problems(vllm.__version__) else 0)
 PY
-"$py" -m pytest -q -p no:cacheprovider tests/test_vllm_plugin_compat.py
+"$py" -m pytest -q -p no:cacheprovider tests/test_vllm_plugin_compat.py tests/test_vllm_prompt_logprobs.py \
+    -k "not transformers"  # everything but the engine test

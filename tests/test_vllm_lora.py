@@ -178,18 +178,27 @@ def test_cli_serve_accepts_repeated_adapter_option():
 def test_bench_vllm_unmerged_arm(vllm_lora_setup, tmp_path):
     """`d2serve bench --backend vllm` runs the unmerged arm through the plugin: generation with exactly the
     planned tokens in every arm, merged/unmerged ratios, every arm's compile mode recorded (one mode: the fair
-    comparison), the arms comparable; the eval workload is skipped with vLLM's CPU LoRA prompt_logprobs bug named."""
+    comparison), the arms comparable; the eval workload scores every arm with prompt_logprobs (the unmerged one
+    through the plugin's per-row LoRA slots): merged/unmerged and merged/base examples/s ratios with their spread,
+    and the unmerged arm picks the merged arm's answer on every example."""
     from dataclasses import replace
 
     from d2serve.bench import QUICK_PLAN, bench
 
     base, pairs = vllm_lora_setup
     adapter = pairs["d2"][0].parent / "d2"
-    plan = replace(QUICK_PLAN, batches=(2,), prompt_lens=(16,), max_new_tokens=16, warmup=0, repeats=1)
+    plan = replace(QUICK_PLAN, batches=(2,), prompt_lens=(16,), max_new_tokens=16, warmup=0, repeats=2,
+                   eval_examples=6)
     res = bench(base=base, adapter=adapter, merged=pairs["d2"][1], report=tmp_path / "r", backend="vllm",
                 arms=("base", "merged", "unmerged"), plan=plan, workloads=("eval", "generation"), progress=False)
     assert res["comparability"]["comparable"], res["comparability"]
-    assert "prompt_logprobs" in res["skipped"]["eval"] and "eval_throughput" not in res["workloads"]
+    assert "skipped" not in res, res.get("skipped")
+    ev = res["workloads"]["eval_throughput"]
+    assert ev["examples"] == 6 and set(ev["arms"]) == {"base", "merged", "unmerged"}
+    for key in ("merged_over_unmerged", "merged_over_base"):
+        assert ev["ratios"][key] > 0 and len(ev["ratios"]["spread"][key]["per_repeat"]) == 2, ev["ratios"]
+    assert ev["arms"]["unmerged"]["predictions"] == ev["arms"]["merged"]["predictions"]
+    assert ev["arms"]["unmerged"]["accuracy"] == ev["arms"]["merged"]["accuracy"]
     assert res["comparison_mode"].startswith("fair")
     modes = {a: s["compile_mode"] for a, s in res["arms"].items()}
     assert len(set(modes.values())) == 1 and None not in modes.values(), modes

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.vllm  # vllm is pinned: a missing vllm fails these test
 
 REPO = Path(__file__).resolve().parents[1]
 PATCHES = REPO / "d2serve" / "vllm_plugin" / "patches.py"
+PATCH_MODULES = (PATCHES, REPO / "d2serve" / "vllm_plugin" / "logits.py")  # every plugin module that patches vLLM
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,8 @@ def test_installed_vllm_sources_match_a_checked_release():
 
 
 def test_patches_touch_vllm_only_through_compat():
-    """No vLLM import in the plugin's modules but compat.py, and every ``Class.method = ...`` patches.py assigns is
-    a listed PatchPoint."""
+    """No vLLM import in the plugin's modules but compat.py, and every ``Class.method = ...`` the patching modules
+    assign is a listed PatchPoint (together they assign exactly the PatchPoints)."""
     from d2serve.vllm_plugin import compat
 
     for module in sorted(PATCHES.parent.glob("*.py")):
@@ -63,7 +64,7 @@ def test_patches_touch_vllm_only_through_compat():
                         if any(a.name.split(".")[0] == "vllm" for a in getattr(n, "names", []))
                         or (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "vllm")]
         assert vllm_imports == [], (module.name, vllm_imports)
-    tree = ast.parse(PATCHES.read_text())
+    tree = ast.Module(body=[n for f in PATCH_MODULES for n in ast.parse(f.read_text()).body], type_ignores=[])
     assigned = {f"{t.value.id}.{t.attr}" for n in ast.walk(tree) if isinstance(n, ast.Assign)
                 for t in n.targets if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
                 and t.value.id in compat.IMPORTS}

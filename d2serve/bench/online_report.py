@@ -46,17 +46,20 @@ def render_online_markdown(res: dict) -> str:
     if res.get("status") != "complete":
         lines += [f"**Status: {res.get('status')}** (partial results)", ""]
     slo = plan.get("goodput") or {}
+    endpoints = res.get("kind") == "online_serving_endpoints"
     lines += [
         f"- load: request rates {plan['request_rates']} req/s (Poisson arrivals), max concurrency "
         f"{plan['concurrencies']} (all requests queued at t=0); {plan['num_prompts']} prompts per point, "
         f"{plan['input_len']} input / {plan['output_len']} output tokens (exact, EOS ignored, greedy), "
-        f"{plan['warmups']} warm-up requests per point, {plan['repeats']} repeats (one server start per arm and "
-        "repeat, arm order rotated)",
+        f"{plan['warmups']} warm-up requests per point, {plan['repeats']} repeats ("
+        + ("the same running servers" if endpoints else "one server start per arm and repeat")
+        + ", arm order rotated)",
         "- SLOs (goodput): " + (", ".join(f"{_NAMES[k]} <= {v:g} ms" for k, v in slo.items()) or "none given")
         + (f"; a rate is sustainable when >= {plan['slo_attainment']:.0%} of requests meet every SLO and none "
            "fails" if slo else ""),
-        f"- engine (every arm): `{' '.join(first.get('server_args', []))}`, VLLM_CPU_KVCACHE_SPACE="
-        f"{first.get('server_env', {}).get('VLLM_CPU_KVCACHE_SPACE')} GiB",
+        ("- engine: started elsewhere (see Endpoints)" if endpoints else
+         f"- engine (every arm): `{' '.join(first.get('server_args', []))}`, VLLM_CPU_KVCACHE_SPACE="
+         f"{first.get('server_env', {}).get('VLLM_CPU_KVCACHE_SPACE')} GiB"),
         f"- load generator: {res.get('load_generator')}",
         f"- CPU: {env.get('cpu_model')} ({env.get('logical_cpus')} logical CPUs); GPU: {env.get('gpu')}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
@@ -65,10 +68,26 @@ def render_online_markdown(res: dict) -> str:
         f"(above {env.get('logical_cpus')} means other processes competed for the CPU)",
         "",
     ]
+    if res.get("kind") == "online_serving_endpoints":
+        fair = res.get("fairness", {})
+        lines += ["## Endpoints (already running; not started by d2serve)", "",
+                  "| arm | URL | model | max_model_len | vLLM | KV cache (vllm:cache_config_info) |", "|---|---|---|---|---|---|"]
+        for a, st in res["arms"].items():
+            cc = st.get("cache_config") or {}
+            kv = ", ".join(f"{k}={cc[k]}" for k in ("block_size", "cache_dtype", "enable_prefix_caching",
+                                                    "gpu_memory_utilization", "num_gpu_blocks") if k in cc) or "-"
+            lines.append(f"| {a} | {st.get('url')} | `{st.get('model')}` | {st.get('max_model_len') or '-'} | "
+                         f"{st.get('vllm_version') or '-'} | {kv} |")
+        lines += ["", "Compared between arms: " + ", ".join(fair.get("compared", [])) + ". Not checked (the "
+                  "endpoints do not expose it): " + "; ".join(fair.get("not_checked", [])) + ".", ""]
     if res.get("skipped_arms"):
         lines += [f"Arm `{a}` not run: {why}." for a, why in res["skipped_arms"].items()] + [""]
     comp = res.get("comparability", {})
-    if comp.get("comparable", True):
+    if comp.get("comparable", True) and res.get("kind") == "online_serving_endpoints":
+        lines += ["Comparability: the endpoints' exposed settings (above) are equal; the same prompts (sha256 `"
+                  + str(first.get("prompts_sha256", ""))[:12] + "...`) and generation settings were sent to every "
+                  "arm. What the endpoints do not expose is listed above and was not checked.", ""]
+    elif comp.get("comparable", True):
         lines += ["Comparability: every arm ran with identical settings (engine options, dtype, KV cache, prompts "
                   "sha256 `" + str(first.get("prompts_sha256", ""))[:12] + "...`, tokenizer, generation settings, "
                   "versions, CPU); only the adapter mode differs.", ""]

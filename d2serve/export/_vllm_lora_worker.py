@@ -7,7 +7,9 @@ because vLLM spawns processes; one process pays vLLM's import once for every eng
 run is one ``LLM.generate`` call over its requests (a mixed batch when they name different adapters,
 ``lora`` None for the base). The result holds per job ``startup_s``, ``compilation_mode`` and per run the
 greedy ``token_ids``, chosen-token ``logprobs`` (nats) and ``top`` (the top-5 logprobs by token id) of each
-request; or ``error`` (a traceback).
+request; or ``error`` (a traceback). A run with ``"prompt_logprobs": true`` scores its prompts instead (one
+new token, ``prompt_logprobs``): each request gives ``prompt_logprobs``, the log-prob (nats) of every prompt
+token given the ones before it (``None`` for the first).
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def _run_job(job: dict) -> dict:
     for run in job["runs"]:
         prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in run["requests"]]
         lreq = [requests[r["lora"]] if r.get("lora") else None for r in run["requests"]]
+        if run.get("prompt_logprobs"):
+            score = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+            outs = llm.generate(prompts, score, lora_request=lreq if loras else None, use_tqdm=False)
+            runs[run["name"]] = [{"prompt_logprobs": [None] + [float(d[t].logprob) for t, d in
+                                                               zip(r["prompt_token_ids"][1:], out.prompt_logprobs[1:])]}
+                                 for r, out in zip(run["requests"], outs)]
+            continue
         outs = llm.generate(prompts, params, lora_request=lreq if loras else None, use_tqdm=False)
         rows = []
         for out in outs:

@@ -45,9 +45,14 @@ from d2serve.verify.onnx_model import (
 from d2serve.verify.stats import compare_paired
 from d2serve.verify.tasks import TASKS, hf_lm, load_tasks, parse_task_names, score_tasks
 from d2serve.verify.thresholds import Thresholds, parse_thresholds
+from d2serve.verify.vllm_tasks import score_merged_and_unmerged
 from d2serve.verify.weights import check_weights
 
 DEFAULT_LIMIT = 40
+ENGINES = ("hf", "vllm")
+#: what ``engine="vllm"`` does not compare (recorded in report.json settings.not_run and report.md)
+VLLM_NOT_RUN = ("logits: the teacher-forced logit comparison (KL, top-1 agreement) runs with --engine hf only",
+                "generation: the greedy generation comparison runs with --engine hf only")
 DEFAULT_WINDOWS = 4
 DEFAULT_WINDOW_LEN = 256
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -218,6 +223,7 @@ def _verify(
     log=None,
     device: str | None = None,
     threads: int | None = None,
+    engine: str = "hf",
 ) -> VerifyReport:
     """Verify that ``merged`` behaves like ``base`` + ``adapter`` (unmerged, float32) and write the report.
 
@@ -249,6 +255,12 @@ def _verify(
         threads: torch CPU threads for every step; None: chosen per step from the cores this process may use
             (:func:`d2serve.threads.pick`: every core for the batched logits and tasks, half of them for the
             greedy generation). Recorded in the report (``settings.threads``).
+        engine: "hf" (default: every section in transformers) or "vllm": the weight check, then task accuracy
+            through vLLM only: the merged checkpoint in its own engine vs the base + the adapter folded and
+            served unmerged by d2serve's vLLM plugin (and the base, with ``base_accuracy``), every engine in the
+            ``merged_compute_dtype`` ("auto": the checkpoint's dtype), same max_model_len, eager; the paired
+            comparison and thresholds are the same. The teacher-forced logit and greedy generation comparisons
+            are not run (the report says so; run ``engine="hf"`` for them). How a 7B-70B model is verified on GPUs.
 
     Returns:
         :class:`VerifyReport` (``.passed``, ``.failures``).
@@ -273,6 +285,8 @@ def _verify(
             log(message)
     from d2serve.threads import check_requested, pick, record, torch_threads
 
+    if engine not in ENGINES:
+        raise InputError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     dev = resolve_device(device)
     threads = check_requested(threads)
     n_forward, n_generate = pick("forward", threads), pick("generate", threads)
@@ -288,6 +302,14 @@ def _verify(
     adp = load_adapter(adapter)
     match_to_base(adp, base_ck)
     compute_dtype = None if onnx_under_test else _compute_dtype(merged_compute_dtype, merged_ck)
+    if engine == "vllm":
+        if onnx_under_test:
+            raise InputError(f"--engine vllm verifies a merged HF checkpoint; {merged} is an ONNX Runtime GenAI export")
+        if not specs:
+            raise InputError("--engine vllm compares task accuracy through vLLM; give at least one task (--tasks)")
+        from d2serve.extras import require
+
+        require("vllm", purpose="verify --engine vllm")
     needs_dir = wikitext or any(n in TASKS for n in specs)
     ddir = resolve_data_dir(data_dir) if needs_dir else None
     names = tuple(load_tasks(specs, ddir))  # every task's data checked before any model is loaded; groups expanded
@@ -337,67 +359,80 @@ def _verify(
                                         fp32_slack=th.weight_fp32_slack).to_json()
     timings["weights_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    say("loading the unmerged (float32) and merged models")
-    tok = load_tokenizer(base)
-    unmerged_m = load_unmerged_model(base, adp, dtype=torch.float32, device=dev)
-    merged_m = OrtGenaiModel(merged) if onnx_under_test else load_hf_model(merged, dtype=compute_dtype, device=dev)
-    timings["load_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    sources: list[LogitComparison] = []
-    for name, text in texts:
-        say(f"logits: teacher-forced comparison on {name}")
-        win = text_windows(tok, text, windows, window_len, source=name)
-        sources.append(compare_logits(unmerged_m, merged_m, win, name))
-    probe_section = None
-    if probe is not None:
-        say("logits: the adapter's training probe")
-        ids = probe["input_ids"].to(torch.long)
-        sources.append(compare_logits(unmerged_m, merged_m, ids, "training_probe"))
-        with torch.inference_mode():
-            ours = unmerged_m(input_ids=ids.to(dev)).logits.float().cpu()
-        probe_section = {"n_sequences": int(ids.shape[0]), "n_tokens": int(ids.shape[1]),
-                         "max_abs_logit_diff_trainer_vs_unmerged": None, "nonfinite": None}
-        try:
-            probe_section["max_abs_logit_diff_trainer_vs_unmerged"] = max_abs_diff(
-                probe["logits"], ours, where="logits[training_probe]", names=("trainer", "unmerged"),
-                dims=("sequence", "position", "vocab"))
-        except NonFiniteError as e:
-            probe_section["nonfinite"] = e.to_json()
-    data["logits"] = {"sources": [s.to_json() for s in sources], "training_probe": probe_section}
-    timings["logits_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    plist = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
-    say(f"generation: greedy, {len(plist)} prompts x {max_new_tokens} tokens")
-    with torch_threads(n_generate):  # decoding small steps: fewer threads than cores (d2serve.threads)
-        gens = compare_generation(unmerged_m, merged_m, tok, plist, max_new_tokens)
-    data["generation"] = {"max_new_tokens": max_new_tokens, "n_prompts": len(gens),
-                          "n_identical": sum(g.identical for g in gens),
-                          "n_content_tokens_compared": sum(g.n_content_compared for g in gens),
-                          "prompts": [g.to_json() for g in gens]}
-    timings["generation_s"] = time.perf_counter() - t
-
-    if names:
-        scores: dict[str, dict] = {}
-        for label, model in (("unmerged", unmerged_m), ("merged", merged_m)):
-            t = time.perf_counter()
-            say(f"tasks: scoring the {label} model on {', '.join(names)} (limit {limit or 'none'})")
-            lm = (OrtGenaiLM(model, like=hf_lm(unmerged_m, tok, batch_size)) if isinstance(model, OrtGenaiModel)
-                  else hf_lm(model, tok, batch_size))
-            scores[label] = score_tasks(without_progress_bars(lm), specs, ddir, limit)
-            timings[f"tasks_{label}_s"] = time.perf_counter() - t
-        del unmerged_m, merged_m
-        gc.collect()
-        if base_accuracy:
-            t = time.perf_counter()
-            say("tasks: scoring the base model")
-            base_m = load_hf_model(base, dtype=torch.float32, device=dev)
-            scores["base"] = score_tasks(without_progress_bars(hf_lm(base_m, tok, batch_size)), specs, ddir, limit)
-            timings["tasks_base_s"] = time.perf_counter() - t
-            del base_m
+    if engine == "vllm":
+        t = time.perf_counter()
+        vllm_dtype = str(compute_dtype).removeprefix("torch.")
+        scores, engine_settings = score_merged_and_unmerged(
+            base=Path(base), adapter=Path(adapter), merged=Path(merged), names=specs, data_dir=ddir, limit=limit,
+            dtype=vllm_dtype, batch_size=batch_size, base_accuracy=base_accuracy, say=say)
+        timings["tasks_vllm_s"] = time.perf_counter() - t
+        data["settings"] |= engine_settings | {"unmerged_dtype": f"{vllm_dtype} (vLLM LoRA + d2serve plugin)",
+                                               "not_run": list(VLLM_NOT_RUN)}
+        data["logits"] = {"sources": [], "training_probe": None}
+        data["generation"] = None
         data["tasks"] = _task_section(scores, names, limit)
+    else:
+        t = time.perf_counter()
+        say("loading the unmerged (float32) and merged models")
+        tok = load_tokenizer(base)
+        unmerged_m = load_unmerged_model(base, adp, dtype=torch.float32, device=dev)
+        merged_m = OrtGenaiModel(merged) if onnx_under_test else load_hf_model(merged, dtype=compute_dtype, device=dev)
+        timings["load_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        sources: list[LogitComparison] = []
+        for name, text in texts:
+            say(f"logits: teacher-forced comparison on {name}")
+            win = text_windows(tok, text, windows, window_len, source=name)
+            sources.append(compare_logits(unmerged_m, merged_m, win, name))
+        probe_section = None
+        if probe is not None:
+            say("logits: the adapter's training probe")
+            ids = probe["input_ids"].to(torch.long)
+            sources.append(compare_logits(unmerged_m, merged_m, ids, "training_probe"))
+            with torch.inference_mode():
+                ours = unmerged_m(input_ids=ids.to(dev)).logits.float().cpu()
+            probe_section = {"n_sequences": int(ids.shape[0]), "n_tokens": int(ids.shape[1]),
+                             "max_abs_logit_diff_trainer_vs_unmerged": None, "nonfinite": None}
+            try:
+                probe_section["max_abs_logit_diff_trainer_vs_unmerged"] = max_abs_diff(
+                    probe["logits"], ours, where="logits[training_probe]", names=("trainer", "unmerged"),
+                    dims=("sequence", "position", "vocab"))
+            except NonFiniteError as e:
+                probe_section["nonfinite"] = e.to_json()
+        data["logits"] = {"sources": [s.to_json() for s in sources], "training_probe": probe_section}
+        timings["logits_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        plist = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
+        say(f"generation: greedy, {len(plist)} prompts x {max_new_tokens} tokens")
+        with torch_threads(n_generate):  # decoding small steps: fewer threads than cores (d2serve.threads)
+            gens = compare_generation(unmerged_m, merged_m, tok, plist, max_new_tokens)
+        data["generation"] = {"max_new_tokens": max_new_tokens, "n_prompts": len(gens),
+                              "n_identical": sum(g.identical for g in gens),
+                              "n_content_tokens_compared": sum(g.n_content_compared for g in gens),
+                              "prompts": [g.to_json() for g in gens]}
+        timings["generation_s"] = time.perf_counter() - t
+
+        if names:
+            scores: dict[str, dict] = {}
+            for label, model in (("unmerged", unmerged_m), ("merged", merged_m)):
+                t = time.perf_counter()
+                say(f"tasks: scoring the {label} model on {', '.join(names)} (limit {limit or 'none'})")
+                lm = (OrtGenaiLM(model, like=hf_lm(unmerged_m, tok, batch_size)) if isinstance(model, OrtGenaiModel)
+                      else hf_lm(model, tok, batch_size))
+                scores[label] = score_tasks(without_progress_bars(lm), specs, ddir, limit)
+                timings[f"tasks_{label}_s"] = time.perf_counter() - t
+            del unmerged_m, merged_m
+            gc.collect()
+            if base_accuracy:
+                t = time.perf_counter()
+                say("tasks: scoring the base model")
+                base_m = load_hf_model(base, dtype=torch.float32, device=dev)
+                scores["base"] = score_tasks(without_progress_bars(hf_lm(base_m, tok, batch_size)), specs, ddir, limit)
+                timings["tasks_base_s"] = time.perf_counter() - t
+                del base_m
+            data["tasks"] = _task_section(scores, names, limit)
     data["timings_s"] = timings
     failures = evaluate_thresholds(data, th)
     data["passed"] = not failures

@@ -92,6 +92,10 @@ def report_blocks(data: dict, images: tuple[str, ...] = ()) -> list[tuple]:
                     f"merged: `{inp['merged']}` ({inp['merged_dtype']}), run in {st['merged_compute_dtype']}; "
                     f"unmerged run in {st['unmerged_dtype']}",
                     "decoding: greedy, no repetition penalty, generation_config ignored",
+                    *([f"engine: vLLM {st.get('vllm')} (tasks: the merged checkpoint vs the adapter served unmerged "
+                       f"by d2serve's plugin, {st.get('vllm_dtype')}, max_model_len {st.get('vllm_max_model_len')}, "
+                       "eager)"] if st.get("engine") == "vllm" else []),
+                    *[f"not run: {why}" for why in st.get("not_run", [])],
                     f"thresholds: {', '.join(f'{k}={v:g}' for k, v in data['thresholds'].items())}"])]
     w = data.get("weights")
     if w:

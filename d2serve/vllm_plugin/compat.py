@@ -48,6 +48,10 @@ IMPORTS = {
     "LoRAResolver": "vllm.lora.resolver:LoRAResolver",
     "LoRAResolverRegistry": "vllm.lora.resolver:LoRAResolverRegistry",
     "LoRARequest": "vllm.lora.request:LoRARequest",
+    # prompt logprobs with LoRA on CPU (d2serve.vllm_plugin.logits)
+    "GPUModelRunner": "vllm.v1.worker.gpu_model_runner:GPUModelRunner",
+    "LogitsProcessorWithLoRA": "vllm.lora.layers.logits_processor:LogitsProcessorWithLoRA",
+    "PunicaWrapperCPU": "vllm.lora.punica_wrapper.punica_cpu:PunicaWrapperCPU",
 }
 
 
@@ -81,6 +85,9 @@ PATCH_POINTS = (
     PatchPoint("lora_ops", "bgmv_shrink", "wrapped"),
     PatchPoint("torch_ops", "bgmv_shrink", "wrapped"),
     PatchPoint("punica_cpu", "bgmv_shrink", "wrapped"),
+    # d2serve.vllm_plugin.logits: one adapter slot per row for prompt logprobs on the CPU punica wrapper
+    PatchPoint("GPUModelRunner", "_get_prompt_logprobs_dict", "wrapped"),
+    PatchPoint("LogitsProcessorWithLoRA", "_get_logits", "wrapped"),
 )
 
 #: attributes the plugin reads or calls: IMPORTS name of the class -> names (instance or class attributes)
@@ -90,6 +97,9 @@ ATTRIBUTES_READ = {
     "LoRAModelManager": ("modules", "packed_modules", "lora_config", "lora_slots", "lora_index_to_id",
                          "_registered_adapters"),
     "LoRAModel": ("loras",),
+    "LogitsProcessorWithLoRA": ("punica_wrapper", "lora_a_stacked", "lora_b_stacked"),
+    "PunicaWrapperCPU": ("token_lora_indices", "sampler_indices", "_sampler_indices", "indices_len",
+                         "add_lora_logits"),
 }
 #: attributes read on objects reached through the ones above (checked by the mocked-layer tests, not statically):
 #: ``punica_wrapper.token_lora_indices`` (tokens,) int, -1 = no adapter; ``base_layer.quant_method``,
@@ -115,6 +125,9 @@ CHECKED = {
         "BaseLinearLayerWithLoRA._apply_base_forward": ("c01ffd2029da725d", "(self, x)"),
         **{f"{m}.bgmv_shrink": ("e7a5eafed74a2bc1", "(inputs, lora_b_weights, output_tensor, lora_indices_tensor, "
                                 "scaling=)") for m in ("lora_ops", "torch_ops", "punica_cpu")},
+        "GPUModelRunner._get_prompt_logprobs_dict": ("889fdb068dfc37dd", "(self, hidden_states, num_scheduled_tokens)"),
+        "LogitsProcessorWithLoRA._get_logits": ("e78cb65460f61061", "(self, hidden_states, lm_head, embedding_bias=, "
+                                                "skip_gather=)"),
     },
 }
 # 0.33.0 (the CUDA wheel, imported on a CPU machine; scripts/check_vllm_compat.sh): two methods changed, both
@@ -230,7 +243,9 @@ def problems(version: str) -> list[str]:
         return [f"vLLM {version} lacks a name the plugin uses: {e}"]
     found = fingerprint(ns)
     out = []
-    known = [rel for rel, table in CHECKED.items() if all(found[k] == v for k, v in table.items())]
+    # a release matches only when it records every patch point (a point missing from its table is not "unchanged")
+    known = [rel for rel, table in CHECKED.items() if set(table) == set(found)
+             and all(found[k] == v for k, v in table.items())]
     if not known:
         changed = [k for k in found if all(table.get(k) != found[k] for table in CHECKED.values())]
         what = (f"the source of {', '.join(changed)} differs" if changed else

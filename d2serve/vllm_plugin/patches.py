@@ -36,6 +36,9 @@ bound as ``torch_ops.bgmv_shrink`` and              adapter): vLLM 0.32 indexes 
                                                     without the marker, naming ``d2serve export vllm-lora``
 =================================================  ==============================================================
 
+:func:`install` also installs :mod:`d2serve.vllm_plugin.logits` (prompt logprobs with LoRA on vLLM's CPU punica
+path: ``GPUModelRunner._get_prompt_logprobs_dict`` and ``LogitsProcessorWithLoRA._get_logits``, both wrapped).
+
 Row-parallel layers scale their partial sums before the all-reduce: s is per output row, so
 sum_ranks(s * y_rank) = s * sum_ranks(y_rank); the bias is added on rank 0 only, after scaling.
 """
@@ -48,7 +51,7 @@ import os
 
 import torch
 
-from d2serve.vllm_plugin import compat
+from d2serve.vllm_plugin import compat, logits
 
 SCALES_NAME = "d2serve_scales.safetensors"  # = d2serve.export.vllm_lora.SCALES_NAME (no d2serve import chain here)
 MARKER = "d2serve"
@@ -353,4 +356,5 @@ def install() -> None:
     _wrap_manager()
     _wrap_linear()
     _wrap_cpu_lora_shrink()
+    logits.install(_v)  # prompt logprobs with LoRA on CPU: d2serve.vllm_plugin.logits (two wrapped methods)
     _installed = True

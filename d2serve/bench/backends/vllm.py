@@ -10,7 +10,10 @@ base and merged models but not a LoRA-enabled engine (vLLM turns torch.compile o
 practical comparison. Each arm records its effective ``compile_mode`` (reported by the engine). Timing is done by the worker
 around ``LLM.generate`` (as vLLM's own ``benchmarks/latency.py`` does): TTFT = a ``max_tokens=1``
 call (prefill + first token), e2e = a ``max_tokens=N, min_tokens=N, ignore_eos`` call; TPOT is derived.
-Evaluation throughput uses ``prompt_logprobs``.
+Evaluation throughput uses ``prompt_logprobs`` (one ``generate`` call per repeat; in the unmerged arm every
+request carries the adapter): vLLM's CPU LoRA path indexes prompt rows with per-request slots there and fails
+(``add_lora_logits``: einsum size mismatch); d2serve's plugin gives each prompt row its own request's slot
+(:mod:`d2serve.vllm_plugin.logits`), so the unmerged arm is scored like the others.
 """
 
 from __future__ import annotations
@@ -48,20 +51,6 @@ class VLLMBackend:
         self.version = None
         self.prefix_caching = bool(prefix_caching)  # off unless asked: repeats must recompute the same prompts
         self.compile = bool(compile)
-
-    @staticmethod
-    def eval_unsupported(arms: tuple[str, ...]) -> str | None:
-        """Why the eval workload cannot run with these arms (None: it can).
-
-        vLLM 0.32's CPU LoRA path fails on ``prompt_logprobs`` (``LogitsProcessorWithLoRA`` ->
-        ``PunicaWrapperCPU.add_lora_logits`` -> ``bgmv_shrink``: "einsum(): subscript b has size 31 ... 116",
-        measured here), and the eval workload scores with ``prompt_logprobs``; generation is unaffected.
-        """
-        if "unmerged" in arms:
-            return ("vLLM 0.32's CPU LoRA path fails on prompt_logprobs (add_lora_logits: einsum size mismatch), "
-                    "which the eval workload scores with, so it cannot score the unmerged arm; the generation "
-                    "workload runs every arm")
-        return None
 
     def settings(self) -> dict:
         """Backend settings recorded per arm."""

@@ -1,0 +1,101 @@
+"""Task accuracy through vLLM for ``d2serve verify --engine vllm``: the merged checkpoint vs the adapter served
+unmerged (folded to a LoRA + row scales, d2serve's vLLM plugin), each in its own engine with the same settings.
+
+Each engine runs in a worker process (:mod:`d2serve.verify._vllm_tasks_worker`, one after another, each killed
+with this process) that scores the tasks with lm-eval's ``VLLM`` model and :func:`d2serve.verify.tasks.score_tasks`
+(zero-shot log-likelihood multiple choice, vLLM ``prompt_logprobs``). The paired comparison and its thresholds are
+verify's own (:mod:`d2serve.verify.api`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from d2serve.childproc import run_tied_to_parent
+from d2serve.errors import CheckFailedError
+from d2serve.verify.tasks import TaskScores
+
+MAX_MODEL_LEN = 2048  # upper bound on the engines' context (the model's own limit when smaller)
+
+
+def engine_max_model_len(model_dir: str | Path) -> int:
+    """min(config.json ``max_position_embeddings``, :data:`MAX_MODEL_LEN`): the context every engine gets."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return min(MAX_MODEL_LEN, int(cfg.get("max_position_embeddings") or MAX_MODEL_LEN))
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("VLLM_CPU_KVCACHE_SPACE", "1"),
+                 ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        env.setdefault(k, v)
+    return env
+
+
+def score_tasks_vllm(model_dir: str | Path, names: tuple[str, ...], data_dir: Path | None, limit: int | None, *,
+                     dtype: str, max_model_len: int, batch_size: int, lora_dir: Path | None = None,
+                     max_lora_rank: int | None = None, max_loras: int | None = None) -> tuple[dict, dict]:
+    """Score ``names`` with one vLLM engine on ``model_dir`` (+ the folded adapter ``lora_dir`` on every request).
+
+    Returns:
+        (task name -> :class:`TaskScores`, engine facts: ``vllm`` version, ``log`` path).
+
+    Raises:
+        CheckFailedError: the engine failed (the worker's traceback and the log tail are in the message).
+    """
+    fd, log = tempfile.mkstemp(prefix="d2serve-verify-vllm-", suffix=".log")
+    os.close(fd)
+    with tempfile.TemporaryDirectory(prefix="d2serve-verify-vllm-") as td:
+        req, res = Path(td) / "request.json", Path(td) / "result.json"
+        req.write_text(json.dumps({"model": str(model_dir), "dtype": dtype, "max_model_len": max_model_len,
+                                   "batch_size": batch_size, "tasks": list(names),
+                                   "data_dir": str(data_dir) if data_dir else None, "limit": limit,
+                                   "lora": str(lora_dir) if lora_dir else None, "max_lora_rank": max_lora_rank,
+                                   "max_loras": max_loras}))
+        with open(log, "wb") as logf:
+            code = run_tied_to_parent([sys.executable, "-m", "d2serve.verify._vllm_tasks_worker", str(req), str(res)],
+                                      stdout=logf, stderr=logf, env=_env())
+        out = json.loads(res.read_text()) if res.is_file() else {"error": f"no result (exit code {code})"}
+    if "error" in out:
+        tail = "\n".join(Path(log).read_text(errors="replace").splitlines()[-30:])
+        raise CheckFailedError(f"vLLM task scoring on {model_dir}{' + ' + str(lora_dir) if lora_dir else ''} "
+                               f"failed:\n{out['error']}\nlog {log}, tail:\n{tail}")
+    Path(log).unlink(missing_ok=True)
+    return {name: TaskScores(**s) for name, s in out["scores"].items()}, {"vllm": out["vllm"]}
+
+
+def score_merged_and_unmerged(*, base: Path, adapter: Path, merged: Path, names: tuple[str, ...],
+                              data_dir: Path | None, limit: int | None, dtype: str, batch_size: int,
+                              base_accuracy: bool, say=lambda m: None) -> tuple[dict, dict]:
+    """The tasks scored through vLLM: ``merged`` (its own engine), ``unmerged`` (the base + ``adapter`` folded and
+    served by d2serve's plugin) and, with ``base_accuracy``, ``base`` (a plain engine on the base).
+
+    Every engine: same dtype, max_model_len (:func:`engine_max_model_len` of the base), eager, seed 0.
+
+    Returns:
+        ({"unmerged"|"merged"|"base": {task: TaskScores}}, settings to record: engine, vllm, max_model_len,
+        lora_max_rank, lora_max_loras, folded adapter folder).
+    """
+    from d2serve.export.vllm_lora import prepare_served_adapters
+    from d2serve.export.vllm_lora_check import cpu_safe_max_loras
+
+    max_len = engine_max_model_len(base)
+    folders, rank = prepare_served_adapters(base, {"adapter": adapter})
+    common = {"dtype": dtype, "max_model_len": max_len, "batch_size": batch_size}
+    scores, facts = {}, {}
+    say(f"tasks (vLLM): scoring the adapter served unmerged by d2serve's plugin on {', '.join(names)}")
+    scores["unmerged"], facts = score_tasks_vllm(base, names, data_dir, limit, lora_dir=folders["adapter"],
+                                                 max_lora_rank=rank, max_loras=cpu_safe_max_loras(1), **common)
+    say(f"tasks (vLLM): scoring the merged checkpoint on {', '.join(names)}")
+    scores["merged"], _ = score_tasks_vllm(merged, names, data_dir, limit, **common)
+    if base_accuracy:
+        say("tasks (vLLM): scoring the base model")
+        scores["base"], _ = score_tasks_vllm(base, names, data_dir, limit, **common)
+    settings = {"engine": "vllm", "vllm": facts["vllm"], "vllm_dtype": dtype, "vllm_max_model_len": max_len,
+                "vllm_enforce_eager": True, "lora_max_rank": rank, "lora_max_loras": cpu_safe_max_loras(1),
+                "served_adapter_folder": str(folders["adapter"])}
+    return scores, settings
