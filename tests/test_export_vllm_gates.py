@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from d2serve.export import vllm as vx
 from d2serve.export.vllm import compare_greedy
 
