@@ -150,3 +150,15 @@ def make_eos_only_llama(src: Path, out: Path) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty D2SERVE_CACHE_DIR (inherited by children) and an empty in-process architecture cache."""
+    from d2serve import architecture
+
+    d = tmp_path / "cache"
+    monkeypatch.setenv("D2SERVE_CACHE_DIR", str(d))
+    architecture._architecture.cache_clear()
+    yield d
+    architecture._architecture.cache_clear()

@@ -84,16 +84,6 @@ def arch_dirs(tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in FAMILIES}
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """A fresh, empty D2SERVE_CACHE_DIR (inherited by children) and an empty in-process cache."""
-    d = tmp_path / "cache"
-    monkeypatch.setenv("D2SERVE_CACHE_DIR", str(d))
-    A._architecture.cache_clear()
-    yield d
-    A._architecture.cache_clear()
-
-
 def _config_of(d: Path) -> dict:
     return json.loads((d / "config.json").read_text())
 

@@ -231,15 +231,6 @@ def test_a_shard_truncated_during_the_merge_is_exit_2_not_sigbus(tiny_llama_dir,
 # ------------------------------------------------------------------------------------------------ cache checksum
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "cache"
-    monkeypatch.setenv("D2SERVE_CACHE_DIR", str(d))
-    A._architecture.cache_clear()
-    yield d
-    A._architecture.cache_clear()
-
-
 def test_a_hand_edited_transposed_flag_is_detected_rebuilt_and_merges_right(cache, tmp_path, caplog):
     gpt2 = make_tiny_gpt2(tmp_path / "gpt2", drop_tie_key=True)
     built = architecture_at(gpt2)
