@@ -77,6 +77,7 @@ def test_probe_records_models_version_and_cache_config():
         probe_endpoint(parse_endpoints([f"x={url}"])[0])  # stopped: nothing answers
 
 
+@pytest.mark.extras
 def test_endpoints_whose_settings_differ_are_refused_before_any_load(tmp_path):
     """Different KV cache sizes and a missing /version: refused with the difference named (strict); what could
     not be compared is listed."""

@@ -81,6 +81,7 @@ def _mix(ids: list[list[int]]) -> list[tuple[str | None, int]]:
 
 # ------------------------------------------------------------------------------ fast: the --max-loras handling
 
+@pytest.mark.extras
 def test_user_max_loras_replaces_the_spare_slot_and_needs_the_plugin(tiny_llama_dir, tmp_path, monkeypatch):
     """A user's --max-loras replaces d2serve's N+1 (no second, conflicting value is emitted); below N+1 it is
     refused by name when d2serve's vLLM plugin would not be loaded (without it base tokens read the last slot)."""
