@@ -24,6 +24,15 @@ IMPLS = ("c", "numba")
 IMPL_PARAMS = ["c", pytest.param("numba", marks=pytest.mark.extras)]
 
 
+def _assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit-identical tensors (16-bit dtypes compared as raw bits, so a -0/+0 or NaN-payload difference counts)."""
+    assert got.dtype == want.dtype
+    if want.dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 def _kernel(impl: str = "c"):
     kernel, why = merge_fused.load(impl)
     assert kernel is not None, why  # a C compiler and numba are here: a missing kernel is a failure, never a skip
@@ -170,24 +179,14 @@ def test_kernel_casts_round_to_nearest_even_like_torch(out_dtype, impl):
     k = _kernel(impl)
     x = _tie_float32s()
     assert x.numel() > 2_000_000
-    got = merge_fused.round_trip_cast(k, x, out_dtype)
-    want = x.to(out_dtype)
-    if out_dtype == torch.float32:
-        assert torch.equal(got, want)
-    else:
-        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    _assert_same_bits(merge_fused.round_trip_cast(k, x, out_dtype), x.to(out_dtype))
     # float64 inputs: ties of the output dtype plus/minus amounts float32 cannot hold, and plain randoms
     eps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[out_dtype]
     base = torch.tensor([1.0, 1.5, 3.0, 1024.0, 2.0**-10, 2.0**-20], dtype=torch.float64)
     ties = torch.cat([base * (1 + eps), base * (1 + 3 * eps)])
     d = torch.cat([ties + ties * s for s in (2.0**-40, -(2.0**-40), 2.0**-30, -(2.0**-30), 0.0)])
     d = torch.cat([d, -d, torch.randn(100_000, dtype=torch.float64) * 100, torch.tensor([65519.99, 65520.0001])])
-    got = merge_fused.round_trip_cast(k, d, out_dtype)
-    want = d.to(out_dtype)
-    if out_dtype == torch.float32:
-        assert torch.equal(got, want)
-    else:
-        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    _assert_same_bits(merge_fused.round_trip_cast(k, d, out_dtype), d.to(out_dtype))
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
