@@ -305,7 +305,9 @@ def bench_cmd(
     merged: Optional[Path] = typer.Option(None, "--merged", help="Merged checkpoint from `d2serve merge`."),
     backend: str = typer.Option("hf", "--backend", help="hf | vllm | onnx (vllm: base, merged and unmerged through "
                                 "d2serve's vLLM plugin; onnx: base and merged)."),
-    arms: Optional[str] = typer.Option(None, "--arms", help="Comma list of base,merged,unmerged,unmerged_cached."),
+    arms: Optional[str] = typer.Option(None, "--arms", help="Comma list of base,merged,unmerged,unmerged_cached,vanilla_lora (vanilla_lora, vLLM "
+                                "only, never by default: the unmerged arm's folded LoRA without row scales in vanilla vLLM "
+                                "with no plugin, the plugin-cost control)."),
     workloads: str = typer.Option("eval,generation", "--workloads", help="Comma list of eval,generation."),
     quick: bool = typer.Option(False, "--quick", help="Reduced sweep (about a minute on SmolLM2)."),
     vllm_compile: bool = typer.Option(False, "--vllm-compile", help="vllm backend: each arm's default vLLM "

@@ -259,3 +259,72 @@ def test_report_renders_a_case_without_decode_samples(tiny_arms, tmp_path):
     rows = [ln for ln in render_markdown(res).splitlines() if ln.startswith("| b") and ln.split("|")[2].strip()
             in ("base", "merged")]  # the per-arm rows of the generation table
     assert rows and all(ln.rstrip().endswith("| - |") for ln in rows), rows
+
+
+# ---- the plugin-cost control arm (vanilla_lora) -----------------------------------------------------------------
+
+
+def test_vanilla_lora_arm_is_opt_in_and_vllm_only(tiny_arms, mc_file, tmp_path):
+    """``vanilla_lora`` never joins the default arm set, and the hf backend refuses it by name."""
+    base, adapter, merged = tiny_arms
+    res = bench(base=base, adapter=adapter, merged=merged, report=tmp_path / "r", plan=TINY_PLAN, eval_data=mc_file,
+                workloads=("eval",), progress=False)
+    assert set(res["arms"]) == {"base", "merged", "unmerged", "unmerged_cached"}
+    assert res["workloads"]["eval_throughput"]["ratios"]["vanilla_lora_over_unmerged"] is None
+    with pytest.raises(ValueError, match=r"cannot run arm\(s\) \['vanilla_lora'\]"):
+        bench(base=base, adapter=adapter, report=tmp_path / "r2", arms=("unmerged", "vanilla_lora"), progress=False)
+
+
+def test_plugin_cost_ratio_and_report(tiny_arms):
+    """vanilla_lora_over_unmerged = vanilla throughput / plugin throughput per repeat = plugin time / vanilla time;
+    the report prints it for eval and per case for decode, TTFT and end-to-end time."""
+    from d2serve.bench.report import PLUGIN_COST, render_markdown
+
+    r = pairwise_ratios({"unmerged": [10.0, 8.0, 9.0], "vanilla_lora": [10.5, 8.0, 9.9]}, "examples_per_s")
+    assert r["spread"]["vanilla_lora_over_unmerged"]["per_repeat"] == pytest.approx([1.05, 1.0, 1.1])
+    assert r["vanilla_lora_over_unmerged"] == pytest.approx(1.05)
+    gen_arm = {"ttft_ms": {"p50": 1, "p90": 1, "p99": 1}, "tpot_ms": {"p50": 1}, "e2e_ms": {"p50": 1, "p90": 1, "p99": 1}}
+    by = {m: pairwise_ratios({"unmerged": [1.0, 1.0], "vanilla_lora": [1.02, 1.04]}, m)
+          for m in ("decode_tokens_per_s", "prefill_tokens_per_s")}
+    res = {"backend": "vllm", "status": "complete", "plan": {"warmup": 0, "repeats": 3}, "arms": {},
+           "workloads": {
+               "eval_throughput": {"dataset": "x.jsonl", "examples": 3, "batch": 1, "ratios": r,
+                                   "arms": {"unmerged": {"examples_per_s": {"p50": 9.0, "min": 8.0, "max": 10.0}}}},
+               "generation": {"max_new_tokens": 4, "ratios": {}, "cases": {"b1_p8_n4": {
+                   "arms": {"unmerged": gen_arm}, "ratios": pairwise_ratios(
+                       {"unmerged": [1.0, 1.0], "vanilla_lora": [1.01, 1.03]}, "tokens_per_s"),
+                   "ratios_by_metric": by}}}}}
+    md = render_markdown(res)
+    assert f"- {PLUGIN_COST}, eval time: 1.050 [1.000, 1.100]" in md
+    assert "| b1_p8_n4 | 1.030 [1.020, 1.040] | 1.030 [1.020, 1.040] | 1.020 [1.010, 1.030] |" in md
+
+
+def test_plain_lora_copy_keeps_the_tensors_and_drops_the_scales(tiny_llama_dir, tmp_path):
+    """The control's folder: the folded lora_A/lora_B file byte for byte, a PEFT LoRA config without use_dora or
+    d2serve's marker (what vanilla vLLM serves as a plain LoRA), no scales file; a folder without weights is
+    refused by name."""
+    import shutil
+
+    from d2serve.adapters.synthetic import random_adapter
+    from d2serve.bench.backends.vllm import plain_lora_copy
+    from d2serve.errors import InputError
+    from d2serve.export.vllm_lora import MARKER, SCALES_NAME, export_vllm_lora
+
+    adapter = random_adapter(tiny_llama_dir, tmp_path / "d2", method="d2lora", r=2, lora_alpha=4.0, std=0.1, seed=1)
+    folded = tmp_path / "folded"
+    export_vllm_lora(base=tiny_llama_dir, adapter=adapter, out=folded)
+    src_cfg = json.loads((folded / "adapter_config.json").read_text())
+    assert src_cfg["use_dora"] is True and MARKER in src_cfg  # what the plugin needs, vanilla vLLM refuses
+    out = plain_lora_copy(folded)
+    try:
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["use_dora"] is False and MARKER not in cfg
+        assert {k: v for k, v in cfg.items() if k not in ("use_dora",)} == {
+            k: v for k, v in src_cfg.items() if k not in ("use_dora", MARKER)}
+        assert (out / "adapter_model.safetensors").read_bytes() == (folded / "adapter_model.safetensors").read_bytes()
+        assert not (out / SCALES_NAME).exists() and (folded / SCALES_NAME).is_file()
+    finally:
+        shutil.rmtree(out.parent)
+    (folded / "adapter_model.safetensors").unlink()
+    with pytest.raises(InputError, match="adapter_model.safetensors: missing"):
+        plain_lora_copy(folded)

@@ -190,11 +190,23 @@ def test_bench_vllm_unmerged_arm(vllm_lora_setup, tmp_path):
     plan = replace(QUICK_PLAN, batches=(2,), prompt_lens=(16,), max_new_tokens=16, warmup=0, repeats=2,
                    eval_examples=6)
     res = bench(base=base, adapter=adapter, merged=pairs["d2"][1], report=tmp_path / "r", backend="vllm",
-                arms=("base", "merged", "unmerged"), plan=plan, workloads=("eval", "generation"), progress=False)
+                arms=("base", "merged", "unmerged", "vanilla_lora"), plan=plan, workloads=("eval", "generation"),
+                progress=False)
     assert res["comparability"]["comparable"], res["comparability"]
     assert "skipped" not in res, res.get("skipped")
     ev = res["workloads"]["eval_throughput"]
-    assert ev["examples"] == 6 and set(ev["arms"]) == {"base", "merged", "unmerged"}
+    assert ev["examples"] == 6 and set(ev["arms"]) == {"base", "merged", "unmerged", "vanilla_lora"}
+    # the plugin-cost control: same LoRA slots and rank, no plugin in its engine; the plugin active in the others
+    arms = res["arms"]
+    assert arms["vanilla_lora"]["vllm_plugins"] == "" and arms["vanilla_lora"]["d2serve_plugin_active"] is False
+    assert arms["unmerged"]["d2serve_plugin_active"] is True
+    assert {k: arms["vanilla_lora"][k] for k in ("lora_max_rank", "lora_max_loras")} == {
+        k: arms["unmerged"][k] for k in ("lora_max_rank", "lora_max_loras")}
+    assert len(ev["ratios"]["spread"]["vanilla_lora_over_unmerged"]["per_repeat"]) == 2
+    assert {s["eval_scoring"] for s in arms.values()} == {"one generate call per request"}  # vanilla vLLM's limit
+    for c in res["workloads"]["generation"]["cases"].values():
+        assert c["ratios_by_metric"]["decode_tokens_per_s"]["vanilla_lora_over_unmerged"] > 0
+    assert "plugin cost" in (tmp_path / "r" / "bench.md").read_text()
     for key in ("merged_over_unmerged", "merged_over_base"):
         assert ev["ratios"][key] > 0 and len(ev["ratios"]["spread"][key]["per_repeat"]) == 2, ev["ratios"]
     assert ev["arms"]["unmerged"]["predictions"] == ev["arms"]["merged"]["predictions"]

@@ -18,7 +18,7 @@ import torch
 from d2serve.errors import InputError
 from d2serve.verify.data import resolve_data_dir
 
-from .arms import ARM_NAMES, plan_arms
+from .arms import ARM_NAMES, OPT_IN_ARMS, plan_arms
 from .backends import get_backend
 from .comparability import (
     ALLOWED_TO_DIFFER,
@@ -102,7 +102,8 @@ def bench(
         report: output directory (created; bench.json/bench.md/PNGs overwritten).
         backend: ``"hf"`` (all arms), ``"vllm"`` (base, merged, unmerged through d2serve's vLLM plugin) or
             ``"onnx"`` (base and merged only).
-        arms: subset of ``ARM_NAMES``; default all arms the inputs and backend allow.
+        arms: subset of ``ARM_NAMES``; default all arms the inputs and backend allow, except the opt-in
+            ``vanilla_lora`` (vLLM backend: the plugin-cost control, see d2serve.bench.arms).
         quick: the reduced sweep (~1 minute on SmolLM2, 2 CPU threads).
         plan: explicit sweep (overrides ``quick``).
         workloads: subset of ``("eval", "generation")``.
@@ -152,6 +153,7 @@ def bench(
             a
             for a in ARM_NAMES
             if a in backend_cls.arms_supported
+            and a not in OPT_IN_ARMS
             and (a != "merged" or merged is not None)
             and (not a.startswith("unmerged") or adapter is not None)
         )
@@ -168,7 +170,8 @@ def bench(
             raise NotComparableError(f"the merged checkpoint {merged} was not made from base {base}"
                                      + (f" + adapter {adapter}" if adapter else "") + ":\n"
                                      + "\n".join(provenance["problems"]))
-    extra = {"prefix_caching": vllm_prefix_caching, "compile": vllm_compile} if backend == "vllm" else {}
+    extra = ({"prefix_caching": vllm_prefix_caching, "compile": vllm_compile,
+              "eval_per_request": "vanilla_lora" in arms} if backend == "vllm" else {})
     allowed = ALLOWED_TO_DIFFER | ({"compile_mode"} if backend == "vllm" and vllm_compile else set())
     be = backend_cls(dtype=_DTYPES[dtype], device=device, tokenizer_dir=Path(base), **extra)
 

@@ -7,6 +7,11 @@ Arms (``adapter_mode`` is the only setting allowed to differ between them):
 * ``unmerged``: base + D2-LoRA layers applied on the fly as in training (``"unmerged"``).
 * ``unmerged_cached``: as ``unmerged`` with the scale m/||W0+dW|| computed once and cached,
   the best an unmerged deployment can do (``"unmerged_cached_scale"``).
+* ``vanilla_lora`` (vLLM backend, only when asked for): the plugin-cost control. The ``unmerged`` arm's
+  folded rank-R LoRA (the same ``lora_A`` (R, in) / ``lora_B`` (out, R) tensors on the same modules) as a
+  plain PEFT LoRA without the row scales, served by vanilla vLLM LoRA with no plugin loaded
+  (``VLLM_PLUGINS=""``; ``"lora_vanilla_vllm"``). ``unmerged`` time / ``vanilla_lora`` time is what d2serve's
+  plugin costs; its answers are not the adapter's (no scales), so only its timings are compared.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ import torch
 
 from d2serve.errors import InputError
 
-ARM_NAMES = ("base", "merged", "unmerged", "unmerged_cached")
+ARM_NAMES = ("base", "merged", "unmerged", "unmerged_cached", "vanilla_lora")
 ADAPTER_MODES = {
     "base": "none",
     "merged": "merged",
     "unmerged": "unmerged",
     "unmerged_cached": "unmerged_cached_scale",
+    "vanilla_lora": "lora_vanilla_vllm",
 }
+# arms run only when named in ``arms`` (never part of the default set)
+OPT_IN_ARMS = frozenset({"vanilla_lora"})
 
 
 class ArmError(InputError):
@@ -52,7 +60,8 @@ class ArmSpec:
 
 
 def plan_arms(
-    *, base: Path, adapter: Path | None, merged: Path | None, arms: tuple[str, ...] = ARM_NAMES
+    *, base: Path, adapter: Path | None, merged: Path | None,
+    arms: tuple[str, ...] = tuple(a for a in ARM_NAMES if a not in OPT_IN_ARMS),
 ) -> list[ArmSpec]:
     """Build the arm specs requested in ``arms`` from the input directories.
 

@@ -14,7 +14,9 @@ from d2serve.errors import CheckFailedError, InputError
 # Keys allowed to differ between arms: what the arm *is*, not how it was measured.
 ALLOWED_TO_DIFFER = frozenset({"adapter_mode", "arm", "model_dir", "adapter_dir", "load_s", "export_s",
                                # the vLLM unmerged arm's LoRA slots: part of what that arm is
-                               "lora_max_rank", "lora_max_loras"})
+                               "lora_max_rank", "lora_max_loras",
+                               # which vLLM plugins the arm's engine loads (the vanilla_lora control runs none)
+                               "vllm_plugins", "d2serve_plugin_active"})
 
 
 class NotComparableError(CheckFailedError, ValueError):

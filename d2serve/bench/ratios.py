@@ -9,6 +9,9 @@ RATIO_PAIRS = (
     ("merged_over_unmerged", "merged", "unmerged"),
     ("merged_over_unmerged_cached", "merged", "unmerged_cached"),
     ("merged_over_base", "merged", "base"),
+    # the plugin's cost: throughput of the plain rank-R LoRA in vanilla vLLM over the same folded D2-LoRA served
+    # through d2serve's plugin = plugin-D2 time / vanilla-LoRA time (> 1: the plugin costs time)
+    ("vanilla_lora_over_unmerged", "vanilla_lora", "unmerged"),
 )
 
 

@@ -34,6 +34,11 @@ def _fmt(x, nd=2) -> str:
     return str(x)
 
 
+PLUGIN_COST = ("plugin cost: time of the D2-LoRA served unmerged through d2serve's plugin (arm unmerged) / time "
+               "of the same rank-R LoRA tensors in vanilla vLLM LoRA (arm vanilla_lora, no plugin loaded); "
+               "1.00 = free, target <= 1.05")
+
+
 def _ratio_cell(r: dict | None, key: str) -> str:
     if not r or r.get(key) is None:
         return "-"
@@ -107,6 +112,8 @@ def render_markdown(results: dict) -> str:
             f"- merged/base examples/s: {_ratio_cell(r, 'merged_over_base')}",
             "",
         ]
+        if r.get("vanilla_lora_over_unmerged") is not None:
+            lines += [f"- {PLUGIN_COST}, eval time: {_ratio_cell(r, 'vanilla_lora_over_unmerged')}", ""]
     gen = wl.get("generation")
     if gen:
         lines += [f"## Generation ({gen['max_new_tokens']} new tokens, greedy, EOS ignored)", ""]
@@ -140,6 +147,15 @@ def render_markdown(results: dict) -> str:
             f"merged/base {_fmt(r.get('merged_over_base'), 3)}",
             "",
         ]
+        if any(c.get("ratios", {}).get("vanilla_lora_over_unmerged") is not None for c in gen["cases"].values()):
+            lines += [f"{PLUGIN_COST} per case (median [min, max] over repeats):", "",
+                      "| case | decode time | TTFT (prefill) time | end-to-end time |", "|---|---|---|---|"]
+            for key, c in gen["cases"].items():
+                by = c.get("ratios_by_metric", {})
+                lines.append(f"| {key} | {_ratio_cell(by.get('decode_tokens_per_s'), 'vanilla_lora_over_unmerged')} | "
+                             f"{_ratio_cell(by.get('prefill_tokens_per_s'), 'vanilla_lora_over_unmerged')} | "
+                             f"{_ratio_cell(c.get('ratios'), 'vanilla_lora_over_unmerged')} |")
+            lines.append("")
     if results.get("plots"):
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in results["plots"]] + [""]
     return "\n".join(lines)

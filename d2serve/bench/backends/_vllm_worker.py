@@ -9,8 +9,10 @@ compilation (``enforce_eager=False``; vLLM itself turns torch.compile off on CPU
 default ``0``: eager for every arm. Requests (one JSON object per line):
 ``{"op": "generate", "prompts": [[ids]], "max_tokens": N}`` -> ``{"seconds", "new_tokens": [n per row]}``
 (greedy, ``ignore_eos``, ``min_tokens = max_tokens``);
-``{"op": "score", "prompts": [[ids]]}`` -> ``{"seconds", "prompt_logprobs": [[lp per position]]}``;
-``{"op": "quit"}``. The first line written is ``{"ready": true, "vllm": version, "startup_s": s}``.
+``{"op": "score", "prompts": [[ids]], "per_request": bool}`` -> ``{"seconds", "prompt_logprobs": [[lp per
+position]]}`` (``per_request``: one ``generate`` call per prompt instead of one for all);
+``{"op": "quit"}``. The first line written is ``{"ready": true, "vllm": version, "startup_s": s, "compile_mode",
+"d2serve_plugin_active": bool}`` (whether d2serve's vLLM plugin installed its patches in this process).
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ def main(argv: list[str]) -> int:
               enable_prefix_caching=prefix_caching, **lora_kwargs)
     cc = llm.llm_engine.vllm_config.compilation_config
     mode = getattr(cc, "mode", getattr(cc, "level", None))
+    patches = sys.modules.get("d2serve.vllm_plugin.patches")
     out.write(json.dumps({"ready": True, "vllm": vllm.__version__, "startup_s": time.perf_counter() - t0,
-                          "compile_mode": str(getattr(mode, "name", mode))}) + "\n")
+                          "compile_mode": str(getattr(mode, "name", mode)),
+                          "d2serve_plugin_active": bool(patches is not None and patches._installed)}) + "\n")
     out.flush()
     for line in sys.stdin:
         req = json.loads(line)
@@ -65,7 +69,10 @@ def main(argv: list[str]) -> int:
         else:
             sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
             t = time.perf_counter()
-            res = llm.generate(prompts, sp, use_tqdm=False, lora_request=lora_request)
+            if req.get("per_request"):  # one request per engine call (vanilla vLLM CPU LoRA cannot batch them)
+                res = [llm.generate([q], sp, use_tqdm=False, lora_request=lora_request)[0] for q in prompts]
+            else:
+                res = llm.generate(prompts, sp, use_tqdm=False, lora_request=lora_request)
             secs = time.perf_counter() - t
             lps = []
             for p, r in zip(req["prompts"], res):

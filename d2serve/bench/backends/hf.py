@@ -14,11 +14,11 @@ import torch
 from d2serve.compare import finite_scalar
 from d2serve.models import resolve_device
 
-from ..arms import ARM_NAMES, ArmSpec, load_arm_model
+from ..arms import ARM_NAMES, OPT_IN_ARMS, ArmSpec, load_arm_model
 from ..timing import now
 from ..workloads import GenerationCase, ScoringRequest, prompt_ids
 
-ARMS_SUPPORTED = ARM_NAMES
+ARMS_SUPPORTED = tuple(a for a in ARM_NAMES if a not in OPT_IN_ARMS)
 
 
 class _StepClock:

@@ -2,7 +2,12 @@
 
 The ``unmerged`` arm serves the adapter unmerged through vLLM's LoRA path: the adapter is folded by
 :func:`d2serve.export.vllm_lora.prepare_served_adapters` (rank-2r LoRA + per-row scales, applied by
-d2serve's vLLM plugin), and every request carries it. Each arm is a long-lived worker subprocess
+d2serve's vLLM plugin), and every request carries it. The opt-in ``vanilla_lora`` arm is the plugin-cost
+control: the same folded ``lora_A``/``lora_B`` tensors as a plain PEFT LoRA (no row scales, no ``use_dora``),
+served with ``VLLM_PLUGINS=""`` so vanilla vLLM LoRA runs it with the same ``max_lora_rank`` and
+``max_loras``; vanilla vLLM's CPU LoRA cannot score several prompt_logprobs requests in one step (the crash the
+plugin fixes), so with the control in the run every arm scores the eval workload one request per call; each worker reports whether d2serve's plugin is active in it, and a control arm with the plugin
+active (or an unmerged arm without it) is refused. Each arm is a long-lived worker subprocess
 (``_vllm_worker``) with ``VLLM_CPU_KVCACHE_SPACE=1``, the same dtype and max_model_len for every arm.
 Compilation: ``compile=False`` (default) runs every arm eager (``enforce_eager=True``): the fair
 comparison, one mode for all; ``compile=True`` gives each arm vLLM's default, which on CPU compiles the
@@ -30,7 +35,7 @@ from d2serve.compare import finite_scalar
 from ..arms import ArmSpec
 from ..workloads import GenerationCase, ScoringRequest, prompt_ids
 
-ARMS_SUPPORTED = ("base", "merged", "unmerged")
+ARMS_SUPPORTED = ("base", "merged", "unmerged", "vanilla_lora")
 MAX_MODEL_LEN = 1024
 
 
@@ -40,7 +45,8 @@ class VLLMBackend:
     name = "vllm"
     arms_supported = ARMS_SUPPORTED
 
-    def __init__(self, *, dtype, device: str, tokenizer_dir, prefix_caching: bool = False, compile: bool = False):
+    def __init__(self, *, dtype, device: str, tokenizer_dir, prefix_caching: bool = False, compile: bool = False,
+                 eval_per_request: bool = False):
         from transformers import AutoTokenizer
 
         self.dtype = str(dtype).replace("torch.", "")
@@ -51,6 +57,11 @@ class VLLMBackend:
         self.version = None
         self.prefix_caching = bool(prefix_caching)  # off unless asked: repeats must recompute the same prompts
         self.compile = bool(compile)
+        self._tmp_dirs: list[Path] = []  # the vanilla_lora control's plain LoRA folders, removed by close()
+        # eval scoring: one generate call per request for every arm when the vanilla_lora control runs (vanilla
+        # vLLM's CPU LoRA logits path fails on several prompt_logprobs requests in one step, the bug d2serve's plugin
+        # fixes; one request per step it is exact), else all requests in one call
+        self.eval_per_request = bool(eval_per_request)
 
     def settings(self) -> dict:
         """Backend settings recorded per arm."""
@@ -64,6 +75,7 @@ class VLLMBackend:
             "enforce_eager": not self.compile,
             "compile_requested": "vllm default" if self.compile else "eager (every arm)",
             "enable_prefix_caching": self.prefix_caching,
+            "eval_scoring": "one generate call per request" if self.eval_per_request else "one generate call for all",
             "kv_cache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         }
 
@@ -78,7 +90,12 @@ class VLLMBackend:
             from d2serve.export.vllm_lora_check import cpu_safe_max_loras
 
             folders, rank = prepare_served_adapters(spec.model_dir, {"adapter": spec.adapter_dir})
-            lora = [str(folders["adapter"]), str(rank), str(cpu_safe_max_loras(1))]
+            folder = folders["adapter"]
+            if spec.name == "vanilla_lora":  # the same tensors as a plain LoRA, vanilla vLLM (no plugin at all)
+                folder = plain_lora_copy(folder)
+                self._tmp_dirs.append(folder.parent)
+                env["VLLM_PLUGINS"] = ""
+            lora = [str(folder), str(rank), str(cpu_safe_max_loras(1))]
         p = subprocess.Popen(
             [sys.executable, "-m", "d2serve.bench.backends._vllm_worker", str(spec.model_dir), self.dtype,
              str(self.max_model_len), "1" if self.prefix_caching else "0", *lora, "1" if self.compile else "0"],
@@ -93,7 +110,15 @@ class VLLMBackend:
             )
         ready = json.loads(line)
         self.workers[spec.name] = p
-        facts = {"load_s": ready["startup_s"], "compile_mode": ready.get("compile_mode")}
+        active = ready.get("d2serve_plugin_active")
+        want = spec.name != "vanilla_lora"
+        if spec.adapter_dir is not None and active is not want:
+            self.unload(spec.name)
+            expected = "active" if want else "not loaded (VLLM_PLUGINS='')"
+            raise RuntimeError(f"arm {spec.name!r}: d2serve's vLLM plugin is {'active' if active else 'not active'} "
+                               f"in its vLLM worker, expected {expected}; log {log.name}")
+        facts = {"load_s": ready["startup_s"], "compile_mode": ready.get("compile_mode"),
+                 "vllm_plugins": env.get("VLLM_PLUGINS", "<all installed>"), "d2serve_plugin_active": active}
         if spec.adapter_dir is not None:
             facts |= {"lora_max_rank": int(lora[1]), "lora_max_loras": int(lora[2])}
         return facts
@@ -119,9 +144,14 @@ class VLLMBackend:
                 p.kill()
 
     def close(self) -> None:
-        """Stop every worker."""
+        """Stop every worker and remove the control arm's temporary folders."""
+        import shutil
+
         for arm in list(self.workers):
             self.unload(arm)
+        for d in self._tmp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self._tmp_dirs.clear()
 
     def prompts(self, case: GenerationCase) -> list[list[int]]:
         """The token ids every arm receives for ``case``."""
@@ -136,8 +166,10 @@ class VLLMBackend:
                 "new_tokens": min(full["new_tokens"])}
 
     def eval_once(self, arm: str, requests: list[ScoringRequest], batch: int) -> dict:
-        """Score every request with ``prompt_logprobs`` in one ``generate`` call (vLLM batches internally)."""
-        res = self._ask(arm, {"op": "score", "prompts": [list(r.tokens) for r in requests]})
+        """Score every request with ``prompt_logprobs`` in one ``generate`` call (vLLM batches internally), or one
+        call per request when ``eval_per_request`` (the plugin-cost control runs)."""
+        res = self._ask(arm, {"op": "score", "prompts": [list(r.tokens) for r in requests],
+                              "per_request": self.eval_per_request})
         best: dict[int, tuple[float, int]] = {}
         for i, (r, lps) in enumerate(zip(requests, res["prompt_logprobs"])):
             cont = [float(x) for x in lps[-r.n_cont:]]
@@ -151,6 +183,47 @@ class VLLMBackend:
     def kv_cache_check(self, arm: str, case: GenerationCase) -> dict:
         """vLLM always decodes with its paged KV cache."""
         return {"past_key_values_returned": True, "kv_cache_in_use": True, "note": "vLLM paged KV cache"}
+
+
+def plain_lora_copy(folded: Path) -> Path:
+    """A plain PEFT LoRA folder with the same tensors as a folded one (the ``vanilla_lora`` control).
+
+    Args:
+        folded: a folder written by :func:`d2serve.export.vllm_lora.export_vllm_lora`:
+            ``adapter_model.safetensors`` (``lora_A`` (R, in), ``lora_B`` (out, R), float32) and
+            ``adapter_config.json`` (r = lora_alpha = R).
+
+    Returns:
+        ``<new temp dir>/plain-lora``: ``adapter_model.safetensors`` (the same file, hard-linked or copied) and
+        ``adapter_config.json`` without ``use_dora`` and d2serve's marker, so vanilla vLLM serves it as an
+        ordinary LoRA of rank R on the same ``target_modules``; the row scales (``d2serve_scales.safetensors``)
+        and the manifest are left out. The caller removes the temp dir.
+
+    Raises:
+        InputError: ``folded`` lacks either file.
+    """
+    import shutil
+
+    from d2serve.adapters.io import WEIGHTS_NAME
+    from d2serve.errors import InputError
+    from d2serve.export.vllm_lora import MARKER
+
+    folded = Path(folded)
+    cfg_path, weights = folded / "adapter_config.json", folded / WEIGHTS_NAME
+    for f in (cfg_path, weights):
+        if not f.is_file():
+            raise InputError(f"{f}: missing; expected a folded LoRA folder (d2serve export vllm-lora)")
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop(MARKER, None)
+    cfg["use_dora"] = False
+    out = Path(tempfile.mkdtemp(prefix="d2serve-bench-plain-lora-")) / "plain-lora"
+    out.mkdir()
+    try:
+        os.link(weights, out / WEIGHTS_NAME)
+    except OSError:  # another file system
+        shutil.copyfile(weights, out / WEIGHTS_NAME)
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
 
 
 def _has(dist: str) -> bool:
