@@ -1,20 +1,23 @@
 """The streaming merge engine: base shards x adapter method -> merged HF checkpoint + manifest.
 
-The engine maps one base safetensors shard at a time (:mod:`d2serve.merge_io`),
+The engine reads one base safetensors shard at a time (:mod:`d2serve.merge_io`:
+positioned reads into reused buffers, never a memory map),
 merges each adapted weight in float64 row blocks on the torch threads
 (:mod:`d2serve.merge_blocks`: ``method.merge`` from the registry, the engine
 knows no formula), checks every value finite, casts it once to the output
 dtype and writes each finished block straight to its place in the output
-shard. Untouched tensors are checked and written in chunks from the mapped
+shard. Untouched tensors are checked and written in chunks read from the
 shard (cast only when the output dtype differs). A background thread
 computes every base shard's sha256 for the manifest, started before the
 architecture checks; a file hashed by an earlier merge (same device, inode,
 size and mtime) or named by its LFS sha256 in a Hugging Face cache is not read
 again (:mod:`d2serve.digests`). After the float64 GEMM of each row block, the
 fused kernel (:mod:`d2serve.merge_fused`) does the rest of the block in one pass
-per row, with the bytes and statistics of the torch ops it replaces. Nothing holds a whole tensor: peak memory is the row
-blocks' temporaries plus the adapter (the mapped pages of what was read are
-dropped from the resident set as the merge goes).
+per row, with the bytes and statistics of the torch ops it replaces. Nothing holds a whole tensor (but a
+transposed Conv1D / embedding weight, merged whole): peak memory is the row
+blocks' temporaries plus the adapter; no page of a base shard becomes resident
+in the merge process. A base shard truncated by another writer during the
+merge is an error naming it (exit 2), never a SIGBUS.
 
 The output is a complete HF checkpoint written into a temporary directory and
 renamed into place at the end: config (no ``quantization_config``, ``dtype``
@@ -57,7 +60,7 @@ from d2serve.checkpoint import (
 from d2serve.errors import InputError
 from d2serve.merge_blocks import MAX_ROW_WORKERS, LayerMerge, TensorCopy, Workspaces, run_in_order
 from d2serve.digests import CachedHasher
-from d2serve.merge_io import MappedShard, ShardOut
+from d2serve.merge_io import ShardOut, SourceShard
 from d2serve.sysinfo import current_rss_bytes, peak_rss_bytes
 
 MANIFEST_NAME = "d2serve_merge.json"
@@ -374,14 +377,14 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
             try:
                 torch.set_num_threads(1)
                 for shard, outputs in plan.items():
-                    # sources in file order: the mapped shard is read front to back
+                    # sources in file order: the shard is read front to back
                     order = sorted(outputs, key=lambda t: ckpt.tensors[outputs[t][0]].begin)
                     out_dtypes = {t: out_dtype if ckpt.tensors[outputs[t][0]].dtype.is_floating_point
                                   else ckpt.tensors[outputs[t][0]].dtype for t in order}
                     # written under the base's own key names (model names -> stored: e.g. a GPT-2 without
                     # the transformer. prefix keeps its layout)
                     specs = [(ckpt.stored_name(t), out_dtypes[t], ckpt.tensors[outputs[t][0]].shape) for t in order]
-                    src_file = MappedShard(ckpt.path / shard)
+                    src_file = SourceShard(ckpt.path / shard)
                     try:
                         with ShardOut(tmp / shard, specs, {"format": "pt"}) as dst:
                             jobs = []
@@ -393,15 +396,12 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                                 def emit(t: torch.Tensor, offset: int, target: str = ckpt.stored_name(target)) -> None:
                                     dst.write(target, t, offset)
 
-                                def release(lo: int, hi: int, begin: int = info.begin) -> None:
-                                    src_file.release(begin + lo, begin + hi)  # read: out of our resident set
-
                                 if module is not None:
                                     kind = arch.layer(module)
                                     job = LayerMerge(target, w, adp.layers[module], method, out_dtype, emit,
                                                      fingerprints.checker(module),
                                                      transposed=kind is not None and kind.transposed,
-                                                     consumed=release, kernel=kernel)
+                                                     kernel=kernel)
                                     n_fused, n_torch = n_fused + job.fused, n_torch + (not job.fused)
                                     jobs.append(job)
                                 elif target in adp.modules_to_save:
@@ -410,7 +410,7 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                                 else:  # floating: checked (and cast if the dtype differs); integer: as is
                                     name = target if target == src else f"{src} (written as {target})"
                                     jobs.append(TensorCopy(name, w, out_dtype if w.is_floating_point() else None,
-                                                           emit, "base tensor", release, kernel=kernel))
+                                                           emit, "base tensor", kernel=kernel))
                                 weight_map[ckpt.stored_name(target)] = shard
                                 total_size += math.prod(info.shape) * out_dtypes[target].itemsize
                                 del w

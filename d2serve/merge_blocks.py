@@ -1,8 +1,8 @@
 """Row-block merging: one weight at a time, in float64 row blocks, cast once, with its statistics.
 
 Every merge formula is row-wise over output features, so a weight is merged
-in blocks of rows: each block is read from the (mapped) base tensor into
-float64, merged by the method (looked up in the registry; this module knows
+in blocks of rows: each block is read from the base shard (a positioned read
+into the worker's buffer) and made float64, merged by the method (looked up in the registry; this module knows
 no formula), checked finite, cast once to the output dtype and handed to
 ``emit`` (a positioned write into the output file) as soon as it is done.
 Blocks run on the merge's row-block worker threads (:func:`d2serve.threads.pick`),
@@ -166,9 +166,10 @@ class LayerMerge:
 
     Args:
         target: the output tensor name (for error messages).
-        w: the stored base weight, any float dtype: (out, in) for nn.Linear, (in, out) for Conv1D or an
-            nn.Embedding (``transposed``), in which case the math runs on its transpose and the result is
-            stored back as (in, out).
+        w: the stored base weight, any float dtype: a :class:`d2serve.merge_io.SourceTensor` (read row block
+            by row block into the worker's buffer) or an in-memory tensor; (out, in) for nn.Linear, (in, out)
+            for Conv1D or an nn.Embedding (``transposed``), in which case it is read whole when the first block
+            runs, the math runs on its transpose and the result is stored back as (in, out).
         f: the layer's :class:`d2serve.adapters.methods.LayerFactors`; ``method``: its registry entry.
         out_dtype: the output dtype (W_hat is computed in float64 and cast once).
         emit: ``emit(tensor, byte_offset)`` receives the output bytes: each finished row block (C order, at
@@ -176,9 +177,6 @@ class LayerMerge:
             weight is assembled and emitted once, whole, by :meth:`finish`.
         check_fingerprint: ``check(W0 rows float64, d2_magnitude rows, their norms)``, run on each block
             that carries a magnitude.
-        consumed: ``consumed(first_byte, end_byte)`` (offsets inside ``w`` as stored) once bytes of ``w`` are
-            read for the last time (a row block of a non-transposed weight when it is done; a transposed
-            weight whole, in :meth:`finish`), e.g. to drop its mapped pages from the resident set.
         kernel: a :class:`d2serve.merge_fused.Handle` or None for the torch path. The kernel is used for a method
             with a ``fused_form``, a non-transposed weight and dtypes it supports (:attr:`fused`), on every block
             that starts once it is loaded; its bytes and statistics are those of the torch path (a block it flags
@@ -188,24 +186,26 @@ class LayerMerge:
     ``target``) or the fingerprint check's error.
     """
 
-    def __init__(self, target: str, w: torch.Tensor, f, method, out_dtype: torch.dtype, emit: Emit,
-                 check_fingerprint=None, transposed: bool = False, consumed: Callable[[int, int], None] | None = None,
-                 kernel=None):
+    def __init__(self, target: str, w, f, method, out_dtype: torch.dtype, emit: Emit,
+                 check_fingerprint=None, transposed: bool = False, kernel=None):
         self.target, self.f, self.method, self.out_dtype, self.emit = target, f, method, out_dtype, emit
-        self.check_fingerprint, self.consumed, self.transposed = check_fingerprint, consumed, transposed
-        self.w = w.t() if transposed else w
+        self.check_fingerprint, self.transposed = check_fingerprint, transposed
+        self.src = w
+        rows_all, cols = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+        self.shape = (rows_all, cols)  # the (out, in) shape the math runs on
+        self.w: torch.Tensor | None = None  # transposed: the whole weight's transpose, read by the first block
         self.stored: torch.Tensor | None = None  # transposed: the whole output, made by the first block
         self.b_all = self.a = None  # dW = B' @ A': folded and made float64 once, by the first block
         self._lock = threading.Lock()
-        rows = max(1, ROW_BLOCK_ELEMENTS // max(1, self.w.shape[1]))
-        self.spans = [(s, min(s + rows, self.w.shape[0])) for s in range(0, self.w.shape[0], rows)]
-        self.row_bytes = self.w.shape[1] * out_dtype.itemsize
-        self.in_bytes = self.w.shape[1] * w.element_size()
+        rows = max(1, ROW_BLOCK_ELEMENTS // max(1, cols))
+        self.spans = [(s, min(s + rows, rows_all)) for s in range(0, rows_all, rows)]
+        self.row_bytes = cols * out_dtype.itemsize
         from d2serve import merge_fused
 
+        contiguous = not isinstance(w, torch.Tensor) or w.is_contiguous()
         self.kernel = kernel if (kernel is not None and method.fused_form is not None and not transposed
                                  and merge_fused.supports(w.dtype) and merge_fused.supports(out_dtype)
-                                 and out_dtype != torch.float64 and w.is_contiguous()) else None
+                                 and out_dtype != torch.float64 and contiguous) else None
 
     @property
     def fused(self) -> bool:
@@ -221,8 +221,19 @@ class LayerMerge:
         with self._lock:
             if self.a is None:
                 if self.transposed:
+                    self.w = _whole(self.src).t()
                     self.stored = torch.empty(self.w.t().shape, dtype=self.out_dtype)
                 self.b_all, self.a = self.method.low_rank(self.f, torch.float64)
+
+    def _rows(self, ws: Workspace, start: int, end: int) -> torch.Tensor:
+        """W0 rows [start, end) as stored (their dtype): a view of the whole transposed weight, or read into the
+        worker's buffer."""
+        if self.w is not None:
+            return self.w[start:end]
+        if isinstance(self.src, torch.Tensor):
+            return self.src[start:end]
+        return self.src.read(start * self.shape[1], end * self.shape[1],
+                             ws.buffer("src", (end - start, self.shape[1]), self.src.dtype))
 
     def _block(self, ws: Workspace, start: int, end: int) -> tuple:
         if self.kernel is not None:
@@ -237,10 +248,10 @@ class LayerMerge:
         from d2serve import merge_fused
 
         self._prepare()
-        w, fb = self.w, self.f.row_block(start, end, self.method.row_factors)
-        w0 = w[start:end]
+        fb = self.f.row_block(start, end, self.method.row_factors)
+        w0 = self._rows(ws, start, end)
         rows = end - start
-        shape = (rows, w.shape[1])
+        shape = (rows, self.shape[1])
         dw = torch.mm(self.b_all[start:end], self.a, out=ws.buffer("dw", shape, torch.float64))
         out = ws.buffer("out", shape, self.out_dtype)
         norms, scale = ws.buffer("norms", (rows,), torch.float64), ws.buffer("scale", (rows,), torch.float64)
@@ -257,15 +268,13 @@ class LayerMerge:
                 None if form == "add" else tuple(float(x) for x in torch.aminmax(scale)),
                 out.numel() - n_same, n_same_cast - n_same, max_err, big)
         self.emit(out, start * self.row_bytes)
-        if self.consumed is not None:
-            self.consumed(start * self.in_bytes, end * self.in_bytes)
         return part
 
     def _block_torch(self, ws: Workspace, start: int, end: int) -> tuple:
         self._prepare()
-        w, fb = self.w, self.f.row_block(start, end, self.method.row_factors)
-        w0 = w[start:end]
-        shape = (end - start, w.shape[1])
+        fb = self.f.row_block(start, end, self.method.row_factors)
+        w0 = self._rows(ws, start, end)
+        shape = (end - start, self.shape[1])
         w64 = ws.buffer("w0", shape, torch.float64).copy_(w0)
         norms = row_norm(w64)
         if self.check_fingerprint is not None and fb.magnitude is not None:
@@ -280,21 +289,22 @@ class LayerMerge:
         part = LayerStats.block(w0, w64, norms, merged, big, out, dw, ws)
         if not self.transposed:
             self.emit(out, start * self.row_bytes)
-            if self.consumed is not None:  # W0's rows are not read again (touching them would map them back in)
-                self.consumed(start * self.in_bytes, end * self.in_bytes)
         return part
 
     def finish(self, parts: list[tuple]) -> dict:
         """Fold the blocks' statistics in row order (emit a transposed weight); the layer's manifest entry."""
-        stats = LayerStats(self.w.shape)
+        stats = LayerStats(self.shape)
         for part in parts:
             stats.add(part)
         if self.stored is not None:
             self.emit(self.stored, 0)
-        if self.consumed is not None and self.transposed:  # the columns read by the blocks: all of it, now
-            self.consumed(0, self.w.numel() * self.w.element_size())
-        self.stored = self.b_all = self.a = None
+        self.w = self.stored = self.b_all = self.a = None
         return stats.to_json()
+
+
+def _whole(t) -> torch.Tensor:
+    """An in-memory tensor as it is; a :class:`d2serve.merge_io.SourceTensor` read whole into new memory."""
+    return t if isinstance(t, torch.Tensor) else t.load()
 
 
 class TensorCopy:
@@ -304,12 +314,11 @@ class TensorCopy:
 
     Args:
         name: tensor name for messages (``what`` says which kind: ``base tensor``, ``modules_to_save tensor``).
-        t: the tensor as read (contiguous; e.g. a view of the mapped base shard).
+        t: a :class:`d2serve.merge_io.SourceTensor` of the base shard (each chunk read into the worker's
+            buffer) or an in-memory contiguous tensor (``modules_to_save``).
         out_dtype: the dtype written for a floating tensor; None writes ``t`` as it is (integer tensors).
         emit: ``emit(chunk, byte_offset)`` receives the output bytes.
         what: ``base tensor`` or ``modules_to_save tensor``, for messages.
-        consumed: ``consumed(first_input_byte, end_input_byte)`` after each chunk (offsets inside ``t``), e.g.
-            to drop the mapped pages of a chunk already written.
         kernel: a :class:`d2serve.merge_fused.Handle` whose C kernel, once loaded, takes max |value| and the
             NaN/Inf test in one integer pass (torch's ``aminmax`` is slow on bfloat16); a chunk it finds
             non-finite is checked again by :func:`check_finite` for the message.
@@ -318,21 +327,24 @@ class TensorCopy:
     ``out_dtype``.
     """
 
-    def __init__(self, name: str, t: torch.Tensor, out_dtype: torch.dtype | None, emit: Emit, what: str,
-                 consumed: Callable[[int, int], None] | None = None, kernel=None):
-        self.name, self.flat, self.emit, self.what, self.consumed = name, t.reshape(-1), emit, what, consumed
+    def __init__(self, name: str, t, out_dtype: torch.dtype | None, emit: Emit, what: str, kernel=None):
+        self.name, self.src, self.emit, self.what = name, t, emit, what
         self.kernel = kernel  # a merge_fused.Handle: its C kernel checks chunks (same result as check_finite)
         self.floating = t.is_floating_point() and out_dtype is not None
         self.dtype = out_dtype if self.floating else t.dtype
         n = max(1, COPY_CHUNK_BYTES // max(t.element_size(), self.dtype.itemsize))
-        self.spans = [(s, min(s + n, self.flat.numel())) for s in range(0, self.flat.numel(), n)]
+        self.spans = [(s, min(s + n, t.numel())) for s in range(0, t.numel(), n)]
 
     def tasks(self) -> list[Task]:
         """One task per chunk, in order."""
         return [lambda ws, s=s, e=e: self._chunk(ws, s, e) for s, e in self.spans]
 
     def _chunk(self, ws: Workspace, start: int, end: int) -> None:
-        chunk = out = self.flat[start:end]
+        if isinstance(self.src, torch.Tensor):
+            chunk = self.src.reshape(-1)[start:end]
+        else:
+            chunk = self.src.read(start, end, ws.buffer("chunk", (end - start,), self.src.dtype))
+        out = chunk
         if self.floating:
             kernel = self.kernel.get() if self.kernel is not None else None
             big = kernel.check_finite(chunk) if hasattr(kernel, "check_finite") and chunk.is_contiguous() else None
@@ -340,14 +352,12 @@ class TensorCopy:
                 if big is None:  # no kernel, or a NaN/Inf: torch's check (its count and message)
                     big = check_finite(self.name, chunk, self.what)
             except MergeMathError:
-                check_finite(self.name, self.flat, self.what)  # the message counts the whole tensor's NaN/Inf
+                check_finite(self.name, _whole(self.src).reshape(-1), self.what)  # the message counts the whole tensor's NaN/Inf
                 raise
             if self.dtype != chunk.dtype:
                 out = ws.buffer("copy", chunk.shape, self.dtype).copy_(chunk)
                 check_no_overflow(self.name, big, out, self.what)
         self.emit(out, start * self.dtype.itemsize)
-        if self.consumed is not None:
-            self.consumed(start * chunk.element_size(), end * chunk.element_size())
 
     def finish(self, parts: list) -> None:
         """Nothing to fold."""
@@ -364,8 +374,7 @@ def run_in_order(jobs: list, pool: ThreadPoolExecutor | None, workspaces: Worksp
     error the tasks not started are cancelled and the running ones awaited before it propagates.
 
     ``done()`` is called after each job's ``finish`` (e.g. to advance a progress bar); ``before()`` before each
-    task (e.g. to check that a mapped source file did not shrink; what it raises is the task's error), and again
-    when a task raises an OSError, so that a source that shrank during the task is reported as such.
+    task (e.g. to check that the source file did not shrink; what it raises is the task's error).
 
     Returns:
         each job's ``finish`` result, in job order.
@@ -383,12 +392,6 @@ def run_in_order(jobs: list, pool: ThreadPoolExecutor | None, workspaces: Worksp
         ws = workspaces.take()
         try:
             return task(ws)
-        except OSError:
-            # a mapped source truncated while this task read it: the kernel answers a syscall on its pages with
-            # EFAULT (os.pwrite of a mapped view), so re-check first and report the shrink rather than the symptom
-            if before is not None:
-                before()
-            raise
         finally:
             workspaces.give(ws)
 

@@ -58,6 +58,7 @@ OK, ZERO_NORM, NON_FINITE, OVERFLOW = 0, 1, 2, 3
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict = {}  # "kernel": the compiled module namespace or None, "reason": why not
+_loaders: dict = {}  # impl -> its background loader thread (prefetch), at most one alive per impl
 
 
 def choice() -> str:
@@ -116,13 +117,17 @@ def prefetch(impl: str | None = None) -> None:
     """Start :func:`load` in a background thread (a first C compilation takes ~1 s, numba's import ~0.5 s:
     overlap them with the merge's checks). Does nothing when already loaded.
 
-    The thread is not a daemon: a merge that finishes before the kernel has loaded (small checkpoints) leaves
+    At most one loader thread per ``impl`` runs at a time (merges started while it loads share it). It is the
+    process's, not a merge's: it may outlive the merge that started it. The thread is not a daemon: a merge that finishes before the kernel has loaded (small checkpoints) leaves
     the interpreter waiting for it at exit (bounded by the compiler's 300 s timeout). A daemon thread still inside
     torch (the load's self-check) while the interpreter finalizes aborted the process ("terminate called without
     an active exception", exit -6) after a merge that had succeeded: tests/test_merge_fused.py repeats that case.
     """
-    if not loaded(impl):
-        threading.Thread(target=load, args=(impl,), name="d2serve-merge-kernel-load", daemon=False).start()
+    with _lock:
+        if loaded(impl) or (impl in _loaders and _loaders[impl].is_alive()):
+            return  # loaded, or being loaded by the one loader thread of this implementation
+        _loaders[impl] = threading.Thread(target=load, args=(impl,), name="d2serve-merge-kernel-load", daemon=False)
+        _loaders[impl].start()
 
 
 def _cpu_signature() -> str:

@@ -1,4 +1,4 @@
-"""Shard I/O of the merge engine: mapped source shards, a background sha256, positioned output writes.
+"""Shard I/O of the merge engine: positioned source reads, a background sha256, positioned output writes.
 
 Why not read and write whole tensors: a merge that copies every tensor into
 fresh memory, and assembles every output tensor before writing it, spends
@@ -6,11 +6,12 @@ most of its time in page faults and copies (measured: half a million minor
 faults and ~3.6 s of system time for a 1.7 GB float32 checkpoint, where a
 plain safetensors load+save takes 0.8 s). Here:
 
-* :class:`MappedShard` maps a source shard read-only (copy-on-write, so no
-  write can reach the file) and hands out zero-copy tensor views; the pages of
-  a tensor are dropped from this process's resident set once it is consumed
-  (``madvise(MADV_DONTNEED)``; they stay in the page cache), so peak RSS stays
-  near one row block, not one shard.
+* :class:`SourceShard` reads a source shard by positioned reads
+  (``os.preadv``, no GIL held) straight into the row-block workers' reused
+  buffers: no page of the shard becomes resident in this process, so peak RSS
+  stays near one row block per worker, not one shard. It is never
+  memory-mapped: a mapped file truncated by another writer kills the reader
+  with SIGBUS, where a short read is a clear error.
 * :class:`ShardHasher` computes the sha256 of every base shard in its own
   thread with its own sequential reads (``hashlib`` releases the GIL), started
   before the architecture checks so that on a cold start it overlaps them.
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
+import math
 import os
 import struct
 import threading
@@ -36,93 +37,126 @@ from pathlib import Path
 
 import torch
 
-from d2serve.checkpoint import SAFETENSORS_DTYPES, CheckpointError, TensorInfo, read_tensor
+from d2serve.checkpoint import SAFETENSORS_DTYPES, CheckpointError, TensorInfo
 
 _ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors dtype name
-_PAGE = mmap.PAGESIZE
 
 
-class MappedShard:
-    """A read-only (copy-on-write) memory map of one safetensors file.
+class SourceShard:
+    """One source safetensors file, read by positioned reads (``os.preadv``) into the caller's buffers.
 
     Args:
         path: the shard; its header was validated (:func:`d2serve.checkpoint.tensor_infos`), so every
-            :class:`TensorInfo` lies inside the file.
+            :class:`TensorInfo` lies inside the file as it was then.
 
-    Tensors from :meth:`tensor` are views of the mapping (no copy): valid until :meth:`close`. On a file
-    system that cannot map the file (``mmap`` raises OSError) each tensor is read instead (a positioned read).
-
-    A file truncated in place while mapped would kill the process with SIGBUS at the first touch of a page past
-    its new end. So the file stays open and its size is checked (``fstat``, microseconds) by :meth:`tensor` and
-    by :meth:`check_intact`, which the merge calls before every row block or chunk it reads: a shard that
-    shrank is a :class:`CheckpointError` naming it. What no check can cover is a truncation during the read of
-    one block (milliseconds); docs/adapter-format.md ("A base changed during a merge") gives the recovery.
+    The file is never memory-mapped: a mapped file truncated in place kills the process with SIGBUS at the
+    first touch of a page past its new end, from any thread, at any moment (a check before each read cannot
+    close that window when row blocks run on several threads). A positioned read of a file that shrank
+    returns fewer bytes instead, which :meth:`read_into` reports as a :class:`CheckpointError` naming the file.
+    Reads go from the page cache into buffers the caller reuses (a row block's workspace), so nothing of the
+    shard stays resident in this process and no page is faulted in.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._mm = None
-        self._file = open(self.path, "rb")  # noqa: SIM115 -- kept open for the size checks, closed by close()
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            self._size = os.fstat(self._file.fileno()).st_size
-            if self._size:
-                try:
-                    self._mm = mmap.mmap(self._file.fileno(), self._size, access=mmap.ACCESS_COPY)
-                except OSError:  # e.g. a FUSE file system without mmap: read tensors instead
-                    self._mm = None
+            self._size = os.fstat(self._fd).st_size
         except BaseException:
-            self._file.close()
+            os.close(self._fd)
             raise
 
     def check_intact(self, need: int | None = None) -> None:
-        """Refuse a shard that is now shorter than when it was mapped (or than byte ``need``): reading a mapped
-        page past the end of a file kills the process (SIGBUS).
+        """Refuse a shard that is now shorter than when it was opened (or than byte ``need``).
 
         Raises:
             CheckpointError: naming the file, its size now and before.
         """
-        if self._file.closed:
+        if self._fd < 0:
             return
-        size = os.fstat(self._file.fileno()).st_size
+        size = os.fstat(self._fd).st_size
         need = self._size if need is None else need
         if size < need:
             raise CheckpointError(f"{self.path}: the file shrank to {size} bytes while being merged (it had "
                                   f"{self._size}; was it truncated or rewritten in place?); nothing was written: "
                                   "run again on a stable base")
 
-    def tensor(self, info: TensorInfo) -> torch.Tensor:
-        """The tensor at ``info`` (dtype, shape, absolute byte range): a view of the mapping, or a copy when its
-        offset is not a multiple of its element size (a file safetensors itself would not write) or the file
-        could not be mapped."""
-        n = info.end - info.begin
-        if not n:
-            return torch.empty(info.shape, dtype=info.dtype)
-        if self._mm is None or info.begin % info.dtype.itemsize:  # not mapped, or not viewable: read it
-            return read_tensor(self.path, info)
-        if info.end > len(self._mm):
-            raise CheckpointError(f"{self.path}: the file ends at byte {len(self._mm)}, before tensor data that its "
-                                  f"header places at bytes [{info.begin}, {info.end}) (was it changed while being merged?)")
-        self.check_intact(info.end)  # shrunk since it was mapped
-        return torch.frombuffer(self._mm, dtype=info.dtype, count=n // info.dtype.itemsize,
-                                offset=info.begin).reshape(info.shape)
+    def tensor(self, info: TensorInfo) -> SourceTensor:
+        """The tensor at ``info`` (dtype, shape, absolute byte range), read on demand.
 
-    def release(self, begin: int, end: int) -> None:
-        """Drop the whole pages inside bytes [begin, end) from this process's resident set (they are re-read
-        from the page cache if touched again; the mapping is never written, so nothing is lost)."""
-        lo, hi = -(-begin // _PAGE) * _PAGE, end // _PAGE * _PAGE
-        if self._mm is not None and hi > lo:
-            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        Raises:
+            CheckpointError: the file ends before the tensor's data, or shrank since it was opened.
+        """
+        if info.end > self._size:
+            raise CheckpointError(f"{self.path}: the file ends at byte {self._size}, before tensor data that its "
+                                  f"header places at bytes [{info.begin}, {info.end}) (was it changed while being merged?)")
+        self.check_intact(info.end)
+        return SourceTensor(self, info)
+
+    def read_into(self, offset: int, out: torch.Tensor) -> torch.Tensor:
+        """Fill the contiguous tensor ``out`` with the file's bytes from ``offset`` on; returns ``out``.
+
+        Raises:
+            CheckpointError: the file ended first (it shrank while being merged: named, with its sizes).
+        """
+        n = out.numel() * out.element_size()
+        if not n:
+            return out
+        view, got = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
+        while got < n:  # preadv may return short counts for large reads
+            k = os.preadv(self._fd, [view[got:]], offset + got)
+            if not k:
+                self.check_intact()
+                raise CheckpointError(f"{self.path}: the file ended at byte {offset + got} while reading "
+                                      f"{n} bytes at offset {offset} (was it changed while being merged?)")
+            got += k
+        return out
 
     def close(self) -> None:
-        """Unmap (views handed out must be gone; if one is still alive the mapping is freed with it) and close
-        the file."""
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:  # a view still references it (e.g. held by an exception traceback)
-                pass
-            self._mm = None
-        self._file.close()
+        """Close the file (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class SourceTensor:
+    """A tensor of a :class:`SourceShard`, read in pieces into the caller's buffers.
+
+    Attributes:
+        shape, dtype: as the header declares them; ``info`` the header entry.
+    """
+
+    def __init__(self, shard: SourceShard, info: TensorInfo):
+        self.shard, self.info, self.shape, self.dtype = shard, info, tuple(info.shape), info.dtype
+
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        """Bytes per element."""
+        return self.dtype.itemsize
+
+    def is_floating_point(self) -> bool:
+        """Whether the dtype is a floating type."""
+        return self.dtype.is_floating_point
+
+    def read(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements [start, end) of the flattened tensor (C order) into ``out`` (contiguous, ``dtype``, ``end -
+        start`` elements, any shape, e.g. (rows, in) for a row block of a 2-D weight); returns ``out``.
+
+        Raises:
+            ValueError: ``out`` has another dtype or size. CheckpointError: the file shrank (see
+            :meth:`SourceShard.read_into`).
+        """
+        if out.dtype != self.dtype or out.numel() != end - start or not out.is_contiguous():
+            raise ValueError(f"{self.info}: a read of elements [{start}, {end}) needs a contiguous {self.dtype} "
+                             f"buffer of {end - start} elements, got {out.dtype} {tuple(out.shape)}")
+        return self.shard.read_into(self.info.begin + start * self.dtype.itemsize, out)
+
+    def load(self) -> torch.Tensor:
+        """The whole tensor, in new memory (``shape``, ``dtype``)."""
+        return self.read(0, self.numel(), torch.empty(self.shape, dtype=self.dtype))
 
 
 class ShardHasher:

@@ -116,14 +116,14 @@ def test_a_file_changed_during_the_merge_is_refused(fresh_cache, base_and_adapte
     if warm:
         merge(base=base, adapter=ad, out=tmp_path / "first")
     shard = base / "model.safetensors"
-    real_close = merge_io.MappedShard.close
+    real_close = merge_io.SourceShard.close
 
     def close_then_touch(self):
         real_close(self)
         st = shard.stat()
         os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000))
 
-    monkeypatch.setattr(merge_mod.MappedShard, "close", close_then_touch)
+    monkeypatch.setattr(merge_mod.SourceShard, "close", close_then_touch)
     with pytest.raises(CheckpointError, match="changed while it was being merged"):
         merge(base=base, adapter=ad, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()

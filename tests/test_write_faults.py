@@ -23,7 +23,7 @@ import d2serve.architecture as A
 import d2serve.merge as merge_mod
 from d2serve.architecture import architecture_at, architecture_cache_path
 from d2serve.cli import _error_boundary, app
-from d2serve.merge_io import MappedShard
+from d2serve.merge_io import SourceShard
 from d2serve.outdir import OutputWriteError, write_file_atomic
 
 from peft_oracle import assert_merge_equals_peft, make_tiny_gpt2, peft_adapter
@@ -180,17 +180,17 @@ def test_a_300_character_report_file_is_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------------ truncated shard
 
 
-def test_a_shard_truncated_after_mapping_is_exit_2_naming_it(tiny_llama_dir, lora, tmp_path, monkeypatch):
+def test_a_shard_truncated_after_opening_is_exit_2_naming_it(tiny_llama_dir, lora, tmp_path, monkeypatch):
     base = shutil.copytree(tiny_llama_dir, tmp_path / "base")
     shard = base / "model.safetensors"
     size = shard.stat().st_size
 
-    class TruncatedAfterMapping(MappedShard):
+    class TruncatedAfterOpening(SourceShard):
         def __init__(self, path):
             super().__init__(path)
-            os.truncate(path, size // 2)  # after the header was validated and the file mapped, before any read
+            os.truncate(path, size // 2)  # after the header was validated and the file opened, before any read
 
-    monkeypatch.setattr(merge_mod, "MappedShard", TruncatedAfterMapping)
+    monkeypatch.setattr(merge_mod, "SourceShard", TruncatedAfterOpening)
     out = tmp_path / "m"
     res, text = _cli(["merge", "--base", base, "--adapter", lora, "--out", out])
     _assert_one_line_error(res, text, str(shard), f"the file shrank to {size // 2} bytes", f"it had {size}")
