@@ -27,7 +27,6 @@ manifest ``d2serve_merge.json``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
