@@ -12,6 +12,10 @@ A file of a Hugging Face hub cache (``.../models--ORG--NAME/blobs/<sha256>``, re
 ``snapshots/`` symlink) whose blob name is 64 hex digits is stored by git LFS under its sha256: that name
 is used without reading the file, and the manifest says so (source ``hf_lfs_blob_name``).
 
+One run that reads the same files several times (``serve --adapter`` with N adapters: the key of each folded
+folder and its manifest) asks one :class:`DigestMemo`: each file version is looked up or hashed once per run,
+also with the cache off.
+
 Sources recorded in the manifest (``sha256_sources``): ``computed`` (read and hashed by this merge, in the
 background thread of :class:`d2serve.merge_io.ShardHasher`), ``cache`` (a cache entry of the same file
 identity), ``hf_lfs_blob_name``.
@@ -85,15 +89,16 @@ class CachedHasher:
     Attributes:
         sources: path -> ``computed`` | ``cache`` | ``hf_lfs_blob_name``.
         hashed: the paths this merge reads to hash them.
+        stamps: path -> its identity (device, inode, size, mtime_ns) when the hasher was made.
     """
 
     def __init__(self, paths: list[Path]):
         self.paths = [Path(p) for p in paths]
-        self._stamps = {p: _stamp(p) for p in self.paths}
+        self.stamps = {p: _stamp(p) for p in self.paths}
         self._known: dict[Path, str] = {}
         self.sources: dict[Path, str] = {}
         for p in self.paths:
-            hit = lookup(p, self._stamps[p])
+            hit = lookup(p, self.stamps[p])
             if hit is not None:
                 self._known[p], self.sources[p] = hit
             else:
@@ -109,12 +114,12 @@ class CachedHasher:
             CheckpointError: a file changed (or was replaced) since the hasher was made.
         """
         digests = self._inner.result()
-        for p, before in self._stamps.items():
+        for p, before in self.stamps.items():
             if _stamp(p) != before:
                 raise CheckpointError(f"{p}: the file changed while it was being merged (size, modification time or "
                                       "inode differ from the start); nothing was written: run again on a stable base")
         for p in self.hashed:
-            store(p, self._stamps[p], digests[p])
+            store(p, self.stamps[p], digests[p])
         return {p: digests.get(p, self._known.get(p)) for p in self.paths}
 
     def stop(self) -> None:
@@ -131,3 +136,26 @@ def sha256_files(paths: list[Path]) -> dict[Path, str]:
         CheckpointError: a file changed while it was being hashed.
     """
     return CachedHasher(list(paths)).result()
+
+
+class DigestMemo:
+    """The sha256 of files for one run: each file is looked up or hashed at most once, however often it is asked
+    for (while its identity, device, inode, size and mtime, is unchanged; a changed file is hashed again)."""
+
+    def __init__(self):
+        self._known: dict[Path, tuple[tuple[int, int, int, int], str]] = {}
+
+    def sha256_files(self, paths: list[Path]) -> dict[Path, str]:
+        """Path -> hex sha256 of each file, as :func:`sha256_files` for the files not asked for before.
+
+        Raises:
+            OSError: a file could not be read.
+            CheckpointError: a file changed while it was being hashed.
+        """
+        paths = [Path(p) for p in paths]
+        todo = [p for p in dict.fromkeys(paths) if p not in self._known or self._known[p][0] != _stamp(p)]
+        if todo:
+            hasher = CachedHasher(todo)
+            sums = hasher.result()
+            self._known |= {p: (hasher.stamps[p], sums[p]) for p in todo}
+        return {p: self._known[p][1] for p in paths}

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from d2serve.adapters.io import AdapterError, load_adapter, match_to_base
+from d2serve.adapters.io import AdapterError, load_adapter
 from d2serve.adapters.methods import get_method
 from d2serve.checkpoint import Checkpoint, CheckpointError
+from d2serve.fitting import WrongBaseError, fit
 
 
 def inspect_adapter(adapter: str | Path, base: str | Path | None = None) -> dict:
@@ -17,8 +18,9 @@ def inspect_adapter(adapter: str | Path, base: str | Path | None = None) -> dict
     Returns:
         ``{"method", "config", "num_layers", "num_parameters", "layers": [{"module",
         "rank", "scale", "tau", "shape" (out, in), "delta_fro" (Frobenius norm of dW,
-        float64)}], "fits_base": {"ok", "error", "warning"} (only with ``base``; ``warning``:
-        see :func:`base_name_warning`), "exported_from": :func:`export_origin` (None unless written by
+        float64)}], "fits_base": {"ok", "error", "warning"} (only with ``base``: ``ok`` when every check of
+        :func:`d2serve.fitting.fit` passes, else ``error`` is its message; ``warning``: see
+        :func:`base_name_warning`), "exported_from": :func:`export_origin` (None unless written by
         ``d2serve export dora`` / ``export lora``)}``.
 
     Raises:
@@ -40,9 +42,9 @@ def inspect_adapter(adapter: str | Path, base: str | Path | None = None) -> dict
     info["exported_from"] = export_origin(adapter)
     if base is not None:
         try:
-            match_to_base(adp, Checkpoint(base))
+            fit(Checkpoint(base), adp)
             info["fits_base"] = {"ok": True, "error": None}
-        except (AdapterError, CheckpointError) as e:
+        except (AdapterError, CheckpointError, WrongBaseError) as e:
             info["fits_base"] = {"ok": False, "error": str(e)}
         info["fits_base"]["warning"] = base_name_warning(adapter, base)
     return info

@@ -1,5 +1,7 @@
 """The streaming merge engine: base shards x adapter method -> merged HF checkpoint + manifest.
 
+The adapter is checked against the base once, before anything is written (:func:`d2serve.fitting.fit`); the
+``d2_magnitude`` fingerprint of each layer is checked on its row blocks as W0 streams through.
 The engine reads one base safetensors shard at a time (:mod:`d2serve.merge_io`:
 positioned reads into reused buffers, never a memory map),
 merges each adapted weight in float64 row blocks on the torch threads
@@ -28,9 +30,7 @@ manifest ``d2serve_merge.json``.
 
 from __future__ import annotations
 
-import json
 import math
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,14 +39,7 @@ from pathlib import Path
 import torch
 
 from d2serve import __version__
-from d2serve.adapters.io import Adapter, load_adapter, match_to_base
-from d2serve.adapters.methods import get_method, row_norm
-from d2serve.architecture import (
-    check_base_copies,
-    check_layer_kinds,
-    require_full_precision_base,
-    tie_plan,
-)
+from d2serve.adapters.io import Adapter, load_adapter
 from d2serve.checkpoint import (
     DTYPE_NAMES,
     INDEX_FILE,
@@ -60,16 +53,14 @@ from d2serve.checkpoint import (
 from d2serve.errors import InputError
 from d2serve.merge_blocks import MAX_ROW_WORKERS, LayerMerge, TensorCopy, Workspaces, run_in_order
 from d2serve.digests import CachedHasher
+from d2serve.fitting import MAGNITUDE_RTOL, MANIFEST_NAME, WrongBaseError, fit, read_manifest
 from d2serve.merge_io import ShardOut, SourceShard
 from d2serve.sysinfo import current_rss_bytes, peak_rss_bytes
 
-MANIFEST_NAME = "d2serve_merge.json"
-MAGNITUDE_RTOL = 2e-3
-
-
-class WrongBaseError(InputError):
-    """The adapter's ``d2_magnitude`` fingerprint does not match the base weights given."""
-
+# the merge manifest, the fingerprint tolerance and the wrong-base error live with the fitting step
+# (d2serve.fitting); re-exported here, where callers of the merge look for them
+__all__ = ["MAGNITUDE_RTOL", "MANIFEST_NAME", "MergeResult", "WrongBaseError", "merge", "read_manifest",
+           "resolve_dtype"]
 
 @dataclass
 class MergeResult:
@@ -102,139 +93,9 @@ def resolve_dtype(dtype: str, base: Checkpoint) -> torch.dtype:
     return DTYPE_NAMES[dtype]
 
 
-def _check_fingerprint(
-    module: str, w0: torch.Tensor, magnitude: torch.Tensor, base: Path, rtol: float, norms: torch.Tensor | None = None
-) -> float:
-    """Refuse a base whose rows' norms differ from the adapter's ``d2_magnitude`` (rows of W0 and magnitude alike).
-
-    ``norms``: ``row_norm`` of ``w0`` in float64 when the caller already has it.
-
-    Returns:
-        the largest relative row difference found (at most the tolerance).
-    """
-    norms = row_norm(w0.double()) if norms is None else norms
-    rtol = max(rtol, 2 * torch.finfo(magnitude.dtype).eps)  # a fingerprint stored in bf16 is only that precise
-    rel = ((norms - magnitude.double()).abs() / norms.clamp_min(1e-30)).max()
-    if float(rel) > rtol:
-        raise WrongBaseError(
-            f"{module}: the adapter's d2_magnitude (||W0|| per output row of its training base) differs from "
-            f"the rows of {base} by up to {float(rel):.3g} relative (tolerance {rtol:g}): the adapter was trained "
-            "on a different base model"
-        )
-    return float(rel)
-
-
-class _Fingerprints:
-    """The base-fingerprint checks of one merge and their record for the manifest (``base_fingerprint``)."""
-
-    def __init__(self, method, adapter: Adapter, base: Path, rtol: float):
-        self.method, self.adapter, self.base, self.rtol = method, adapter, base, rtol
-        self.max_rel: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def checker(self, module: str):
-        """``check(W0 rows float64, fingerprint rows, their norms)`` for :class:`LayerMerge`, recording the worst
-        difference."""
-
-        def check(rows: torch.Tensor, mag: torch.Tensor, norms: torch.Tensor | None = None) -> None:
-            rel = _check_fingerprint(module, rows, mag, self.base, self.rtol, norms)
-            with self._lock:  # row blocks may be checked from several worker threads
-                self.max_rel[module] = max(self.max_rel.get(module, 0.0), rel)
-
-        return check
-
-    def to_json(self) -> dict:
-        """``status``: ``matched`` (every layer carried one and it matched), ``partial`` (some layers carried
-        one, all matched), ``absent`` (none; ``supported`` says whether the method's format has one)."""
-        carried = [m for m, f in self.adapter.layers.items() if f.magnitude is not None]
-        n = len(self.adapter.layers)
-        status = "absent" if not carried else "matched" if len(carried) == n else "partial"
-        return {"key": self.method.fingerprint_key, "supported": self.method.fingerprint_key is not None,
-                "checked": bool(self.max_rel), "status": status, "layers_checked": len(self.max_rel),
-                "layers_without": n - len(carried), "max_rel_row_diff": max(self.max_rel.values(), default=None),
-                "rtol": self.rtol}
-
-
-def _check_stacking(base: Path, method, adapter: Adapter) -> dict | None:
-    """A base that is itself a d2serve merge output: allowed for methods that do not read the base's row
-    norms (plain LoRA adds dW, so the order of merges does not matter); for the others (d2lora, dora)
-    only when every layer carries a base fingerprint (checked during the merge), which proves the adapter
-    was trained on this merged folder. Returns what the manifest records (``stacked_on``), None for a
-    plain base.
-
-    Raises:
-        WrongBaseError: a norm-reading method without a fingerprint on every layer.
-    """
-    prior = read_manifest(base)
-    if not prior:
-        return None
-    missing = [m for m, f in adapter.layers.items() if f.magnitude is None]
-    if method.uses_base_norms and missing:
-        raise WrongBaseError(
-            f"{base} is itself a d2serve merge output ({MANIFEST_NAME}: method {prior.get('method')}, adapter "
-            f"{prior.get('adapter')}); method {method.name} takes row norms ||W0|| / ||W0 + dW|| from the base it is "
-            f"merged into, and {len(missing)} of {len(adapter.layers)} adapter layers (e.g. {missing[0]}) carry no "
-            f"{method.fingerprint_key or 'base fingerprint'} proving the adapter was trained on this merged folder, "
-            "so the result would depend on the order of the merges: merge it into the original base instead"
-        )
-    return {"base": prior.get("base"), "method": prior.get("method"), "adapter": prior.get("adapter"),
-            "adapter_sha256": (prior.get("sha256") or {}).get("adapter"),
-            "why_allowed": "fingerprint matched on every layer" if method.uses_base_norms else
-            f"method {method.name} adds dW without reading the base's norms: merges commute"}
-
-
-@dataclass
-class Fit:
-    """An adapter checked against a base by :func:`check_fit`: what every reader of (base, adapter) needs.
-
-    Attributes:
-        ckpt: the base :class:`Checkpoint`; adapter: the loaded :class:`Adapter`; method: its registry entry.
-        names: module path -> base tensor holding W0 (d2serve.adapters.io.match_to_base).
-        ties: d2serve.architecture.tie_plan of the pair.
-        stacked_on: what :func:`_check_stacking` records when the base is itself a merge output, else None.
-    """
-
-    ckpt: Checkpoint
-    adapter: Adapter
-    method: object
-    names: dict[str, str]
-    ties: object
-    stacked_on: dict | None
-
-    def base_weight(self, module: str, magnitude_rtol: float = MAGNITUDE_RTOL) -> torch.Tensor:
-        """W0 of ``module`` as (out_features, in_features) float64 (Conv1D transposed), after checking the layer's
-        ``d2_magnitude`` fingerprint against it (:func:`_check_fingerprint`; WrongBaseError on a mismatch)."""
-        from d2serve.architecture import to_out_in
-
-        w0 = to_out_in(self.ckpt.get_tensor(self.names[module]), self.ckpt.architecture.layer(module)).double()
-        f = self.adapter.layers[module]
-        if f.magnitude is not None:
-            _check_fingerprint(module, w0, f.magnitude, self.ckpt.path, magnitude_rtol)
-        return w0
-
-
-def check_fit(ckpt: Checkpoint, adp: Adapter) -> Fit:
-    """Every check of an adapter against a base that the merge, the exports and serving share, in one order:
-    full-precision base, tensors matched to base modules, layer kinds of the method, tied embeddings, saved
-    base-tensor copies, merges stacked on merges (the per-layer fingerprint is checked when W0 is read:
-    :meth:`Fit.base_weight`, or the merge's row blocks).
-
-    Raises:
-        CheckpointError, AdapterError, WrongBaseError: as :func:`merge` (nothing is written).
-    """
-    require_full_precision_base(ckpt)  # nothing for transformers to re-initialise, nothing quantized
-    names = match_to_base(adp, ckpt)  # module -> base tensor holding W0
-    check_layer_kinds(ckpt, adp)
-    ties = tie_plan(ckpt, adp)
-    check_base_copies(ckpt, adp)
-    method = get_method(adp.method)
-    stacked_on = _check_stacking(ckpt.path, method, adp)  # the base is itself a merge output
-    return Fit(ckpt, adp, method, names, ties, stacked_on)
-
-
 def merge(
     *,
-    base: str | Path,
+    base: str | Path | Checkpoint,
     adapter: str | Path | Adapter,
     out: str | Path,
     dtype: str = "auto",
@@ -247,7 +108,7 @@ def merge(
     """Merge an adapter into a base checkpoint, streaming one shard at a time.
 
     Args:
-        base: HF safetensors checkpoint directory (never modified).
+        base: HF safetensors checkpoint directory, or its opened :class:`Checkpoint` (never modified).
         adapter: adapter directory or a loaded :class:`Adapter` (never modified).
         out: output directory; must be empty or absent unless ``overwrite``.
         dtype: output dtype: ``auto`` (the base's), ``float32``, ``bfloat16`` or ``float16``.
@@ -292,7 +153,7 @@ def merge(
         raise InputError(f"kernel {kernel!r}: expected one of {', '.join(merge_fused.CHOICES)}")
     if kernel != "torch":  # a first compilation of the kernel overlaps the parsing and checks below
         merge_fused.prefetch(kernel if kernel in merge_fused.IMPLS else None)
-    ckpt = Checkpoint(base)
+    ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
     adp = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     # the sha256 of every base shard and adapter file (for the manifest), in its own thread from now on: it
     # overlaps the checks; it refuses a file that changes before the merge ends
@@ -335,11 +196,10 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
     """:func:`merge` after the inputs were parsed and their hashing started: validate, merge, write, record."""
     prepare_output_dir(out, overwrite, inputs=tuple(p for p in (ckpt.path, adp.path) if p is not None))
     out_dtype = resolve_dtype(dtype, ckpt)
-    fit = check_fit(ckpt, adp)
+    fitted = fit(ckpt, adp, magnitude_rtol=magnitude_rtol)  # every check of the pair (d2serve.fitting)
     arch = ckpt.architecture
-    w0_names, ties, method, stacked_on = fit.names, fit.ties, fit.method, fit.stacked_on
+    w0_names, ties, method, stacked_on = fitted.w0_names, fitted.ties, fitted.method, fitted.stacked_on
     untie = ties.tied_base and not ties.tied_out
-    fingerprints = _Fingerprints(method, adp, ckpt.path, magnitude_rtol)
     kernel = _kernel_for(kernel_choice)
     n_fused = n_torch = 0
 
@@ -399,7 +259,7 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                                 if module is not None:
                                     kind = arch.layer(module)
                                     job = LayerMerge(target, w, adp.layers[module], method, out_dtype, emit,
-                                                     fingerprints.checker(module),
+                                                     fitted.fingerprint_checker(module),
                                                      transposed=kind is not None and kind.transposed,
                                                      kernel=kernel)
                                     n_fused, n_torch = n_fused + job.fused, n_torch + (not job.fused)
@@ -449,7 +309,7 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
                 "merge_kernel": _kernel_record(kernel_choice, kernel, n_fused, n_torch),
                 "threads": record(threads_requested, row_workers=workers),
                 "untied_embeddings": untie,
-                "base_fingerprint": fingerprints.to_json(),
+                "base_fingerprint": fitted.fingerprints.to_json(),
                 "stacked_on": stacked_on,
                 "ignored_config_fields": list(adp.config.ignored_fields),
                 "embeddings": ties.reason,
@@ -473,9 +333,3 @@ def _merge(ckpt: Checkpoint, adp: Adapter, out: Path, dtype: str, overwrite: boo
         raise
     shown.__exit__(None, None, None)
     return MergeResult(out, manifest, time.perf_counter() - t0, peak_rss_bytes())
-
-
-def read_manifest(merged: str | Path) -> dict:
-    """Read ``d2serve_merge.json`` of a merged checkpoint (an empty dict when absent)."""
-    p = Path(merged) / MANIFEST_NAME
-    return json.loads(p.read_text()) if p.is_file() else {}

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from d2serve.adapters.io import Adapter, load_adapter, match_to_base
+from d2serve.adapters.io import Adapter, load_adapter
 from d2serve.checkpoint import Checkpoint
 from d2serve.errors import InputError
+from d2serve.fitting import Fit, fit
 
 
 def resolve_device(device: str | None) -> str:
@@ -59,15 +60,18 @@ def on_model_device(model, t: torch.Tensor) -> torch.Tensor:
     return t.to(getattr(model, "device", None) or torch.device("cpu"))
 
 
-def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_hf_model(path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a local HF causal-LM checkpoint in ``dtype``, in eval mode, offline, on ``device``.
+
+    ``path``: the checkpoint directory, or its :class:`Checkpoint` when the caller opened it already (it is then
+    not opened again).
 
     Raises:
         CheckpointError: the directory is not a safetensors HF checkpoint.
     """
     from transformers import AutoModelForCausalLM
 
-    Checkpoint(path)  # clear errors before transformers' own
+    path = path.path if isinstance(path, Checkpoint) else Checkpoint(path).path  # clear errors before transformers'
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True, use_safetensors=True)
     return model.to(device).eval()
 
@@ -76,39 +80,49 @@ def load_unmerged_model(
     base: str | Path, adapter: str | Path | Adapter, dtype: torch.dtype = torch.float32, cache_scale: bool = False,
     device: str = "cpu",
 ):
-    """The base model with the adapter applied on the fly (the unmerged forward), eval mode.
+    """The base model with the adapter applied on the fly (the unmerged forward), eval mode: the adapter is checked
+    against the base (:func:`d2serve.fitting.fit`), then :func:`unmerged_model` builds it.
+
+    Args:
+        base: HF checkpoint directory.
+        adapter: adapter directory or loaded :class:`Adapter`.
+        dtype / cache_scale / device: see :func:`unmerged_model`.
+
+    Raises:
+        CheckpointError, AdapterError, WrongBaseError: the adapter does not fit the base (see
+            :func:`d2serve.fitting.fit`; e.g. a layer of a kind its method is not defined on).
+    """
+    adp = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    return unmerged_model(fit(Checkpoint(base), adp), dtype=dtype, cache_scale=cache_scale, device=device)
+
+
+def unmerged_model(fitted: Fit, dtype: torch.dtype = torch.float32, cache_scale: bool = False, device: str = "cpu"):
+    """The base model of ``fitted`` with its adapter applied on the fly (the unmerged forward), eval mode.
 
     D2LORA adapters use :class:`d2serve.layers.D2LoRALinear`; PEFT LORA/DoRA
     adapters are applied by PEFT itself (``PeftModel.from_pretrained``, which
     reads the safetensors file), so PEFT stays the reference for its methods.
 
     Args:
-        base: HF checkpoint directory.
-        adapter: adapter directory or loaded :class:`Adapter`.
+        fitted: the adapter checked against the base (:func:`d2serve.fitting.fit`); the base is not opened again.
         dtype: dtype of the model and factors (float32 for fidelity checks).
         cache_scale: D2LORA only: compute s = m / ||W0 + dW|| once (inference).
         device: where the model runs ("cpu", "cuda", "cuda:N"); built on the CPU, then moved.
 
     Raises:
-        AdapterError: the adapter does not fit the base (see :func:`match_to_base`), or has a layer of a kind its
-            method is not defined on (:func:`d2serve.architecture.check_layer_kinds`).
+        InputError: a PEFT adapter that was not loaded from a directory.
     """
-    from d2serve.architecture import check_layer_kinds
     from d2serve.layers import d2lora_layers, inject_d2lora
 
-    adp = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
-    match_to_base(adp, Checkpoint(base))
-    check_layer_kinds(Checkpoint(base), adp)  # e.g. D2-LoRA on an embedding: refused by name, as the merge does
-    model = load_hf_model(base, dtype)
+    adp = fitted.adapter
+    model = load_hf_model(fitted.ckpt, dtype)
     if adp.method != "d2lora":
         from peft import PeftModel
 
         if adp.path is None:
             raise InputError("a PEFT adapter must be given as a directory")
         return PeftModel.from_pretrained(model, str(adp.path), is_trainable=False).to(device).eval()
-    from d2serve.architecture import tie_plan
-
-    ties = tie_plan(Checkpoint(base), adp)
+    ties = fitted.ties
     if ties.tied_base and not ties.tied_out:  # as PEFT: only the adapted end of a tied embedding changes
         head = model.get_output_embeddings()
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)

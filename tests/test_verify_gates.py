@@ -158,6 +158,7 @@ def test_bad_task_data_is_rejected_before_model_work(setup, tmp_path, monkeypatc
         raise AssertionError("a model was loaded before the task data was checked")
 
     monkeypatch.setattr(models, "load_unmerged_model", boom)
+    monkeypatch.setattr(models, "unmerged_model", boom)
     monkeypatch.setattr(models, "load_hf_model", boom)
     from d2serve.errors import InputError
 

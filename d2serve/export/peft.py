@@ -37,6 +37,7 @@ from d2serve.adapters.io import PREFIX, WEIGHTS_NAME, AdapterError, load_adapter
 from d2serve.adapters.methods import LayerFactors, get_method, truncated_svd_lora
 from d2serve.checkpoint import Checkpoint, atomic_output_dir, sha256_file, write_json
 from d2serve.errors import CheckFailedError, InputError
+from d2serve.fitting import fit as fit_adapter
 from d2serve.outdir import prepare_output_dir
 
 MANIFEST_NAME = "d2serve_export.json"
@@ -65,13 +66,11 @@ class ConversionThresholds:
 
 
 def _source(base: str | Path, adapter: str | Path):
-    """Load ``adapter``, run every base/adapter check (d2serve.merge.check_fit) and refuse what a PEFT LoRA/DoRA
-    layer cannot carry here. Returns the :class:`d2serve.merge.Fit`."""
-    from d2serve.merge import check_fit
-
+    """Load ``adapter``, run every base/adapter check (:func:`d2serve.fitting.fit`) and refuse what a PEFT LoRA/DoRA
+    layer cannot carry here. Returns the :class:`d2serve.fitting.Fit`."""
     ckpt = Checkpoint(base)
     adp = load_adapter(adapter)
-    fit = check_fit(ckpt, adp)
+    fit = fit_adapter(ckpt, adp)
     problems = []
     if adp.modules_to_save:
         problems.append(f"modules_to_save tensors {sorted(adp.modules_to_save)[:3]}: not exported (merge the adapter "
@@ -150,7 +149,7 @@ def export_dora(*, base: str | Path, adapter: str | Path, out: str | Path, overw
 
     Raises:
         InputError: the adapter is not D2-LoRA (PEFT already reads it), does not fit the base (see
-            d2serve.merge.check_fit), has modules_to_save; ``out`` non-empty or overlapping an input.
+            d2serve.fitting.fit), has modules_to_save; ``out`` non-empty or overlapping an input.
         CheckFailedError: a layer's exported merged weight is beyond :data:`MAX_DORA_REL_ERROR` (nothing written).
     """
     from peft import LoraConfig
@@ -281,7 +280,7 @@ def export_lora(*, base: str | Path, adapter: str | Path, out: str | Path, rank:
         factors), ``max_rel_error`` (max |.| / max |W_hat|), and the ``fidelity`` section.
 
     Raises:
-        InputError: bad options (both or a bad rank / budget), adapter not fitting the base (check_fit),
+        InputError: bad options (both or a bad rank / budget), adapter not fitting the base (d2serve.fitting.fit),
             modules_to_save, non-Linear layers; ``out`` non-empty or overlapping an input.
         CheckFailedError: the gate failed: nothing is written, the message gives the numbers.
     """

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,9 @@ from safetensors.torch import save_file
 from d2serve import __version__
 from d2serve.adapters.io import PREFIX, WEIGHTS_NAME, AdapterError, load_adapter
 from d2serve.checkpoint import Checkpoint, atomic_output_dir, write_json
+from d2serve.digests import DigestMemo
 from d2serve.errors import InputError
+from d2serve.fitting import Fit, fit
 from d2serve.outdir import prepare_output_dir
 
 SCALES_NAME = "d2serve_scales.safetensors"
@@ -73,26 +75,21 @@ def vllm_max_lora_rank(rank: int) -> int:
     raise InputError(f"folded LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_MAX_LORA_RANKS[-1]}")
 
 
-def fold_adapter(base: str | Path, adapter: str | Path) -> tuple[str, dict[str, FoldedLayer], Checkpoint, object]:
-    """Load ``adapter``, check it fits ``base``, and fold every layer (float64, registry ``Method.fold``).
+def fold_adapter(fitted: Fit) -> dict[str, FoldedLayer]:
+    """Refuse what vLLM's LoRA cannot serve unmerged, then fold every layer of the fitted adapter (float64, registry
+    ``Method.fold``; W0 read through :meth:`d2serve.fitting.Fit.base_weight`, its fingerprint checked).
 
     Returns:
-        (method name, module path -> :class:`FoldedLayer`, the base :class:`Checkpoint`, the loaded Adapter).
+        module path -> :class:`FoldedLayer`.
 
     Raises:
-        AdapterError: the adapter does not fit the base, or uses what vLLM's LoRA cannot serve unmerged
-            (``modules_to_save``, adapted embeddings / output head, Conv1D layers).
+        AdapterError: the adapter uses what vLLM's LoRA cannot serve unmerged (``modules_to_save``, adapted
+            embeddings / output head, Conv1D layers).
         WrongBaseError: a D2-LoRA ``d2_magnitude`` fingerprint differs from the base.
         MergeMathError: a zero-norm row (s undefined).
-        CheckpointError: unreadable or quantized base.
     """
-    from d2serve.merge import check_fit
-
-    ckpt = Checkpoint(base)
-    adp = load_adapter(adapter)
-    fit = check_fit(ckpt, adp)
-    arch = ckpt.architecture
-    where = Path(adapter) / WEIGHTS_NAME
+    adp, arch = fitted.adapter, fitted.ckpt.architecture
+    where = (adp.path or Path("adapter")) / WEIGHTS_NAME
     problems = []
     if adp.modules_to_save:
         problems.append(f"modules_to_save tensors {sorted(adp.modules_to_save)[:3]}: vLLM's LoRA serves only low-rank "
@@ -106,9 +103,9 @@ def fold_adapter(base: str | Path, adapter: str | Path) -> tuple[str, dict[str, 
         raise AdapterError(f"{where} cannot be served unmerged by vLLM:\n  - " + "\n  - ".join(problems))
     folded = {}
     for m, f in adp.layers.items():
-        s, a, b = fit.method.fold(fit.base_weight(m), f, torch.float64)
+        s, a, b = fitted.method.fold(fitted.base_weight(m), f, torch.float64)
         folded[m] = FoldedLayer(s, a, b)
-    return adp.method, folded, ckpt, adp
+    return folded
 
 
 def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False,
@@ -126,18 +123,31 @@ def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, 
         the manifest written as ``d2serve_vllm_lora.json``.
 
     Raises:
-        See :func:`fold_adapter`; OutputExistsError for a non-empty ``out``; InputError for ``out`` overlapping
-        an input or a folded rank above 512.
+        CheckpointError, AdapterError, WrongBaseError: the adapter does not fit the base (:func:`d2serve.fitting.fit`)
+        or cannot be served unmerged (see :func:`fold_adapter`); OutputExistsError for a non-empty ``out``;
+        InputError for ``out`` overlapping an input or a folded rank above 512.
     """
-    from d2serve.threads import check_requested, pick, record, torch_threads
+    from d2serve.threads import check_requested
 
     t0 = time.perf_counter()
     out = Path(out)
     threads = check_requested(threads)
-    n_threads = pick("forward", threads)
     prepare_output_dir(out, overwrite, inputs=(Path(base), Path(adapter)))
+    fitted = fit(Checkpoint(base), load_adapter(adapter))
+    return _write_folder(fitted, out, overwrite=overwrite, threads=threads, digests=DigestMemo(), t0=t0)
+
+
+def _write_folder(fitted: Fit, out: Path, *, overwrite: bool, threads: int | None, digests: DigestMemo,
+                  t0: float) -> dict:
+    """Fold ``fitted`` and write its folder to ``out`` (checked by the caller: d2serve.outdir.prepare_output_dir),
+    with the sha256 of the base shards and adapter files from ``digests``; returns the manifest (see
+    :func:`export_vllm_lora`)."""
+    from d2serve.threads import pick, record, torch_threads
+
+    n_threads = pick("forward", threads)
+    ckpt, adp, method = fitted.ckpt, fitted.adapter, fitted.adapter.method
     with torch_threads(n_threads):
-        method, folded, ckpt, adp = fold_adapter(base, adapter)
+        folded = fold_adapter(fitted)
     rank = max(f.a.shape[0] for f in folded.values())
     vllm_max_lora_rank(rank)
     tensors, scales = {}, {}
@@ -150,12 +160,10 @@ def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, 
         scales[f"{PREFIX}{m}.{SCALE_SUFFIX}"] = f.s.float().contiguous()
     for k, t in {**tensors, **scales}.items():
         if not torch.isfinite(t).all():
-            raise AdapterError(f"{adapter}: folded tensor {k} overflows float32")
+            raise AdapterError(f"{adp.path}: folded tensor {k} overflows float32")
     all_s = torch.cat([f.s for f in folded.values()])
     needs_scales = bool((all_s != 1).any())
-    from d2serve.digests import sha256_files
-
-    sums = sha256_files([ckpt.path / s for s in ckpt.shards] + list(adp.files))  # cached digests: d2serve.digests
+    sums = digests.sha256_files([ckpt.path / s for s in ckpt.shards] + list(adp.files))  # d2serve.digests
     base_sha = {s: sums[ckpt.path / s] for s in ckpt.shards}
     marker = {"format": FORMAT_VERSION, "method": method, "scales": SCALES_NAME, "manifest": MANIFEST_NAME,
               "base_sha256": base_sha}
@@ -170,7 +178,7 @@ def export_vllm_lora(*, base: str | Path, adapter: str | Path, out: str | Path, 
     }
     manifest = {
         "d2serve_version": __version__, "format": FORMAT_VERSION, "method": method,
-        "base": str(ckpt.path.resolve()), "adapter": str(Path(adapter).resolve()), "rank": rank, "lora_alpha": rank,
+        "base": str(ckpt.path.resolve()), "adapter": str(Path(adp.path).resolve()), "rank": rank, "lora_alpha": rank,
         "vllm_max_lora_rank": vllm_max_lora_rank(rank), "needs_plugin": needs_scales,
         "num_modules": len(folded), "row_scale_min": float(all_s.min()), "row_scale_max": float(all_s.max()),
         "sha256": {"base_shards": base_sha, "adapter": {p.name: sums[p] for p in adp.files}},
@@ -231,38 +239,55 @@ def plugin_problem() -> str | None:
     return None
 
 
-def prepare_served_adapters(base: str | Path, adapters: dict[str, Path]) -> tuple[dict[str, Path], int]:
+def prepare_served_adapters(base: str | Path | Checkpoint, adapters: Mapping[str, Path | Fit],
+                            digests: DigestMemo | None = None) -> tuple[dict[str, Path], int]:
     """Fold each adapter for ``base`` into a cache folder (reused when base, adapter and d2serve are unchanged).
 
+    The base is opened once (or given opened); each file of the base and of the adapters is hashed at most once
+    (``digests``: this run's :class:`d2serve.digests.DigestMemo`, a new one when None); an adapter is loaded and
+    fitted (:func:`d2serve.fitting.fit`) only when its folder is not in the cache.
+
     Args:
-        base: the served base checkpoint.
-        adapters: served name -> adapter directory (D2-LoRA, PEFT LoRA or PEFT DoRA).
+        base: the served base checkpoint (directory or opened :class:`Checkpoint`).
+        adapters: served name -> adapter directory (D2-LoRA, PEFT LoRA or PEFT DoRA), or the adapter already
+            fitted to ``base`` (a :class:`d2serve.fitting.Fit` of this very Checkpoint).
 
     Returns:
         (served name -> folded folder, vLLM ``max_lora_rank`` covering every folder).
 
     Raises:
-        InputError: a name is empty or reused, an adapter cannot be served unmerged (see :func:`fold_adapter`),
-            or d2serve's vLLM plugin would not be loaded while some folder needs it.
+        InputError: a name is empty or reused, an adapter does not fit the base (:func:`d2serve.fitting.fit`) or
+            cannot be served unmerged (see :func:`fold_adapter`), or d2serve's vLLM plugin would not be loaded while
+            some folder needs it.
+        ValueError: a Fit of another Checkpoint object than ``base``.
     """
     import hashlib
 
-    from d2serve.digests import sha256_files
-
-    ckpt = Checkpoint(base)
-    shard_sums = sha256_files([ckpt.path / s for s in ckpt.shards])
+    ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
+    digests = DigestMemo() if digests is None else digests
+    shard_sums = digests.sha256_files([ckpt.path / s for s in ckpt.shards])
     base_sha = {s: shard_sums[ckpt.path / s] for s in ckpt.shards}
     folders, ranks, needs_plugin = {}, [], []
     root = _cache_root()
     for name, adapter in adapters.items():
-        adapter = Path(adapter)
+        fitted = adapter if isinstance(adapter, Fit) else None
+        if fitted is not None and fitted.ckpt is not ckpt:
+            raise ValueError(f"adapter {name!r}: fitted to {fitted.ckpt.path}, another Checkpoint than the base given")
+        adapter = Path(fitted.adapter.path) if fitted is not None else Path(adapter)
         files = sorted(p for p in adapter.iterdir() if p.is_file()) if adapter.is_dir() else []
         h = hashlib.sha256(json.dumps([__version__, FORMAT_VERSION, base_sha,
-                                       [(p.name, d) for p, d in sha256_files(files).items()]]).encode()).hexdigest()[:24]
+                                       [(p.name, d) for p, d in digests.sha256_files(files).items()]]).encode()
+                           ).hexdigest()[:24]
         folder = root / h
         manifest = read_vllm_lora_manifest(folder)
         if not manifest:
-            manifest = export_vllm_lora(base=base, adapter=adapter, out=folder, overwrite=folder.exists())
+            t0 = time.perf_counter()
+            overwrite = folder.exists()
+            prepare_output_dir(folder, overwrite, inputs=(ckpt.path, adapter))
+            if fitted is None:
+                fitted = fit(ckpt, load_adapter(adapter))
+            manifest = _write_folder(fitted, folder, overwrite=overwrite, threads=None, digests=digests,
+                                     t0=t0)
         folders[name] = folder
         ranks.append(manifest["rank"])
         if manifest["needs_plugin"]:
@@ -356,10 +381,11 @@ def check_vllm_lora(*, base: str | Path, adapter: str | Path, folder: str | Path
     problem = plugin_problem()
     if problem:
         raise InputError(problem)
-    dt = str(resolve_dtype(dtype, Checkpoint(base))).removeprefix("torch.")
+    ckpt = Checkpoint(base)
+    dt = str(resolve_dtype(dtype, ckpt)).removeprefix("torch.")
     man = read_vllm_lora_manifest(folder)
     with tempfile.TemporaryDirectory(prefix="d2serve-merged-") as td:
         merged = Path(td) / "merged"
-        merge(base=base, adapter=adapter, out=merged, dtype=dt)
+        merge(base=ckpt, adapter=adapter, out=merged, dtype=dt)
         return parity_check(base, {"adapter": (Path(folder), merged)}, dtype=dt, n_prompts=n_prompts,
                             max_tokens=max_tokens, max_lora_rank=vllm_max_lora_rank(man["rank"]))

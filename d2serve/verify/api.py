@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from d2serve import __version__
-from d2serve.adapters.io import load_adapter, match_to_base
+from d2serve.adapters.io import load_adapter
 from d2serve.checkpoint import DTYPE_NAMES, Checkpoint
 from d2serve.compare import NonFiniteError, check_finite, max_abs_diff
 from d2serve.console import in_steps, step
 from d2serve.errors import InputError
+from d2serve.fitting import fit
 from d2serve.probe import read_probe
 from d2serve.verify.data import (
     BUNDLED_ITEMS_PER_TASK,
@@ -46,7 +47,7 @@ from d2serve.verify.stats import compare_paired
 from d2serve.verify.tasks import TASKS, hf_lm, load_tasks, parse_task_names, score_tasks
 from d2serve.verify.thresholds import Thresholds, parse_thresholds
 from d2serve.verify.vllm_tasks import score_merged_and_unmerged
-from d2serve.verify.weights import check_weights
+from d2serve.verify.weights import check_merged_weights
 
 DEFAULT_LIMIT = 40
 ENGINES = ("hf", "vllm")
@@ -275,8 +276,8 @@ def _verify(
     from d2serve.models import (
         load_hf_model,
         load_tokenizer,
-        load_unmerged_model,
         resolve_device,
+        unmerged_model,
     )
 
     def say(message: str) -> None:
@@ -297,10 +298,10 @@ def _verify(
         raise InputError(f"limit must be >= 0, got {limit}")
     # An ORT-GenAI export folder (genai_config.json) as ``merged``: the deployed artifact is the model under test.
     onnx_under_test = is_onnx_export(merged)
-    base_ck = Checkpoint(base)
+    base_ck = Checkpoint(base)  # opened once: the fit, the weight check and every model built from the base use it
     merged_ck = None if onnx_under_test else Checkpoint(merged)
     adp = load_adapter(adapter)
-    match_to_base(adp, base_ck)
+    fitted = fit(base_ck, adp)  # every check of the adapter against the base, once (d2serve.fitting)
     compute_dtype = None if onnx_under_test else _compute_dtype(merged_compute_dtype, merged_ck)
     if engine == "vllm":
         if onnx_under_test:
@@ -355,15 +356,15 @@ def _verify(
                                              "through ONNX Runtime GenAI")
     else:
         say("weights: comparing every adapted tensor with a float64 recomputation")
-        data["weights"] = check_weights(str(base), adp, str(merged), tol_ulps=th.weight_tol_ulps,
-                                        fp32_slack=th.weight_fp32_slack).to_json()
+        data["weights"] = check_merged_weights(fitted, merged_ck, tol_ulps=th.weight_tol_ulps,
+                                               fp32_slack=th.weight_fp32_slack).to_json()
     timings["weights_s"] = time.perf_counter() - t
 
     if engine == "vllm":
         t = time.perf_counter()
         vllm_dtype = str(compute_dtype).removeprefix("torch.")
         scores, engine_settings = score_merged_and_unmerged(
-            base=Path(base), adapter=Path(adapter), merged=Path(merged), names=specs, data_dir=ddir, limit=limit,
+            fitted=fitted, merged=Path(merged), names=specs, data_dir=ddir, limit=limit,
             dtype=vllm_dtype, batch_size=batch_size, base_accuracy=base_accuracy, say=say)
         timings["tasks_vllm_s"] = time.perf_counter() - t
         data["settings"] |= engine_settings | {"unmerged_dtype": f"{vllm_dtype} (vLLM LoRA + d2serve plugin)",
@@ -375,8 +376,8 @@ def _verify(
         t = time.perf_counter()
         say("loading the unmerged (float32) and merged models")
         tok = load_tokenizer(base)
-        unmerged_m = load_unmerged_model(base, adp, dtype=torch.float32, device=dev)
-        merged_m = OrtGenaiModel(merged) if onnx_under_test else load_hf_model(merged, dtype=compute_dtype, device=dev)
+        unmerged_m = unmerged_model(fitted, dtype=torch.float32, device=dev)
+        merged_m = OrtGenaiModel(merged) if onnx_under_test else load_hf_model(merged_ck, dtype=compute_dtype, device=dev)
         timings["load_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -428,7 +429,7 @@ def _verify(
             if base_accuracy:
                 t = time.perf_counter()
                 say("tasks: scoring the base model")
-                base_m = load_hf_model(base, dtype=torch.float32, device=dev)
+                base_m = load_hf_model(base_ck, dtype=torch.float32, device=dev)
                 scores["base"] = score_tasks(without_progress_bars(hf_lm(base_m, tok, batch_size)), specs, ddir, limit)
                 timings["tasks_base_s"] = time.perf_counter() - t
                 del base_m

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from d2serve.childproc import run_tied_to_parent
 from d2serve.errors import CheckFailedError
+from d2serve.fitting import Fit
 from d2serve.verify.tasks import TaskScores
 
 MAX_MODEL_LEN = 2048  # upper bound on the engines' context (the model's own limit when smaller)
@@ -68,11 +69,12 @@ def score_tasks_vllm(model_dir: str | Path, names: tuple[str, ...], data_dir: Pa
     return {name: TaskScores(**s) for name, s in out["scores"].items()}, {"vllm": out["vllm"]}
 
 
-def score_merged_and_unmerged(*, base: Path, adapter: Path, merged: Path, names: tuple[str, ...],
-                              data_dir: Path | None, limit: int | None, dtype: str, batch_size: int,
-                              base_accuracy: bool, say=lambda m: None) -> tuple[dict, dict]:
-    """The tasks scored through vLLM: ``merged`` (its own engine), ``unmerged`` (the base + ``adapter`` folded and
-    served by d2serve's plugin) and, with ``base_accuracy``, ``base`` (a plain engine on the base).
+def score_merged_and_unmerged(*, fitted: Fit, merged: Path, names: tuple[str, ...], data_dir: Path | None,
+                              limit: int | None, dtype: str, batch_size: int, base_accuracy: bool,
+                              say=lambda m: None) -> tuple[dict, dict]:
+    """The tasks scored through vLLM: ``merged`` (its own engine), ``unmerged`` (the base + the adapter of
+    ``fitted`` folded and served by d2serve's plugin; the base is not opened again) and, with ``base_accuracy``,
+    ``base`` (a plain engine on the base).
 
     Every engine: same dtype, max_model_len (:func:`engine_max_model_len` of the base), eager, seed 0.
 
@@ -83,8 +85,9 @@ def score_merged_and_unmerged(*, base: Path, adapter: Path, merged: Path, names:
     from d2serve.export.vllm_lora import prepare_served_adapters
     from d2serve.export.vllm_lora_check import cpu_safe_max_loras
 
+    base = fitted.ckpt.path
     max_len = engine_max_model_len(base)
-    folders, rank = prepare_served_adapters(base, {"adapter": adapter})
+    folders, rank = prepare_served_adapters(fitted.ckpt, {"adapter": fitted})
     common = {"dtype": dtype, "max_model_len": max_len, "batch_size": batch_size}
     scores, facts = {}, {}
     say(f"tasks (vLLM): scoring the adapter served unmerged by d2serve's plugin on {', '.join(names)}")

@@ -22,21 +22,15 @@ touch but that differ from the (cast) base.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from d2serve.adapters.io import Adapter, match_to_base
-from d2serve.adapters.methods import get_method
-from d2serve.architecture import (
-    check_base_copies,
-    check_layer_kinds,
-    compare_tensor_list,
-    require_full_precision_base,
-    tie_plan,
-    to_out_in,
-)
+from d2serve.adapters.io import Adapter
+from d2serve.architecture import compare_tensor_list, to_out_in
 from d2serve.checkpoint import Checkpoint
 from d2serve.errors import InputError
+from d2serve.fitting import Fit, fit
 
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -105,7 +99,7 @@ def layer_error(module: str, tensor: str, w0: torch.Tensor, ref: torch.Tensor, m
     """Compare one merged weight with its float64 reference.
 
     Args:
-        w0: base weight (out, in), stored dtype.
+        w0: base weight (out, in): the stored values, in their dtype or float64 (exact either way).
         ref: float64 reference merged weight (out, in).
         merged: stored merged weight (out, in), any float dtype.
         tol_ulps / fp32_slack: tolerance parameters (module docstring).
@@ -183,46 +177,55 @@ class WeightReport:
         }
 
 
-def check_weights(base: str, adapter: Adapter, merged: str, *, tol_ulps: float = 1.0,
+def check_weights(base: str | Path, adapter: Adapter, merged: str | Path, *, tol_ulps: float = 1.0,
                   fp32_slack: float = 64.0) -> WeightReport:
-    """Check every adapted weight of ``merged`` against a float64 recomputation, and the other tensors against base.
+    """:func:`check_merged_weights` of ``adapter`` fitted to ``base`` (:func:`d2serve.fitting.fit`) and ``merged``.
 
     Args:
         base / merged: HF checkpoint directories.
         adapter: the loaded adapter.
         tol_ulps / fp32_slack: tolerance parameters (module docstring).
 
+    Raises:
+        CheckpointError, AdapterError, WrongBaseError: the adapter does not fit the base (d2serve.fitting.fit).
+        WeightLayoutError: see :func:`check_merged_weights`.
+    """
+    return check_merged_weights(fit(Checkpoint(base), adapter), Checkpoint(merged), tol_ulps=tol_ulps,
+                                fp32_slack=fp32_slack)
+
+
+def check_merged_weights(fitted: Fit, merged_ck: Checkpoint, *, tol_ulps: float = 1.0,
+                         fp32_slack: float = 64.0) -> WeightReport:
+    """Check every adapted weight of ``merged_ck`` against a float64 recomputation, and the other tensors against
+    the base.
+
+    Args:
+        fitted: the adapter checked against the base (:func:`d2serve.fitting.fit`); W0 is read through
+            :meth:`d2serve.fitting.Fit.base_weight` (its ``d2_magnitude`` fingerprint checked).
+        merged_ck: the merged checkpoint.
+        tol_ulps / fp32_slack: tolerance parameters (module docstring).
+
     Conv1D weights (stored (in, out)) are compared in their (out, in) form; tie
-    semantics come from :func:`d2serve.architecture.tie_plan`, as in the merge.
+    semantics come from the fit's :func:`d2serve.architecture.tie_plan`, as in the merge.
 
     Raises:
-        CheckpointError: the base is quantized or lacks tensors of its architecture.
-        AdapterError: the adapter does not fit the base.
+        WrongBaseError: a layer's fingerprint differs from the base.
         WeightLayoutError: an adapted tensor is missing from ``merged`` or has another shape;
             merged tensors with the wrong shape or integer dtype for the architecture.
     """
-    base_ck, merged_ck = Checkpoint(base), Checkpoint(merged)
-    require_full_precision_base(base_ck)
-    names = match_to_base(adapter, base_ck)
-    check_layer_kinds(base_ck, adapter)
-    ties = tie_plan(base_ck, adapter)
-    check_base_copies(base_ck, adapter)
-    method = get_method(adapter.method)
+    base_ck, adapter, method, ties = fitted.ckpt, fitted.adapter, fitted.method, fitted.ties
     arch = base_ck.architecture
     layers = []
     for module, factors in adapter.layers.items():
-        base_name = names[module]
+        base_name = fitted.w0_names[module]
         mname = f"{module}.weight" if f"{module}.weight" in merged_ck.tensors else base_name
         if mname not in merged_ck.tensors:
             raise WeightLayoutError(f"{merged_ck.path}: adapted tensor {module}.weight is missing from the merged checkpoint")
-        w0 = base_ck.get_tensor(base_name)
-        merged_t = merged_ck.get_tensor(mname)
-        if tuple(merged_t.shape) != tuple(w0.shape):
-            raise WeightLayoutError(
-                f"{merged_ck.path}: tensor {mname} has shape {tuple(merged_t.shape)}, base {base_name} has {tuple(w0.shape)}"
-            )
-        kind = arch.layer(module)  # Conv1D weights are stored (in, out): compare in (out, in)
-        w0, merged_t = to_out_in(w0, kind), to_out_in(merged_t, kind)
+        stored, base_shape = tuple(merged_ck.tensors[mname].shape), tuple(base_ck.tensors[base_name].shape)
+        if stored != base_shape:
+            raise WeightLayoutError(f"{merged_ck.path}: tensor {mname} has shape {stored}, base {base_name} has {base_shape}")
+        w0 = fitted.base_weight(module)  # (out, in) float64: exact for every stored dtype
+        merged_t = to_out_in(merged_ck.get_tensor(mname), arch.layer(module))  # Conv1D stored (in, out)
         ref = method.merged_weight(w0, factors, dtype=torch.float64)
         layers.append(layer_error(module, mname, w0, ref, merged_t, tol_ulps, fp32_slack))
     adapted = {f"{m}.weight" for m in adapter.layers}
