@@ -368,5 +368,6 @@ def test_no_process_is_started_or_killed_outside_childproc():
                 found.append(f"{where} calls {name}")
             found += [f"{where} passes {k.arg}" for k in node.keywords if k.arg in ("start_new_session", "preexec_fn")]
     assert found == []
-    serve_imports = {n.module for n in ast.walk(ast.parse((pkg / "serve.py").read_text())) if isinstance(n, ast.ImportFrom)}
+    serve_tree = ast.parse((pkg / "serve.py").read_text())
+    serve_imports = {n.module for n in ast.walk(serve_tree) if isinstance(n, ast.ImportFrom)}
     assert "d2serve.export.vllm" not in serve_imports and "d2serve.childproc" in serve_imports

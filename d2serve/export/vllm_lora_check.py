@@ -60,7 +60,8 @@ def run_jobs(jobs: list[dict], timeout_s: float = WORKER_TIMEOUT_S, env: dict | 
                                      env=env or child_env(kv_cache_gib=1), timeout_s=timeout_s)
         except WorkerError as e:
             if e.timed_out:
-                raise VllmLoadError(f"vLLM did not finish within {timeout_s:.0f} s; log tail:\n{e.log_tail()}") from None
+                raise VllmLoadError(f"vLLM did not finish within {timeout_s:.0f} s; log tail:\n"
+                                    f"{e.log_tail()}") from None
             raise VllmLoadError(f"vLLM failed:\n{e.detail}\nlog tail:\n{e.log_tail()}") from None
         result["wall_s"] = time.perf_counter() - t0
         return result
