@@ -63,6 +63,7 @@ from d2serve.console import in_steps, step
 from d2serve.errors import CheckFailedError, InputError
 from d2serve.export.checks import config_dtype, require_hf_checkpoint
 from d2serve.extras import require
+from d2serve.serve import d2serve_cli_argv, vllm_cli_argv
 
 REPORT_NAME = "d2serve_export.json"
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -200,15 +201,7 @@ def vllm_available() -> bool:
 def vllm_serve_command(model_dir: str | Path, dtype: str) -> list[str]:
     """The ``vllm serve`` argv for an exported checkpoint (absolute path, explicit dtype), run by this
     interpreter in a form that works here (:func:`d2serve.serve.vllm_cli_argv`)."""
-    from d2serve.serve import vllm_cli_argv
-
     return vllm_cli_argv(["serve", str(Path(model_dir).resolve()), "--dtype", dtype])
-
-
-def _d2serve_argv() -> list[str]:
-    from d2serve.serve import d2serve_cli_argv
-
-    return d2serve_cli_argv()
 
 
 def prompt_token_ids(model_dir: str | Path, prompts: tuple[str, ...] | list[str]) -> tuple[list[list[int]], str]:
@@ -534,7 +527,7 @@ def export_vllm(
             base=str(base) if base is not None else None, adapter=str(adapter) if adapter is not None else None,
             merged=str(merged_p) if merged_p is not None else None, dtype=out_dtype, static_checks="passed",
             load_check=parity, vllm_serve_command=shlex.join(vllm_serve_command(final, out_dtype)),
-            d2serve_serve_command=shlex.join([*_d2serve_argv(), "serve", "--model", str(final.resolve())]),
+            d2serve_serve_command=shlex.join([*d2serve_cli_argv(), "serve", "--model", str(final.resolve())]),
             merge_seconds=merge_s, total_seconds=0.0,
         )
 
