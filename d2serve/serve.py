@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from d2serve.checkpoint import CheckpointError, read_json
+from d2serve.childproc import child_env, start_tied, stop_group
 from d2serve.errors import InputError
 from d2serve.export.checks import config_dtype
-from d2serve.export.vllm import kill_process_group
 from d2serve.extras import require
 
 DEFAULT_HOST = "127.0.0.1"
@@ -136,25 +136,16 @@ def build_serve_command(
 
 
 def server_env() -> dict[str, str]:
-    """The environment for the server: offline hub, no usage stats, a small CPU KV cache unless already set."""
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.setdefault("VLLM_NO_USAGE_STATS", "1")
-    env.setdefault("DO_NOT_TRACK", "1")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; only read by the CPU backend
-    return env
+    """The environment for the server: offline hub, no usage stats, a 2 GiB CPU KV cache, each unless already set
+    (:func:`d2serve.childproc.child_env`)."""
+    return child_env(kv_cache_gib=2)
 
 
 def start_server(cmd: Sequence[str], log: Path | None = None) -> subprocess.Popen:
-    """Start the server in its own process group (stop it with :func:`stop_server`); output to ``log`` or inherited."""
-    out = open(log, "wb") if log else None  # noqa: SIM115 -- owned by the child for its lifetime
-    try:
-        return subprocess.Popen(list(cmd), env=server_env(), start_new_session=True, stdout=out,
-                                stderr=subprocess.STDOUT if out else None)
-    finally:
-        if out:
-            out.close()
+    """Start the server in its own process group, killed with this process (:func:`d2serve.childproc.start_tied`:
+    start it from the thread that lives as long as the server should); stop it with :func:`stop_server`.
+    Output goes to ``log``, or is inherited."""
+    return start_tied(cmd, env=server_env(), log=log)
 
 
 def wait_until_ready(proc: subprocess.Popen, base_url: str, timeout_s: float = 600.0) -> float:
@@ -179,8 +170,8 @@ def wait_until_ready(proc: subprocess.Popen, base_url: str, timeout_s: float = 6
 
 
 def stop_server(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM the server's process group, SIGKILL after ``grace_s`` seconds."""
-    kill_process_group(proc, grace_s)
+    """SIGTERM the server's process group, SIGKILL after ``grace_s`` seconds (:func:`d2serve.childproc.stop_group`)."""
+    stop_group(proc, grace_s)
 
 
 def serve(model: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,

@@ -151,11 +151,12 @@ def test_vllm_unmerged_equals_merged_three_adapters_one_engine(vllm_lora_setup):
 def test_vanilla_vllm_refuses_the_folder(vllm_lora_setup):
     """Without d2serve's plugin (VLLM_PLUGINS=''), vLLM refuses a folder whose row scales are not 1 (never serves
     it silently as a plain LoRA)."""
-    from d2serve.export.vllm import VllmLoadError, _clean_env
+    from d2serve.childproc import child_env
+    from d2serve.export.vllm import VllmLoadError
     from d2serve.export.vllm_lora_check import run_jobs
 
     base, pairs = vllm_lora_setup
-    env = _clean_env() | {"VLLM_PLUGINS": ""}
+    env = child_env(kv_cache_gib=1, vllm_plugins="")
     job = {"model": str(base), "dtype": "float32", "max_model_len": 256, "max_tokens": 4,
            "loras": {"d2": str(pairs["d2"][0])}, "max_lora_rank": 8, "max_loras": 2,
            "runs": [{"name": "x", "requests": [{"prompt_token_ids": [1, 5, 17], "lora": "d2"}]}]}

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from d2serve.childproc import child_env
 from d2serve.sysinfo import peak_rss_bytes
 
 KINDS = ("d2serve_merge", "plain_load_save", "peft_merge", "full_model_load_save")
@@ -79,9 +80,8 @@ def run_job(
         RuntimeError: the child failed (its stderr tail is in the message).
     """
     job = {"kind": kind, "base": str(base), "out": str(out), "adapter": adapter and str(adapter), "threads": threads}
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"} | (env or {})
-    if threads:
-        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = child_env(base=os.environ | {"TRANSFORMERS_VERBOSITY": "error"} | (env or {}), no_usage_stats=False,
+                    keep_user_values=False, threads=threads or None)
     t0 = time.perf_counter()
     r = subprocess.run(
         [sys.executable, "-m", "d2serve.bench.merge_cost", json.dumps(job)],

@@ -29,6 +29,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from d2serve.childproc import child_env, start_tied, stop_group
 from d2serve.errors import CheckFailedError, InputError
 
 from .comparability import (
@@ -300,15 +301,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Server:
-        from d2serve.childproc import _die_with_parent
-
-        out = open(self.log, "wb")  # noqa: SIM115 -- the child owns it
-        try:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_die_with_parent())
-        finally:
-            out.close()
+        self.proc = start_tied(self.argv, env=self.env, log=self.log, stdin=subprocess.DEVNULL)
         return self
 
     def wait_healthy(self, base_url: str, timeout_s: float) -> float:
@@ -334,10 +327,8 @@ class Server:
             return ""
 
     def __exit__(self, *exc) -> None:
-        from d2serve.export.vllm import kill_process_group
-
         if self.proc is not None:
-            kill_process_group(self.proc, grace_s=15.0)
+            stop_group(self.proc, grace_s=15.0)
 
 
 def vllm_bench_argv(*, arm: ServeArm, base_url: str, tokenizer: Path, prompts: Path, point: LoadPoint,
@@ -558,8 +549,7 @@ def bench_serve(
     }
     raw = report / "raw"
     raw.mkdir(exist_ok=True)
-    server_env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-                               "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib)}
+    server_env = child_env(kv_cache_gib=engine.kv_cache_gib, keep_user_values=False)  # exactly what settings record
     logs = Path(tempfile.mkdtemp(prefix="d2serve-bench-serve-"))
     points = plan.points()
 

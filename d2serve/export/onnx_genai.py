@@ -18,7 +18,6 @@ decoder mismatch. Two comparisons per prompt:
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d2serve.childproc import run_tied_to_parent
+from d2serve.childproc import child_env, run_tied_to_parent
 from d2serve.compare import (
     NonFiniteError,
     check_finite,
@@ -109,7 +108,7 @@ def build_genai(merged: Path, out_dir: Path, precision: str, tied: bool, log_pat
         args = ["-i", str(merged.resolve()), "-o", str(out_dir.resolve()), "-p", precision, "-e", "cpu", "-c", cache]
         if extra:
             args += ["--extra_options", *extra]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        env = child_env(datasets_offline=True, no_usage_stats=False, keep_user_values=False)
         t0 = time.perf_counter()
         with open(log_path, "w") as log:  # own process group, dies with this process (even on SIGKILL)
             rc = run_tied_to_parent(

@@ -35,11 +35,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shlex
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,6 +52,7 @@ from d2serve.checkpoint import (
     read_json,
     write_json,
 )
+from d2serve.childproc import WorkerError, child_env, run_json_worker
 from d2serve.compare import (
     NonFiniteError,
     check_finite,
@@ -65,6 +63,7 @@ from d2serve.console import in_steps, step
 from d2serve.errors import CheckFailedError, InputError
 from d2serve.export.checks import config_dtype, require_hf_checkpoint
 from d2serve.extras import require
+from d2serve.serve import d2serve_cli_argv, vllm_cli_argv
 
 REPORT_NAME = "d2serve_export.json"
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -202,15 +201,7 @@ def vllm_available() -> bool:
 def vllm_serve_command(model_dir: str | Path, dtype: str) -> list[str]:
     """The ``vllm serve`` argv for an exported checkpoint (absolute path, explicit dtype), run by this
     interpreter in a form that works here (:func:`d2serve.serve.vllm_cli_argv`)."""
-    from d2serve.serve import vllm_cli_argv
-
     return vllm_cli_argv(["serve", str(Path(model_dir).resolve()), "--dtype", dtype])
-
-
-def _d2serve_argv() -> list[str]:
-    from d2serve.serve import d2serve_cli_argv
-
-    return d2serve_cli_argv()
 
 
 def prompt_token_ids(model_dir: str | Path, prompts: tuple[str, ...] | list[str]) -> tuple[list[list[int]], str]:
@@ -232,19 +223,9 @@ def prompt_token_ids(model_dir: str | Path, prompts: tuple[str, ...] | list[str]
     return [tok(p)["input_ids"] for p in prompts], "raw"
 
 
-def _clean_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; ignored on GPU
-    env.setdefault("VLLM_NO_USAGE_STATS", "1")
-    env.setdefault("DO_NOT_TRACK", "1")
-    return env
-
-
 def run_vllm_worker(model_dir: Path, dtype: str, prompt_ids: list[list[int]], max_tokens: int,
                     max_model_len: int, timeout_s: float = WORKER_TIMEOUT_S) -> dict:
-    """Run :mod:`d2serve.export._vllm_worker` in a fresh process group and return its result dict.
+    """Run :mod:`d2serve.export._vllm_worker` in a fresh process group tied to this one and return its result dict.
 
     The worker's output goes to a log file; on failure its tail is in the error.
 
@@ -252,57 +233,21 @@ def run_vllm_worker(model_dir: Path, dtype: str, prompt_ids: list[list[int]], ma
         VllmLoadError: the worker failed, timed out (its process group is
             killed), or wrote no result.
     """
+    request = {"model": str(model_dir), "dtype": dtype, "max_model_len": max_model_len, "max_tokens": max_tokens,
+               "prompt_token_ids": prompt_ids}
     with tempfile.TemporaryDirectory(prefix="d2serve-vllm-") as td:
-        req, res, log = Path(td) / "request.json", Path(td) / "result.json", Path(td) / "vllm.log"
-        req.write_text(json.dumps({"model": str(model_dir), "dtype": dtype, "max_model_len": max_model_len,
-                                   "max_tokens": max_tokens, "prompt_token_ids": prompt_ids}))
+        log = Path(td) / "vllm.log"
         t0 = time.perf_counter()
-        with open(log, "wb") as logf:
-            proc = subprocess.Popen([sys.executable, "-m", "d2serve.export._vllm_worker", str(req), str(res)],
-                                    stdout=logf, stderr=subprocess.STDOUT, env=_clean_env(), start_new_session=True)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                kill_process_group(proc)
+        try:
+            result = run_json_worker("d2serve.export._vllm_worker", request, log=log, env=child_env(kv_cache_gib=1),
+                                     timeout_s=timeout_s)
+        except WorkerError as e:
+            if e.timed_out:
                 raise VllmLoadError(f"vLLM did not finish within {timeout_s:.0f} s on {model_dir}; log tail:\n"
-                                    + _tail(log)) from None
-            finally:
-                if proc.poll() is None:
-                    kill_process_group(proc)
-        wall = time.perf_counter() - t0
-        result = json.loads(res.read_text()) if res.is_file() else {"error": f"no result (exit code {proc.returncode})"}
-        if "error" in result:
-            raise VllmLoadError(f"vLLM failed on {model_dir}:\n{result['error']}\nlog tail:\n{_tail(log)}")
-        result["wall_s"] = wall
+                                    + e.log_tail()) from None
+            raise VllmLoadError(f"vLLM failed on {model_dir}:\n{e.detail}\nlog tail:\n{e.log_tail()}") from None
+        result["wall_s"] = time.perf_counter() - t0
         return result
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-def kill_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), SIGKILL after ``grace_s``."""
-    import signal
-
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            proc.wait(timeout=wait)
-            # children of the group may outlive the leader briefly; one SIGKILL sweep
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def transformers_greedy(model_dir: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_tokens: int,
@@ -582,7 +527,7 @@ def export_vllm(
             base=str(base) if base is not None else None, adapter=str(adapter) if adapter is not None else None,
             merged=str(merged_p) if merged_p is not None else None, dtype=out_dtype, static_checks="passed",
             load_check=parity, vllm_serve_command=shlex.join(vllm_serve_command(final, out_dtype)),
-            d2serve_serve_command=shlex.join([*_d2serve_argv(), "serve", "--model", str(final.resolve())]),
+            d2serve_serve_command=shlex.join([*d2serve_cli_argv(), "serve", "--model", str(final.resolve())]),
             merge_seconds=merge_s, total_seconds=0.0,
         )
 

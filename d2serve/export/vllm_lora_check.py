@@ -13,21 +13,16 @@ All engines run in one worker process (d2serve.export._vllm_lora_worker), one af
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from d2serve.childproc import WorkerError, child_env, run_json_worker
 from d2serve.export.vllm import (
     LOGPROB_ATOL,
     PROMPTS,
     WORKER_TIMEOUT_S,
     VllmLoadError,
-    _clean_env,
-    _tail,
-    kill_process_group,
     prompt_token_ids,
 )
 
@@ -48,30 +43,26 @@ def cpu_safe_max_loras(n_adapters: int) -> int:
 
 
 def run_jobs(jobs: list[dict], timeout_s: float = WORKER_TIMEOUT_S, env: dict | None = None) -> dict:
-    """Run :mod:`d2serve.export._vllm_lora_worker` on ``jobs`` in a fresh process group; its result dict.
+    """Run :mod:`d2serve.export._vllm_lora_worker` on ``jobs`` in a fresh process group tied to this one; its
+    result dict.
+
+    Args:
+        env: the worker's environment (default :func:`d2serve.childproc.child_env` with a 1 GiB CPU KV cache).
 
     Raises:
         VllmLoadError: the worker failed, timed out (its group is killed) or wrote no result.
     """
     with tempfile.TemporaryDirectory(prefix="d2serve-vllm-lora-") as td:
-        req, res, log = Path(td) / "request.json", Path(td) / "result.json", Path(td) / "vllm.log"
-        req.write_text(json.dumps({"jobs": jobs}))
+        log = Path(td) / "vllm.log"
         t0 = time.perf_counter()
-        with open(log, "wb") as logf:
-            proc = subprocess.Popen([sys.executable, "-m", "d2serve.export._vllm_lora_worker", str(req), str(res)],
-                                    stdout=logf, stderr=subprocess.STDOUT, env=env or _clean_env(),
-                                    start_new_session=True)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                kill_process_group(proc)
-                raise VllmLoadError(f"vLLM did not finish within {timeout_s:.0f} s; log tail:\n{_tail(log)}") from None
-            finally:
-                if proc.poll() is None:
-                    kill_process_group(proc)
-        result = json.loads(res.read_text()) if res.is_file() else {"error": f"no result (exit {proc.returncode})"}
-        if "error" in result:
-            raise VllmLoadError(f"vLLM failed:\n{result['error']}\nlog tail:\n{_tail(log)}")
+        try:
+            result = run_json_worker("d2serve.export._vllm_lora_worker", {"jobs": jobs}, log=log,
+                                     env=env or child_env(kv_cache_gib=1), timeout_s=timeout_s)
+        except WorkerError as e:
+            if e.timed_out:
+                raise VllmLoadError(f"vLLM did not finish within {timeout_s:.0f} s; log tail:\n"
+                                    f"{e.log_tail()}") from None
+            raise VllmLoadError(f"vLLM failed:\n{e.detail}\nlog tail:\n{e.log_tail()}") from None
         result["wall_s"] = time.perf_counter() - t0
         return result
 

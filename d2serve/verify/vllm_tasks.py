@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-from d2serve.childproc import run_tied_to_parent
+from d2serve.childproc import WorkerError, child_env, run_json_worker
 from d2serve.errors import CheckFailedError
 from d2serve.fitting import Fit
 from d2serve.verify.tasks import TaskScores
@@ -27,14 +26,6 @@ def engine_max_model_len(model_dir: str | Path) -> int:
     """min(config.json ``max_position_embeddings``, :data:`MAX_MODEL_LEN`): the context every engine gets."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     return min(MAX_MODEL_LEN, int(cfg.get("max_position_embeddings") or MAX_MODEL_LEN))
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("VLLM_CPU_KVCACHE_SPACE", "1"),
-                 ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1"), ("TOKENIZERS_PARALLELISM", "false")):
-        env.setdefault(k, v)
-    return env
 
 
 def score_tasks_vllm(model_dir: str | Path, names: tuple[str, ...], data_dir: Path | None, limit: int | None, *,
@@ -50,21 +41,15 @@ def score_tasks_vllm(model_dir: str | Path, names: tuple[str, ...], data_dir: Pa
     """
     fd, log = tempfile.mkstemp(prefix="d2serve-verify-vllm-", suffix=".log")
     os.close(fd)
-    with tempfile.TemporaryDirectory(prefix="d2serve-verify-vllm-") as td:
-        req, res = Path(td) / "request.json", Path(td) / "result.json"
-        req.write_text(json.dumps({"model": str(model_dir), "dtype": dtype, "max_model_len": max_model_len,
-                                   "batch_size": batch_size, "tasks": list(names),
-                                   "data_dir": str(data_dir) if data_dir else None, "limit": limit,
-                                   "lora": str(lora_dir) if lora_dir else None, "max_lora_rank": max_lora_rank,
-                                   "max_loras": max_loras}))
-        with open(log, "wb") as logf:
-            code = run_tied_to_parent([sys.executable, "-m", "d2serve.verify._vllm_tasks_worker", str(req), str(res)],
-                                      stdout=logf, stderr=logf, env=_env())
-        out = json.loads(res.read_text()) if res.is_file() else {"error": f"no result (exit code {code})"}
-    if "error" in out:
-        tail = "\n".join(Path(log).read_text(errors="replace").splitlines()[-30:])
+    request = {"model": str(model_dir), "dtype": dtype, "max_model_len": max_model_len, "batch_size": batch_size,
+               "tasks": list(names), "data_dir": str(data_dir) if data_dir else None, "limit": limit,
+               "lora": str(lora_dir) if lora_dir else None, "max_lora_rank": max_lora_rank, "max_loras": max_loras}
+    try:  # no time limit; an interrupted wait SIGKILLs the worker's group at once (grace_s=0)
+        out = run_json_worker("d2serve.verify._vllm_tasks_worker", request, log=log, grace_s=0,
+                              env=child_env(kv_cache_gib=1, tokenizers_parallelism=False))
+    except WorkerError as e:
         raise CheckFailedError(f"vLLM task scoring on {model_dir}{' + ' + str(lora_dir) if lora_dir else ''} "
-                               f"failed:\n{out['error']}\nlog {log}, tail:\n{tail}")
+                               f"failed:\n{e.detail}\nlog {log}, tail:\n{e.log_tail(30)}") from None
     Path(log).unlink(missing_ok=True)
     return {name: TaskScores(**s) for name, s in out["scores"].items()}, {"vllm": out["vllm"]}
 

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from d2serve.childproc import JsonLinesWorker, WorkerError, child_env
 from d2serve.compare import finite_scalar
 
 from ..arms import ArmSpec
@@ -37,6 +36,7 @@ from ..workloads import GenerationCase, ScoringRequest, prompt_ids
 
 ARMS_SUPPORTED = ("base", "merged", "unmerged", "vanilla_lora")
 MAX_MODEL_LEN = 1024
+_WORKER = "d2serve.bench.backends._vllm_worker"
 
 
 class VLLMBackend:
@@ -51,7 +51,7 @@ class VLLMBackend:
 
         self.dtype = str(dtype).replace("torch.", "")
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        self.workers: dict[str, subprocess.Popen] = {}
+        self.workers: dict[str, JsonLinesWorker] = {}
         cfg = json.loads((Path(tokenizer_dir) / "config.json").read_text())
         self.max_model_len = min(MAX_MODEL_LEN, int(cfg.get("max_position_embeddings", MAX_MODEL_LEN)))
         self.version = None
@@ -80,11 +80,13 @@ class VLLMBackend:
         }
 
     def load(self, spec: ArmSpec) -> dict:
-        """Start the arm's worker and wait until vLLM is ready."""
-        env = os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        log = tempfile.NamedTemporaryFile("w+", prefix=f"d2serve-bench-vllm-{spec.name}-", suffix=".log", delete=False)
-        lora = ["-", "0", "0"]
+        """Start the arm's worker and wait until vLLM is ready.
+
+        Raises:
+            RuntimeError: the worker exited before it was ready (its log tail in the message), or the arm's
+                d2serve plugin state is not the expected one.
+        """
+        folder = lora = None
         if spec.adapter_dir is not None:  # unmerged: the folded LoRA + row scales (d2serve's vLLM plugin)
             from d2serve.export.vllm_lora import prepare_served_adapters
             from d2serve.export.vllm_lora_check import cpu_safe_max_loras
@@ -94,29 +96,31 @@ class VLLMBackend:
             if spec.name == "vanilla_lora":  # the same tensors as a plain LoRA, vanilla vLLM (no plugin at all)
                 folder = plain_lora_copy(folder)
                 self._tmp_dirs.append(folder.parent)
-                env["VLLM_PLUGINS"] = ""
             lora = [str(folder), str(rank), str(cpu_safe_max_loras(1))]
-        p = subprocess.Popen(
-            [sys.executable, "-m", "d2serve.bench.backends._vllm_worker", str(spec.model_dir), self.dtype,
-             str(self.max_model_len), "1" if self.prefix_caching else "0", *lora, "1" if self.compile else "0"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-        )
-        line = _read_json_line(p)
-        if not line:
-            p.kill()
-            tail = Path(log.name).read_text()[-3000:]
-            raise RuntimeError(
-                f"vLLM worker for {spec.model_dir} exited before it was ready (exit {p.wait()}); log {log.name}:\n{tail}"
-            )
-        ready = json.loads(line)
-        self.workers[spec.name] = p
+        env = child_env(keep_user_values=False, kv_cache_gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                        vllm_plugins="" if spec.name == "vanilla_lora" and folder is not None else None)
+        fd, log = tempfile.mkstemp(prefix=f"d2serve-bench-vllm-{spec.name}-", suffix=".log")
+        os.close(fd)
+        worker = JsonLinesWorker(
+            _WORKER,
+            [str(spec.model_dir), self.dtype, str(self.max_model_len), "1" if self.prefix_caching else "0",
+             *(lora or ["-", "0", "0"]), "1" if self.compile else "0"],
+            log=log, env=env, name=f"{_WORKER} (arm {spec.name!r})")
+        try:
+            ready = worker.receive()
+        except WorkerError as e:
+            worker.close()
+            tail = Path(log).read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"vLLM worker for {spec.model_dir} exited before it was ready (exit "
+                               f"{worker.proc.returncode}); log {log}:\n{tail}") from e
+        self.workers[spec.name] = worker
         active = ready.get("d2serve_plugin_active")
         want = spec.name != "vanilla_lora"
         if spec.adapter_dir is not None and active is not want:
             self.unload(spec.name)
             expected = "active" if want else "not loaded (VLLM_PLUGINS='')"
             raise RuntimeError(f"arm {spec.name!r}: d2serve's vLLM plugin is {'active' if active else 'not active'} "
-                               f"in its vLLM worker, expected {expected}; log {log.name}")
+                               f"in its vLLM worker, expected {expected}; log {log}")
         facts = {"load_s": ready["startup_s"], "compile_mode": ready.get("compile_mode"),
                  "vllm_plugins": env.get("VLLM_PLUGINS", "<all installed>"), "d2serve_plugin_active": active}
         if spec.adapter_dir is not None:
@@ -124,24 +128,24 @@ class VLLMBackend:
         return facts
 
     def _ask(self, arm: str, req: dict) -> dict:
-        p = self.workers[arm]
-        p.stdin.write(json.dumps(req) + "\n")
-        p.stdin.flush()
-        line = _read_json_line(p)
-        if not line:
-            raise RuntimeError(f"vLLM worker of arm {arm!r} died (exit {p.poll()})")
-        return json.loads(line)
+        """One request to the arm's worker.
+
+        Raises:
+            WorkerError: the worker failed on it (its traceback in the message).
+            RuntimeError: the worker died without an answer.
+        """
+        try:
+            return self.workers[arm].ask(req)
+        except WorkerError as e:
+            if e.traceback is None:
+                raise RuntimeError(f"vLLM worker of arm {arm!r} died (exit {e.returncode})") from e
+            raise
 
     def unload(self, arm: str) -> None:
-        """Stop an arm's worker."""
-        p = self.workers.pop(arm, None)
-        if p is not None:
-            try:
-                p.stdin.write('{"op": "quit"}\n')
-                p.stdin.flush()
-                p.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                p.kill()
+        """Stop an arm's worker (quit; its process group killed when it does not exit within 60 s)."""
+        worker = self.workers.pop(arm, None)
+        if worker is not None:
+            worker.close(timeout_s=60)
 
     def close(self) -> None:
         """Stop every worker and remove the control arm's temporary folders."""
@@ -234,11 +238,3 @@ def _has(dist: str) -> bool:
         return True
     except md.PackageNotFoundError:
         return False
-
-
-def _read_json_line(p: subprocess.Popen) -> str:
-    """The next protocol line from a worker ('' at EOF); stray non-JSON lines are skipped."""
-    while True:
-        line = p.stdout.readline()
-        if not line or line.lstrip().startswith("{"):
-            return line
