@@ -44,12 +44,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from d2serve.adapters.methods import get_method
 from d2serve.cache import cache_dir, write_text_atomic
-from d2serve.checkpoint import CheckpointError, TensorInfo
+from d2serve.errors import AdapterError, CheckpointError
 
 if TYPE_CHECKING:
     from d2serve.adapters.io import Adapter
-    from d2serve.checkpoint import Checkpoint
+    from d2serve.checkpoint import Checkpoint, TensorInfo
 
 LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
 # last path component of fused projections: GPT-2 c_attn (q|k|v), Phi-3 qkv_proj / gate_up_proj, Falcon/GPT-NeoX
@@ -640,8 +641,6 @@ def tie_plan(ckpt: Checkpoint, adapter: Adapter | None = None) -> TiePlan:
         (emb_saved, f"modules_to_save replaces {emb}: lm_head keeps the original embedding"),
     ] if cond]
     if arch.tied and not tied and head in ckpt.tensors and changed:
-        from d2serve.adapters.io import AdapterError
-
         raise AdapterError(
             f"{ckpt.path}/config.json ties lm_head to {emb} but the base also stores {head}, which transformers "
             "ignores; an adapted embedding of such a base is ambiguous (remove the stored copy or untie the config)"
@@ -651,8 +650,6 @@ def tie_plan(ckpt: Checkpoint, adapter: Adapter | None = None) -> TiePlan:
     if not changed:
         return TiePlan(True, True, emb, head, None, "tied; neither embedding adapted")
     if _ensure_weight_tying(adapter):
-        from d2serve.adapters.io import AdapterError
-
         raise AdapterError(
             f"{adapter.path or 'adapter'}: ensure_weight_tying is true and the tied "
             f"{'lm_head' if head_adapted or head_saved else emb} is adapted: PEFT then adapts the input embedding "
@@ -675,8 +672,6 @@ def check_base_copies(ckpt: Checkpoint, adapter: Adapter) -> None:
     copies = getattr(adapter, "base_copies", None) or {}
     if not copies:
         return
-    from d2serve.adapters.io import AdapterError
-
     arch = ckpt.architecture
     where = adapter.path or "adapter"
     for name, t in copies.items():
@@ -739,8 +734,6 @@ def check_layer_kinds(ckpt: Checkpoint, adapter: Adapter) -> None:
     Raises:
         AdapterError: naming the module, its layer kind and the method.
     """
-    from d2serve.adapters.io import AdapterError
-    from d2serve.adapters.methods import get_method
 
     arch = ckpt.architecture
     allowed = get_method(adapter.method).layer_kinds

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from d2serve.errors import InputError
+from d2serve.architecture import architecture_of, model_key_names, tie_plan
+from d2serve.errors import CheckpointError  # raised here; also importable from d2serve.checkpoint (public API)
 from d2serve.outdir import atomic_output_dir, prepare_output_dir  # noqa: F401  (re-exported: output dirs live there)
 
 SINGLE_FILE = "model.safetensors"
@@ -43,10 +44,6 @@ SAFETENSORS_DTYPES = {  # safetensors dtype name -> torch dtype
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-class CheckpointError(InputError):
-    """A checkpoint or adapter file is missing, truncated, inconsistent or not safetensors."""
 
 
 @dataclass(frozen=True)
@@ -271,8 +268,6 @@ class Checkpoint:
             CheckpointError: two stored keys that load into the same model key.
         """
         if self._tensors is None:
-            from d2serve.architecture import model_key_names
-
             try:
                 arch = self.architecture
             except CheckpointError:
@@ -303,8 +298,6 @@ class Checkpoint:
         Raises:
             CheckpointError: transformers cannot build the architecture.
         """
-        from d2serve.architecture import architecture_of
-
         return architecture_of(self.config, self.path)
 
     @property
@@ -314,8 +307,6 @@ class Checkpoint:
         From the architecture (:func:`d2serve.architecture.tie_plan`): config.json's
         ``tie_word_embeddings``, else the architecture's config class default.
         """
-        from d2serve.architecture import tie_plan
-
         return tie_plan(self).tied_base
 
     @property

@@ -36,3 +36,11 @@ class InputNotFoundError(InputError, FileNotFoundError):
 
 class OutputExistsError(InputError, FileExistsError):
     """An output directory is not empty and ``overwrite`` was not given (or is a file, not a directory)."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint or adapter file is missing, truncated, inconsistent or not safetensors."""
+
+
+class AdapterError(InputError):
+    """An adapter's tensors are missing, misshapen, non-finite, or do not fit the base model."""

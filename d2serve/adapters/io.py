@@ -19,13 +19,14 @@ from safetensors.torch import save_file
 
 from d2serve.adapters.config import CONFIG_NAME, AdapterConfig, read_config
 from d2serve.adapters.methods import METHODS, LayerFactors, Method, get_method
+from d2serve.architecture import weight_shapes, weight_source
 from d2serve.checkpoint import (
     Checkpoint,
     CheckpointError,
     atomic_output_dir,
     open_safetensors,
 )
-from d2serve.errors import InputError, InputNotFoundError
+from d2serve.errors import AdapterError, InputNotFoundError  # AdapterError: also importable from here (public API)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -33,10 +34,6 @@ PREFIX = "base_model.model."
 # every per-layer key suffix some method of the registry reads (factors, learned tau, fingerprint)
 _KNOWN_SUFFIXES = sorted({k for m in METHODS.values() for k in (*m.file_keys, *m.extra_keys)}, key=len, reverse=True)
 _SAVED_EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES (save_embedding_layers)
-
-
-class AdapterError(InputError):
-    """An adapter's tensors are missing, misshapen, non-finite, or do not fit the base model."""
 
 
 @dataclass
@@ -242,8 +239,6 @@ def base_weight_name(module: str, base: Checkpoint) -> str:
     With tied embeddings and no stored ``lm_head.weight``, ``lm_head`` reads
     ``model.embed_tokens.weight`` (the tensor it is tied to).
     """
-    from d2serve.architecture import weight_source
-
     return weight_source(base, module)
 
 
@@ -253,8 +248,6 @@ def linear_modules(base: Checkpoint) -> dict[str, tuple[int, ...]]:
     With tied embeddings and no stored ``lm_head.weight``, ``lm_head`` is listed
     with the embedding's shape (see :func:`base_weight_name`).
     """
-    from d2serve.architecture import weight_shapes
-
     return weight_shapes(base)
 
 
