@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,43 +33,11 @@ from d2serve.childproc import child_env, start_tied, stop_group
 from d2serve.errors import InputError
 from d2serve.export.checks import config_dtype
 from d2serve.extras import require
+from d2serve.launch_argv import VLLM_CLI_MODULE, d2serve_cli_argv, vllm_cli_argv, vllm_metadata_found  # noqa: F401
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-VLLM_CLI_MODULE = "vllm.entrypoints.cli.main"
 _OWNED_OPTIONS = ("--model", "--host", "--port")
-
-
-def vllm_metadata_found() -> bool:
-    """Whether ``importlib.metadata`` knows a distribution named ``vllm`` (vLLM's CLI asks for its version)."""
-    try:
-        importlib.metadata.version("vllm")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-def vllm_cli_argv(args: Sequence[str]) -> list[str]:
-    """The argv of ``vllm <args>`` run by this interpreter, in a form that works in this environment.
-
-    ``[python, -m, vllm.entrypoints.cli.main, *args]`` when the ``vllm``
-    distribution metadata exists, else ``[python, -m, d2serve.serve, *args]``
-    (the same ``main()``, see the module docstring).
-    """
-    module = VLLM_CLI_MODULE if vllm_metadata_found() else "d2serve.serve"
-    return [sys.executable, "-m", module, *args]
-
-
-def d2serve_cli_argv() -> list[str]:
-    """How to run ``d2serve`` from where it is printed: ``d2serve`` when that name on PATH is this
-    environment's script, else the script's full path, else ``python -m d2serve.cli``."""
-    script = Path(sys.executable).with_name("d2serve")
-    found = shutil.which("d2serve")
-    if script.is_file() and found and Path(found).resolve() == script.resolve():
-        return ["d2serve"]
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-m", "d2serve.cli"]
 
 
 def _vllm_cli_main() -> None:

@@ -63,7 +63,7 @@ from d2serve.console import in_steps, step
 from d2serve.errors import CheckFailedError, InputError
 from d2serve.export.checks import config_dtype, require_hf_checkpoint
 from d2serve.extras import require
-from d2serve.serve import d2serve_cli_argv, vllm_cli_argv
+from d2serve.launch_argv import d2serve_cli_argv, vllm_cli_argv
 
 REPORT_NAME = "d2serve_export.json"
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -200,7 +200,7 @@ def vllm_available() -> bool:
 
 def vllm_serve_command(model_dir: str | Path, dtype: str) -> list[str]:
     """The ``vllm serve`` argv for an exported checkpoint (absolute path, explicit dtype), run by this
-    interpreter in a form that works here (:func:`d2serve.serve.vllm_cli_argv`)."""
+    interpreter in a form that works here (:func:`d2serve.launch_argv.vllm_cli_argv`)."""
     return vllm_cli_argv(["serve", str(Path(model_dir).resolve()), "--dtype", dtype])
 
 
