@@ -49,6 +49,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-mib", type=int, default=250, help="target synthetic shard size (MiB)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of rows out of {','.join(ROWS)}")
     parser.add_argument("--repeats", type=int, default=3, help="runs per row (min/median/max reported)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="discarded rounds of every row per checkpoint before the timed repeats (page cache warm, "
+                             "the just-written checkpoint flushed)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch checkpoints")
     parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads in every child (recorded)")
 
@@ -101,7 +104,8 @@ def _warm_cache(base: Path, adapters: list[Path], cache: Path) -> None:
                    env=os.environ | {"D2SERVE_CACHE_DIR": str(cache)})
 
 
-def _measure(name: str, base: Path, adapters: dict, work: Path, rows: list[str], repeats: int, threads: int) -> dict:
+def _measure(name: str, base: Path, adapters: dict, work: Path, rows: list[str], repeats: int, threads: int,
+             warmup: int = 1) -> dict:
     from d2serve.bench.merge_cost import run_job, shard_sizes
 
     sizes = shard_sizes(base)
@@ -114,7 +118,9 @@ def _measure(name: str, base: Path, adapters: dict, work: Path, rows: list[str],
     cache = work / "d2serve-cache"  # warm: architecture, kernel and digests made once, before the measurements
     shutil.rmtree(cache, ignore_errors=True)
     _warm_cache(base, [adapters["d2"], adapters["lora"]], cache)
-    for rep in range(repeats):
+    os.sync()  # the just-written checkpoint's dirty pages are flushed before anything is timed
+    res["warmup_rounds"] = warmup
+    for rep in range(-warmup, repeats):  # rep < 0: a discarded warm-up round of every row
         order = rows[rep % len(rows):] + rows[:rep % len(rows)]  # rotate so drifts hit every row
         before = _load()
         for row in order:
@@ -127,10 +133,13 @@ def _measure(name: str, base: Path, adapters: dict, work: Path, rows: list[str],
                         env={"D2SERVE_CACHE_DIR": str(cold if row.endswith("_cold") else cache)})
             shutil.rmtree(cold, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
-            res["runs"][row].append(r)
-            print(f"  {name} [{rep + 1}/{repeats}] {row}: {r['seconds']:.2f} s, peak RSS "
+            label = f"warm-up {rep + warmup + 1}/{warmup}" if rep < 0 else f"{rep + 1}/{repeats}"
+            print(f"  {name} [{label}] {row}: {r['seconds']:.2f} s, peak RSS "
                   f"{r['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
-        res["load_avg"].append({"repeat": rep, "before": before, "after": _load()})
+            if rep >= 0:
+                res["runs"][row].append(r)
+        if rep >= 0:
+            res["load_avg"].append({"repeat": rep, "before": before, "after": _load()})
     res["summary"] = {}
     floor = res["runs"].get("plain_load_save")
     for row, runs in res["runs"].items():
@@ -159,7 +168,8 @@ def _markdown(res: dict) -> str:
              "compiled fused kernel, the sha256 of the base shards and adapters); `d2serve_merge_d2lora_cold` starts "
              "from an empty cache (transformers builds the architecture, every file is hashed, the kernel compiles "
              "while the merge runs the torch path)",
-             f"- {res['repeats']} repeats, rows run back to back in a rotating order; `x floor` = time / plain "
+             f"- {res['repeats']} repeats after {res.get('warmup', 0)} discarded warm-up round(s) of every row, rows run back "
+             "to back in a rotating order; `x floor` = time / plain "
              "load+save time of the same repeat, median [min, max]",
              "- plain load+save: `safetensors.torch.load_file` + `save_file` per shard (the I/O floor); d2serve "
              "merges are the default exact mode (float64 math, one cast, every manifest statistic)",
@@ -227,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; expected some of {list(ROWS)}")
     res = {"environment": environment(args.threads), "rows": rows, "child_threads": args.threads,
-           "repeats": args.repeats, "load_start": _load(),
+           "repeats": args.repeats, "warmup": args.warmup, "load_start": _load(),
            "adapters": {"d2lora": {"r": 16, "lora_alpha": 32, "target_modules": list(D2_TARGETS)},
                         "lora": {"r": 16, "lora_alpha": 32, "target_modules": list(LORA_TARGETS)}},
            "checkpoints": []}
@@ -247,7 +257,8 @@ def main(args: argparse.Namespace) -> int:
             random_adapter(base, adapters["lora"], method="lora", r=16, lora_alpha=32, target_modules=LORA_TARGETS,
                            std=0.02, overwrite=True)
             print(f"{name}:", flush=True)
-            res["checkpoints"].append(_measure(name, base, adapters, work, rows, args.repeats, args.threads))
+            res["checkpoints"].append(_measure(name, base, adapters, work, rows, args.repeats, args.threads,
+                                                    args.warmup))
             save()
             if not args.keep:  # free the disk before the next checkpoint
                 for p in (base, *adapters.values()):
