@@ -772,7 +772,7 @@ def serve_cmd(
 ) -> None:
     """Serve an exported model with vLLM's OpenAI-compatible server; other options go to vLLM unchanged
     (e.g. --tensor-parallel-size 2 --max-model-len 4096)."""
-    from d2serve.serve import build_serve_command, serve
+    from d2serve.serve import build_serve_command, exec_server
 
     extra = list(ctx.args)
     if adapter:
@@ -781,7 +781,7 @@ def serve_cmd(
         extra = lora_serve_args(model, parse_adapter_specs(adapter), user_args=extra) + extra
     cmd = build_serve_command(model, host=host, port=port, served_model_name=served_model_name, extra_args=extra)
     err_console.print(f"[dim]{' '.join(cmd)}[/dim]\nOpenAI API at http://{host}:{port}/v1")
-    serve(model, host=host, port=port, served_model_name=served_model_name, extra_args=extra)  # exec
+    exec_server(cmd)  # the printed argv, built once
 
 
 def _terminated(signum, frame) -> None:
