@@ -17,6 +17,7 @@ from rich.markup import escape
 from typer.core import TyperCommand
 
 from d2serve.errors import CheckFailedError, InputError, InputNotFoundError
+from d2serve.export.targets import exit_code, get_target
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # messages stay one line: paths are never broken by rich
@@ -102,6 +103,15 @@ app = _Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 export_app = _Typer(no_args_is_help=True, help="Export a merged model for a serving runtime, or an adapter as a "
                     "standard PEFT adapter.")
 app.add_typer(export_app, name="export")
+
+
+def _export_command(name: str):
+    """Register an ``export <name>`` command under its registry entry (d2serve.export.targets): its name and help
+    come from there; the decorated function only parses that target's options and prints its result."""
+    return export_app.command(name, help=get_target(name).description)
+
+
+_ONNX = get_target("onnx")
 
 
 class _BenchGroup(typer.core.TyperGroup):
@@ -489,12 +499,12 @@ def bench_serve_cmd(
     console.print(f"report: {report}/online.json, {report}/online.md")
 
 
-@export_app.command("onnx")
+@_export_command("onnx")
 def export_onnx_cmd(
     merged: Path = typer.Option(..., "--merged", help="Merged HF checkpoint directory."),
-    out: Path = typer.Option(..., "--out", help="Output folder (self-contained; gets d2serve_export.json)."),
-    target: str = typer.Option("genai", "--target", help="genai (ORT-GenAI decoder, KV cache) | plain (logits graph)."),
-    precision: str = typer.Option("fp32", "--precision", help="genai: fp32 | int4 | int8; plain: fp32."),
+    out: Path = typer.Option(..., "--out", help=f"Output folder (self-contained; gets {_ONNX.manifest})."),
+    target: str = typer.Option(_ONNX.variant_names[0], "--target", help=_ONNX.variant_help()),
+    precision: str = typer.Option(_ONNX.variants[0].precisions[0], "--precision", help=_ONNX.precision_help()),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="genai parity prompts, one per line."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="genai greedy tokens compared per prompt."),
@@ -504,8 +514,10 @@ def export_onnx_cmd(
     limit: int = typer.Option(30, "--limit", help="--quant: items per task for the accuracy gate."),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
 ) -> None:
-    """Export to ONNX and validate parity against transformers (exit 1 on a parity failure, report kept)."""
-    from d2serve.export.onnx import MANIFEST, export_onnx
+    """``export onnx``: parse, run (export_onnx, or export_quantized for --quant), print; help: the registry."""
+    from d2serve.export.onnx import export_onnx
+
+    manifest = _ONNX.manifest
 
     prompts = None
     if prompts_file is not None:
@@ -527,10 +539,10 @@ def export_onnx_cmd(
                 + (f", task gap {tk['gap_pp']:+.2f} pp" if tk else "")
                 + (f", {sp['decode_tokens_per_s']:.1f} tok/s, {t['size_bytes'] / 2**20:.1f} MiB" if sp else "")
                 + (f" ({t['error']})" if t.get("error") else ""))
-        if not man["passed"]:
-            err_console.print("[red]QUANT GATE FAILED[/red]\n" + "\n".join(man["failures"]) + f"\nreport: {out / MANIFEST}")
-            raise typer.Exit(1)
-        console.print(f"[green]kept {man['quant']['recipe']}[/green]; report: {out / MANIFEST}")
+        if exit_code(man):
+            err_console.print("[red]QUANT GATE FAILED[/red]\n" + "\n".join(man["failures"]) + f"\nreport: {out / manifest}")
+            raise typer.Exit(exit_code(man))
+        console.print(f"[green]kept {man['quant']['recipe']}[/green]; report: {out / manifest}")
         return
     rep = export_onnx(
         merged=merged, out=out, target=target, precision=precision, overwrite=overwrite, prompts=prompts,
@@ -544,12 +556,12 @@ def export_onnx_cmd(
            if rep.target == "genai" else "")
         + f"; {rep.total_size_bytes / 2**20:.1f} MiB, export {rep.export_s:.1f} s"
     )
-    if not rep.passed:
-        err_console.print("[red]PARITY FAILED[/red]\n" + "\n".join(rep.failures) + f"\nreport: {out / MANIFEST}")
-        raise typer.Exit(1)
+    if exit_code(rep):
+        err_console.print("[red]PARITY FAILED[/red]\n" + "\n".join(rep.failures) + f"\nreport: {out / manifest}")
+        raise typer.Exit(exit_code(rep))
     if rep.precision == "int4":
         console.print("int4 is approximate, not equal: see parity.prompts[].first_divergence in the report")
-    console.print(f"[green]checks passed[/green]; report: {out / MANIFEST}")
+    console.print(f"[green]checks passed[/green]; report: {out / manifest}")
 
 
 @app.command("verify")
@@ -618,7 +630,7 @@ def verify_cmd(
     console.print(f"[green]passed[/green]; report: {report}/report.md")
 
 
-@export_app.command("vllm")
+@_export_command("vllm")
 def export_vllm_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (required with --base/--adapter)."),
     base: Optional[Path] = typer.Option(None, "--base", help="Base HF checkpoint (also the tokenizer reference)"
@@ -640,7 +652,7 @@ def export_vllm_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="The merge's row-block worker threads (default: "
                                           "the cores this process may use; recorded in the report)."),
 ) -> None:
-    """Export a merged checkpoint for vLLM: merge, static checks, and a vLLM load + greedy parity check."""
+    """``export vllm``: parse, run export_vllm, print; help: the registry."""
     import json as _json
 
     from d2serve.export.vllm import export_vllm
@@ -671,12 +683,13 @@ def export_vllm_cmd(
                 err_console.print(f"  {r.prompt!r}: diverges at token {r.first_divergence}: vLLM {d['vllm_token']} vs "
                                   f"transformers {d['hf_token']} (transformers margin {d['hf_margin']:.4f} nats)")
     console.print(f"serve it with:\n  {rep.vllm_serve_command}\n  {rep.d2serve_serve_command}")
-    if not rep.passed:
-        err_console.print("[red]PARITY FAILED[/red] (the export was kept for inspection; see d2serve_export.json)")
-        raise typer.Exit(1)
+    if exit_code(rep):
+        err_console.print("[red]PARITY FAILED[/red] (the export was kept for inspection; see "
+                          f"{get_target('vllm').manifest})")
+        raise typer.Exit(exit_code(rep))
 
 
-@export_app.command("vllm-lora")
+@_export_command("vllm-lora")
 def export_vllm_lora_cmd(
     base: Path = typer.Option(..., "--base", help="Base HF checkpoint the adapter is served on."),
     adapter: Path = typer.Option(..., "--adapter", help="D2-LoRA, PEFT LoRA or PEFT DoRA adapter directory."),
@@ -689,7 +702,8 @@ def export_vllm_lora_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
 ) -> None:
-    """Fold an adapter into a LoRA folder that vLLM serves unmerged with d2serve's plugin (many on one base)."""
+    """``export vllm-lora``: parse, run export_vllm_lora (and check_vllm_lora with --check), print; help: the
+    registry."""
     from d2serve.export.vllm_lora import check_vllm_lora, export_vllm_lora
 
     man = export_vllm_lora(base=_model(base, "base"), adapter=_model(adapter, "adapter"), out=out, overwrite=overwrite,
@@ -705,19 +719,19 @@ def export_vllm_lora_cmd(
                           f"{a['max_abs_logprob_diff']:.2e}, first divergences {a['first_divergences']}")
         console.print(f"base requests unchanged: {rep['base']['passed']}; mixed batch = alone: "
                       f"{rep['mixed_vs_alone']['passed']}")
-        if not rep["passed"]:
+        if exit_code(rep):
             err_console.print("[red]PARITY FAILED[/red]")
-            raise typer.Exit(1)
+            raise typer.Exit(exit_code(rep))
 
 
-@export_app.command("dora")
+@_export_command("dora")
 def export_dora_cmd(
     base: Path = typer.Option(..., "--base", help="Base HF checkpoint the adapter is applied to" + _HUB_HELP + "."),
     adapter: Path = typer.Option(..., "--adapter", help="D2-LoRA adapter directory" + _HUB_HELP + "."),
     out: Path = typer.Option(..., "--out", help="Output folder: a standard PEFT DoRA adapter (rank 2r)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
 ) -> None:
-    """Write a D2-LoRA adapter as the exact PEFT DoRA adapter that PEFT, lm-eval and other PEFT readers load."""
+    """``export dora``: parse, run export_dora, print; help: the registry."""
     from d2serve.export.peft import export_dora
 
     base, adapter = _model(base, "base"), _model(adapter, "adapter")
@@ -729,7 +743,7 @@ def export_dora_cmd(
                   f"{man['max_rel_error']:.3g}; valid for base {base} only (magnitudes depend on its weights)")
 
 
-@export_app.command("lora")
+@_export_command("lora")
 def export_lora_cmd(
     base: Path = typer.Option(..., "--base", help="Base HF checkpoint the adapter is applied to" + _HUB_HELP + "."),
     adapter: Path = typer.Option(..., "--adapter", help="D2-LoRA, PEFT DoRA or PEFT LoRA adapter directory"
@@ -742,8 +756,8 @@ def export_lora_cmd(
                                                   "max_mean_kl, min_top1_agreement, min_generation_identical."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
 ) -> None:
-    """Approximate an adapter by a plain PEFT LoRA (truncated SVD of W_hat - W0 per layer), gated on the merged model
-    (exit 1 and nothing written when the converted model is too far from it)."""
+    """``export lora``: parse, run export_lora (a failed gate raises CheckFailedError: exit 1), print; help: the
+    registry."""
     from d2serve.export.peft import export_lora
 
     base, adapter = _model(base, "base"), _model(adapter, "adapter")
@@ -772,7 +786,7 @@ def serve_cmd(
 ) -> None:
     """Serve an exported model with vLLM's OpenAI-compatible server; other options go to vLLM unchanged
     (e.g. --tensor-parallel-size 2 --max-model-len 4096)."""
-    from d2serve.serve import build_serve_command, serve
+    from d2serve.serve import build_serve_command, exec_server
 
     extra = list(ctx.args)
     if adapter:
@@ -781,7 +795,7 @@ def serve_cmd(
         extra = lora_serve_args(model, parse_adapter_specs(adapter), user_args=extra) + extra
     cmd = build_serve_command(model, host=host, port=port, served_model_name=served_model_name, extra_args=extra)
     err_console.print(f"[dim]{' '.join(cmd)}[/dim]\nOpenAI API at http://{host}:{port}/v1")
-    serve(model, host=host, port=port, served_model_name=served_model_name, extra_args=extra)  # exec
+    exec_server(cmd)  # the printed argv, built once
 
 
 def _terminated(signum, frame) -> None:

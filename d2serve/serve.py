@@ -152,7 +152,14 @@ def serve(model: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
     Raises:
         CheckpointError, ValueError: see :func:`build_serve_command` (before exec).
     """
-    cmd = build_serve_command(model, host=host, port=port, served_model_name=served_model_name, extra_args=extra_args)
+    exec_server(build_serve_command(model, host=host, port=port, served_model_name=served_model_name,
+                                    extra_args=extra_args))
+
+
+def exec_server(cmd: Sequence[str]) -> None:
+    """Replace this process with ``cmd`` (an argv from :func:`build_serve_command`) under :func:`server_env`;
+    does not return. Lets a caller that printed the command run exactly that argv, built once
+    (``d2serve serve`` prints it first)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(cmd[0], cmd, server_env())

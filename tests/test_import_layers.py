@@ -28,6 +28,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "d2serve.extras", "d2serve.childproc", "d2serve.launch_argv", "d2serve.outdir", "d2serve.compare", "d2serve.resolve",
         "d2serve.merge_fused_kernels", "d2serve.verify.stats", "d2serve.verify.plots",
         "d2serve.bench.environment", "d2serve.vllm_plugin.compat", "d2serve.vllm_plugin.logits",
+        # the one export manifest name: a constant the checkpoint layer (side files) names too
+        "d2serve.export.manifest",
     ),
     1: ("d2serve.adapters", "d2serve.adapters.methods", "d2serve.adapters.config"),  # method registry, configs
     2: ("d2serve.architecture",),  # what transformers builds from a config (knows no checkpoint file)

@@ -35,12 +35,13 @@ from d2serve.checkpoint import (
 )
 from d2serve.console import in_steps, step
 from d2serve.export import onnx_genai, onnx_plain
+from d2serve.export.manifest import EXPORT_MANIFEST as MANIFEST
 from d2serve.export.onnx_files import OnnxExportError, file_records, initializer_stats
+from d2serve.export.targets import get_target
 from d2serve.outdir import temp_sibling
 
-MANIFEST = "d2serve_export.json"
-TARGETS = ("genai", "plain")
-PRECISIONS = {"genai": ("fp32", "int4", "int8"), "plain": ("fp32",)}
+TARGETS = get_target("onnx").variant_names  # ("genai", "plain"): the registry (d2serve.export.targets) owns them
+PRECISIONS = get_target("onnx").precisions()
 MAX_INITIALIZER_RATIO = 1.05
 
 # Pass/fail tolerances per (target, precision); written verbatim into the manifest.

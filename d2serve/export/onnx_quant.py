@@ -37,9 +37,9 @@ import torch
 
 from d2serve.compare import NonFiniteError, kl_per_row, max_abs_diff, top1_agreement
 from d2serve.errors import InputError
+from d2serve.export.manifest import EXPORT_MANIFEST as MANIFEST
 from d2serve.verify.thresholds import apply_overrides
 
-MANIFEST = "d2serve_export.json"
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,10 @@ from d2serve.adapters.io import PREFIX, WEIGHTS_NAME, AdapterError, load_adapter
 from d2serve.adapters.methods import LayerFactors, get_method, truncated_svd_lora
 from d2serve.checkpoint import Checkpoint, atomic_output_dir, sha256_file, write_json
 from d2serve.errors import CheckFailedError, InputError
+from d2serve.export.manifest import EXPORT_MANIFEST as MANIFEST_NAME
 from d2serve.fitting import fit as fit_adapter
 from d2serve.outdir import prepare_output_dir
 
-MANIFEST_NAME = "d2serve_export.json"
 FORMAT_VERSION = 1
 MAX_DORA_REL_ERROR = 1e-5  # float32 factors: ~1e-7 measured; a layer beyond this means the identity failed
 DEFAULT_MAX_REL_ERROR = 0.01  # export lora: relative Frobenius error budget of each merged weight

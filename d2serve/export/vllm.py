@@ -62,10 +62,10 @@ from d2serve.compare import (
 from d2serve.console import in_steps, step
 from d2serve.errors import CheckFailedError, InputError
 from d2serve.export.checks import config_dtype, require_hf_checkpoint
+from d2serve.export.manifest import EXPORT_MANIFEST as REPORT_NAME
 from d2serve.extras import require
 from d2serve.launch_argv import d2serve_cli_argv, vllm_cli_argv
 
-REPORT_NAME = "d2serve_export.json"
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_N_EXACT = 8
 # The parity check must compare at least this many content tokens (not EOS/pad/special) per prompt on average.

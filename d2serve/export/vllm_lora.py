@@ -38,11 +38,11 @@ from d2serve.adapters.io import PREFIX, WEIGHTS_NAME, AdapterError, load_adapter
 from d2serve.checkpoint import Checkpoint, atomic_output_dir, write_json
 from d2serve.digests import DigestMemo
 from d2serve.errors import InputError
+from d2serve.export.manifest import VLLM_LORA_MANIFEST as MANIFEST_NAME
 from d2serve.fitting import Fit, fit
 from d2serve.outdir import prepare_output_dir
 
 SCALES_NAME = "d2serve_scales.safetensors"
-MANIFEST_NAME = "d2serve_vllm_lora.json"
 MARKER = "d2serve"  # adapter_config.json field read by d2serve.vllm_plugin
 FORMAT_VERSION = 1
 SCALE_SUFFIX = "d2_scale"
