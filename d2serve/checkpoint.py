@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from d2serve.architecture import architecture_of, model_key_names, tie_plan
 from d2serve.errors import CheckpointError  # raised here; also importable from d2serve.checkpoint (public API)
-from d2serve.export.manifest import EXPORT_MANIFEST  # an export's bookkeeping is no side file
+from d2serve.export.manifest import EXPORT_MANIFEST, MERGE_MANIFEST  # d2serve's bookkeeping is no side file
 from d2serve.outdir import atomic_output_dir, prepare_output_dir  # noqa: F401  (re-exported: output dirs live there)
 
 SINGLE_FILE = "model.safetensors"
@@ -338,7 +338,7 @@ class Checkpoint:
         return side_entries(self.path)
 
 
-_NOT_SIDE = {INDEX_FILE, "config.json", "d2serve_merge.json", EXPORT_MANIFEST}
+_NOT_SIDE = {INDEX_FILE, "config.json", MERGE_MANIFEST, EXPORT_MANIFEST}
 
 
 def _is_weight(name: str) -> bool:

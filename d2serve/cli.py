@@ -17,6 +17,7 @@ from rich.markup import escape
 from typer.core import TyperCommand
 
 from d2serve.errors import CheckFailedError, InputError, InputNotFoundError
+from d2serve.export.manifest import MERGE_MANIFEST
 from d2serve.export.targets import exit_code, get_target
 
 console = Console()
@@ -189,7 +190,7 @@ def merge_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="auto (the base's) | float32 | bfloat16 | float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Row-block worker threads (default: the cores "
-                                          "this process may use; recorded in d2serve_merge.json)."),
+                                          f"this process may use; recorded in {MERGE_MANIFEST})."),
 ) -> None:
     """Merge an adapter into a base checkpoint, one shard at a time (float64 math, one cast)."""
     from d2serve.merge import merge

@@ -126,7 +126,9 @@ def _merge_subprocess(base: Path, adapter: Path, out: Path, dtype: str) -> tuple
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"merge failed (exit {proc.returncode}): {proc.stderr.strip()}")
-    manifest = json.loads((out / "d2serve_merge.json").read_text())
+    from d2serve.export.manifest import MERGE_MANIFEST
+
+    manifest = json.loads((out / MERGE_MANIFEST).read_text())
     return (manifest["merge_seconds"], manifest["peak_rss_bytes"],
             manifest["peak_rss_bytes"] - manifest["rss_before_streaming_bytes"])
 

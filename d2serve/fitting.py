@@ -36,8 +36,9 @@ from d2serve.architecture import (
 )
 from d2serve.checkpoint import Checkpoint
 from d2serve.errors import InputError
+from d2serve.export.manifest import MERGE_MANIFEST
 
-MANIFEST_NAME = "d2serve_merge.json"
+MANIFEST_NAME = MERGE_MANIFEST  # d2serve.export.manifest: every manifest name, once
 MAGNITUDE_RTOL = 2e-3  # relative tolerance of the d2_magnitude fingerprint (per output row)
 
 

@@ -115,9 +115,10 @@ def merged_provenance(base, adapter, merged) -> dict:
 
     from d2serve.checkpoint import Checkpoint
     from d2serve.digests import sha256_files
+    from d2serve.export.manifest import MERGE_MANIFEST
 
     merged, base = Path(merged), Path(base)
-    man_path = merged / "d2serve_merge.json"
+    man_path = merged / MERGE_MANIFEST
     out = {"manifest": str(man_path), "checked_files": 0, "matches": False, "problems": []}
     if not man_path.is_file():
         out["problems"].append(f"{man_path}: missing; cannot tell whether {merged} was made from {base}"

@@ -1,4 +1,4 @@
-"""The file names of the manifests d2serve's exports write beside their output, defined once.
+"""The file names of the manifests d2serve writes beside its outputs (the merge's and the exports'), defined once.
 
 Each export target (:mod:`d2serve.export.targets`) writes its report or manifest at the top of its output folder:
 :data:`EXPORT_MANIFEST` (``d2serve_export.json``) for the ONNX, vLLM and PEFT exports, :data:`VLLM_LORA_MANIFEST`
@@ -12,10 +12,14 @@ exports can name it too.
 
 from __future__ import annotations
 
+MERGE_MANIFEST = "d2serve_merge.json"
+"""File name of a merged checkpoint's manifest (``d2serve merge``; JSON object, UTF-8: inputs' sha256, the method and
+its settings, per-layer statistics; read back by :func:`d2serve.fitting.read_manifest`)."""
+
 EXPORT_MANIFEST = "d2serve_export.json"
 """File name of an export's manifest (JSON object, UTF-8, written last and atomically with the folder)."""
 
 VLLM_LORA_MANIFEST = "d2serve_vllm_lora.json"
 """File name of a folded vLLM LoRA folder's manifest (``d2serve export vllm-lora``; JSON object, UTF-8)."""
 
-__all__ = ["EXPORT_MANIFEST", "VLLM_LORA_MANIFEST"]
+__all__ = ["EXPORT_MANIFEST", "MERGE_MANIFEST", "VLLM_LORA_MANIFEST"]
