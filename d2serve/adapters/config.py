@@ -26,11 +26,12 @@ import json
 import logging
 import math
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2serve.adapters.methods import method_for, peft_types
+from d2serve.adapters.methods import METHODS, format_fields, method_for, methods_of, peft_types, selector_fields
 from d2serve.errors import InputError, InputNotFoundError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,20 @@ CONFIG_NAME = "adapter_config.json"
 EXPORT_MARKER = "d2serve_export"  # written by d2serve.export.peft into the PEFT adapters it exports
 
 IMPLEMENTED, IGNORED, REFUSED = "implemented", "ignored", "refused"
-_BOTH, _PEFT, _OURS = ("D2LORA", "LORA"), ("LORA",), ("D2LORA",)
+# which formats a shared field belongs to, resolved against the method registry when asked (FieldRule.formats)
+_BOTH, _PEFT, _OURS = "every format", "PEFT's formats", "d2serve's formats"
+
+
+def _format_group(group: str) -> tuple[str, ...]:
+    """The ``peft_type`` values of a group: d2serve's own formats (``Method.strict_fields``) first, then PEFT's."""
+    ours = tuple(dict.fromkeys(m.peft_type for m in METHODS.values() if m.strict_fields))
+    peft = tuple(dict.fromkeys(m.peft_type for m in METHODS.values() if not m.strict_fields))
+    return {_BOTH: ours + peft, _PEFT: peft, _OURS: ours}[group]
+
+
+def _strict(peft_type: str) -> bool:
+    """Whether ``peft_type`` is a format of d2serve's own, whose files may carry no unknown key."""
+    return any(m.strict_fields for m in methods_of(peft_type))
 
 
 @dataclass(frozen=True)
@@ -50,15 +64,21 @@ class FieldRule:
         kind: ``implemented`` (applied exactly), ``ignored`` (cannot change the merged weights)
             or ``refused`` (refused by name unless its value is one of ``off``).
         reason: why it is ignorable / refused (quoted in errors and in docs).
-        formats: the ``peft_type`` values whose files may carry it.
+        applies_to: a group of formats (every format, PEFT's, d2serve's: resolved against the method registry) or
+            an explicit tuple of ``peft_type`` values (a method's own fields).
         off: for ``refused``: the values that turn the feature off (PEFT's default among them);
             they cannot change the merged weights and are accepted.
     """
 
     kind: str
     reason: str
-    formats: tuple[str, ...] = _PEFT
+    applies_to: str | tuple[str, ...] = _PEFT
     off: tuple = (None,)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The ``peft_type`` values whose files may carry the field."""
+        return self.applies_to if isinstance(self.applies_to, tuple) else _format_group(self.applies_to)
 
 
 _VARIANT = "a PEFT LoRA variant with its own layer and merge rule, which d2serve does not implement"
@@ -70,19 +90,16 @@ _INIT_REWRITES_BASE = (
 )
 _INIT_ONLY = "only decides the initial factors; the trained factors in the file are what is merged"
 
-# The one table of fields (PEFT 0.21 LoraConfig + PeftConfig, and d2serve format v1).
-# tests/test_adapter_fields.py checks that every field of the installed peft.LoraConfig is listed.
-FIELDS: dict[str, FieldRule] = {
+# The fields every method shares (PEFT 0.21 LoraConfig + PeftConfig, and d2serve format v1); each method's own
+# fields (selector, tau, ...) come from its registry entry (Method.config_fields), see field_rules().
+# tests/test_adapter_fields.py checks that every field of the installed peft.LoraConfig is listed in FIELDS.
+_SHARED_FIELDS: dict[str, FieldRule] = {
     # --- what the method and its factors are
-    "peft_type": FieldRule(IMPLEMENTED, "selects the format: D2LORA (d2serve v1) or LORA (PEFT)", _BOTH),
     "r": FieldRule(IMPLEMENTED, "rank; scale = lora_alpha / r", _BOTH),
     "lora_alpha": FieldRule(IMPLEMENTED, "scale numerator", _BOTH),
     "use_rslora": FieldRule(IMPLEMENTED, "scale = lora_alpha / sqrt(r)", _BOTH, off=(None, False)),
     "rank_pattern": FieldRule(IMPLEMENTED, "per-module r (PEFT get_pattern_key)", _BOTH),
     "alpha_pattern": FieldRule(IMPLEMENTED, "per-module lora_alpha (PEFT get_pattern_key)", _BOTH),
-    "use_dora": FieldRule(IMPLEMENTED, "selects method dora", _PEFT, off=(None, False)),
-    "tau": FieldRule(IMPLEMENTED, "D2-LoRA negative-branch weight", _OURS),
-    "magnitude_axis": FieldRule(IMPLEMENTED, "D2-LoRA norm axis ('out' only)", _OURS),
     # --- which modules are adapted (PEFT check_target_module_exists)
     "target_modules": FieldRule(IMPLEMENTED, "list of name suffixes or a full-match regex", _BOTH),
     "exclude_modules": FieldRule(IMPLEMENTED, "list of name suffixes or a full-match regex", _BOTH),
@@ -132,7 +149,29 @@ FIELDS: dict[str, FieldRule] = {
     "kasa_config": FieldRule(REFUSED, _VARIANT),
 }
 
-_REQUIRED = {"D2LORA": ("r", "lora_alpha", "tau", "target_modules"), "LORA": ("r", "lora_alpha", "target_modules")}
+
+
+def _format_names() -> str:
+    """``'D2LORA' (d2serve format v1) or 'LORA' (PEFT)``: every format the registry reads, for messages."""
+    return " or ".join(f"{pt!r} ({methods_of(pt)[0].format_label})" for pt in _format_group(_BOTH))
+
+
+def field_rules() -> dict[str, FieldRule]:
+    """The one table of fields: ``peft_type``, the shared fields and every method's own fields (its
+    ``config_fields``, for its ``peft_type``; a selector is off when null or false), built from the registry
+    (d2serve.adapters.methods) when called."""
+    rules = {"peft_type": FieldRule(IMPLEMENTED, f"selects the format: {_format_names()}", _BOTH)}
+    rules |= _SHARED_FIELDS
+    for m in METHODS.values():
+        for name, reason in m.config_fields.items():
+            prev = rules.get(name)
+            formats = tuple(dict.fromkeys((prev.formats if prev else ()) + (m.peft_type,)))
+            rules[name] = FieldRule(IMPLEMENTED, reason, formats, off=(None, False) if name == m.selector else (None,))
+    return rules
+
+
+FIELDS: dict[str, FieldRule] = field_rules()
+"""The table at import (:func:`field_rules`; docs/adapter-format.md lists it)."""
 
 
 def _same(v: Any, o: Any) -> bool:
@@ -149,17 +188,18 @@ def _check_fields(raw: dict[str, Any], peft_type: str) -> tuple[list[str], list[
     """(problems, ignored field names) of every key of ``raw`` against :data:`FIELDS`."""
     problems: list[str] = []
     ignored: list[str] = []
+    rules, strict = field_rules(), _strict(peft_type)
     for key in sorted(raw):
         value = raw[key]
-        rule = FIELDS.get(key)
+        rule = rules.get(key)
         if rule is None or peft_type not in rule.formats:
-            if peft_type == "D2LORA" or not _is_unset(value):
+            if strict or not _is_unset(value):
                 owner = "" if rule is None else f" (a field of peft_type {'/'.join(rule.formats)})"
-                allowed = sorted(k for k, r in FIELDS.items() if peft_type in r.formats)
+                allowed = sorted(k for k, r in rules.items() if peft_type in r.formats)
                 problems.append(
                     f"field '{key}' = {value!r} is not known to d2serve for peft_type {peft_type}{owner}; refused "
                     "rather than ignored, since it may change the weights"
-                    + (f"; allowed: {allowed}" if peft_type == "D2LORA" else "")
+                    + (f"; allowed: {allowed}" if strict else "")
                 )
             else:
                 ignored.append(key)
@@ -224,11 +264,24 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
     ignored_fields: tuple[str, ...] = ()
     source: str = "<memory>"
+    method_fields: dict[str, Any] = field(default_factory=dict)
+
+    def field_value(self, name: str) -> Any:
+        """The value of a method's own config field (``Method.config_fields``, the selector): the attribute of
+        that name (``tau``, ``magnitude_axis``, ``use_dora``), else ``method_fields[name]``.
+
+        Raises:
+            KeyError: ``name`` is neither.
+        """
+        if name in _ATTRIBUTES:
+            return getattr(self, name)
+        return self.method_fields[name]
 
     @property
     def method(self) -> str:
         """Registry name of the merge method: ``"d2lora"``, ``"lora"`` or ``"dora"``."""
-        return method_for(self.peft_type, {"use_dora": self.use_dora}).name
+        return method_for(self.peft_type, {s: self.field_value(s) for s in selector_fields()
+                                           if s in format_fields(self.peft_type)}).name
 
     def rank_for(self, module_path: str) -> int:
         """Rank r of one module, honouring ``rank_pattern`` (PEFT's regex suffix match)."""
@@ -309,12 +362,12 @@ class AdapterConfig:
             d["bias"] = self.bias
         if self.ensure_weight_tying:
             d["ensure_weight_tying"] = True
-        if self.peft_type == "D2LORA":
-            d["tau"] = self.tau
-            d["magnitude_axis"] = self.magnitude_axis
-        else:
-            d["use_dora"] = self.use_dora
+        for name in format_fields(self.peft_type):  # the format's own fields (d2serve.adapters.methods)
+            d[name] = self.field_value(name)
         return d
+
+
+_ATTRIBUTES = frozenset(f.name for f in dataclasses.fields(AdapterConfig))
 
 
 def _jsonable(v: Any) -> Any:
@@ -405,11 +458,10 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> AdapterConfig
         raise AdapterConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     peft_type = raw.get("peft_type")
     if peft_type not in peft_types():
-        raise AdapterConfigError(
-            f"{source}: field 'peft_type' is {peft_type!r}; expected 'D2LORA' (d2serve format v1) or 'LORA' (PEFT)"
-        )
+        raise AdapterConfigError(f"{source}: field 'peft_type' is {peft_type!r}; expected {_format_names()}")
+    method = method_for(peft_type, raw)  # its required fields, own-field checks and values (the registry)
     problems: list[str] = []
-    for key in _REQUIRED[peft_type]:
+    for key in method.required_fields:
         if raw.get(key) is None:
             problems.append(f"missing required field '{key}' (no default is assumed)")
     field_problems, ignored = _check_fields(raw, peft_type)
@@ -425,18 +477,7 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> AdapterConfig
         problems.append(f"field 'lora_alpha' must be a number, got {type(alpha).__name__} {alpha!r}")
     elif isinstance(alpha, (int, float)) and not (math.isfinite(alpha) and alpha > 0):
         problems.append(f"field 'lora_alpha' must be finite and > 0, got {alpha}")
-    tau = raw.get("tau")
-    if peft_type == "D2LORA" and tau is not None:
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-            problems.append(f"field 'tau' must be a number, got {type(tau).__name__} {tau!r}")
-        elif not math.isfinite(tau):
-            problems.append(f"field 'tau' must be finite, got {tau}")
-    axis = raw.get("magnitude_axis", "out")
-    if peft_type == "D2LORA" and axis != "out":
-        problems.append(
-            f"field 'magnitude_axis' is {axis!r}; only 'out' (norm per output row over in_features, "
-            "PEFT's DoRA axis) is defined in format v1"
-        )
+    problems += method.check_config(raw)
     sel = _selection(raw, problems)
     for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
         pat = raw.get(name) or {}
@@ -453,7 +494,7 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> AdapterConfig
     mts = raw.get("modules_to_save") or []
     if not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
         problems.append(f"field 'modules_to_save' must be a list of module names, got {mts!r}")
-    for flag in ("use_rslora", "use_dora", "ensure_weight_tying"):
+    for flag in ("use_rslora", *selector_fields(), "ensure_weight_tying"):
         if flag in raw and raw[flag] is not None and not isinstance(raw[flag], bool):
             problems.append(f"field '{flag}' must be true or false, got {raw[flag]!r}")
     bias = raw.get("bias") or "none"
@@ -467,15 +508,14 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> AdapterConfig
         raise AdapterConfigError(f"{source}: invalid adapter config:\n  - " + "\n  - ".join(problems))
     if ignored:
         log.debug("%s: fields that cannot change the merged weights: %s", source, ignored)
+    own = method.config_values(raw) | {s: bool(raw.get(s) or False) for s in selector_fields()
+                                       if s in format_fields(peft_type)}
     return AdapterConfig(
         peft_type=peft_type,
         r=int(r),
         lora_alpha=float(alpha),
         target_modules=sel["target_modules"],
-        tau=float(tau) if peft_type == "D2LORA" else None,
-        magnitude_axis=axis,
         use_rslora=bool(raw.get("use_rslora") or False),
-        use_dora=bool(raw.get("use_dora") or False),
         rank_pattern=dict(raw.get("rank_pattern") or {}),
         alpha_pattern={k: float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
         modules_to_save=tuple(mts),
@@ -487,6 +527,8 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> AdapterConfig
         base_model_name_or_path=bm,
         ignored_fields=tuple(ignored),
         source=source,
+        **{k: v for k, v in own.items() if k in _ATTRIBUTES},
+        method_fields={k: v for k, v in own.items() if k not in _ATTRIBUTES},
     )
 
 

@@ -32,7 +32,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 # every per-layer key suffix some method of the registry reads (factors, learned tau, fingerprint)
-_KNOWN_SUFFIXES = sorted({k for m in METHODS.values() for k in (*m.file_keys, *m.extra_keys)}, key=len, reverse=True)
+def _known_suffixes() -> list[str]:
+    """Every tensor-key suffix some registered method reads, longest first (the registry as it is now)."""
+    return sorted({k for m in METHODS.values() for k in (*m.file_keys, *m.extra_keys)}, key=len, reverse=True)
 _SAVED_EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES (save_embedding_layers)
 
 
@@ -72,7 +74,7 @@ def _split_key(key: str, weights: Path) -> tuple[str, str]:
     if not key.startswith(PREFIX):
         raise AdapterError(f"{weights}: tensor {key!r} does not start with {PREFIX!r} (PEFT key convention)")
     rest = key[len(PREFIX) :]
-    for suffix in _KNOWN_SUFFIXES:
+    for suffix in _known_suffixes():
         if rest.endswith("." + suffix):
             return rest[: -len(suffix) - 1], suffix
     return rest, ""

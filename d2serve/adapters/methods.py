@@ -403,7 +403,25 @@ class Method:
         tau_key: key suffix of a learned per-layer scalar tau (``d2_tau``), or None.
         fingerprint_key: key suffix of the base fingerprint ||W0|| per output row (``d2_magnitude``), or None.
         branches: a label of each pair for messages (``plus``, ``minus``), or ().
-        config_fields: the method's own ``adapter_config.json`` fields beyond the shared ones.
+        config_fields: the method's own ``adapter_config.json`` fields beyond the shared ones (``r``,
+            ``lora_alpha``, ``target_modules``, ...), each with the reason quoted in d2serve.adapters.config's table
+            of fields (``FIELDS``) and docs/adapter-format.md; its ``selector`` among them. An :class:`AdapterConfig`
+            attribute of the same name holds each value, and ``to_json_dict`` writes every such field of the
+            config's ``peft_type`` (d2serve.adapters.config asks this entry, never names a method).
+        format_label: what the ``peft_type``'s files are, for messages (``d2serve format v1``, ``PEFT``).
+        strict_fields: the format is d2serve's own: every key of its ``adapter_config.json`` must be known (a
+            typo is an error, even when null); False for a PEFT format (an unknown key is accepted while unset,
+            the value PEFT writes for an option not in use).
+        required_fields: the ``adapter_config.json`` fields a file of this method must carry (no default is
+            assumed), in the order the "missing required field" problems are listed.
+        check_config(raw): the problems (messages) of the method's own field values in the raw config dict (e.g.
+            a non-finite ``tau``), [] when they are valid; the shared fields are checked by d2serve.adapters.config.
+        config_values(raw): the :class:`AdapterConfig` values of the method's own fields from a valid raw config
+            (e.g. ``{"tau": 0.5, "magnitude_axis": "out"}``); the selector is set by the config (a bool).
+        synthetic_config(settings): the raw config fields a random adapter of this method carries beyond the
+            shared ones and the selector (d2serve.adapters.synthetic; ``settings`` holds e.g. ``tau``).
+        synthetic_vectors(norms, gen): the per-output-row factors (``vectors``) of a random adapter, from the base
+            row norms ||W0|| (float64, (out_features,)) and a torch.Generator; float32, (out_features,) each.
         uses_base_norms: the formula reads ||W0 + dW|| or ||W0|| of the base it is merged into,
             so the result depends on which base (refused onto an already-merged folder without a fingerprint).
         delta, merged_weight, merge: the pure functions (module docstring); ``merge`` returns W_hat and
@@ -436,7 +454,7 @@ class Method:
     file_keys: dict[str, str] = field(default_factory=dict)
     tau_key: str | None = None
     fingerprint_key: str | None = None
-    config_fields: tuple[str, ...] = ()
+    config_fields: dict[str, str] = field(default_factory=dict)
     uses_base_norms: bool = False
     branches: tuple[str, ...] = ()
     fold: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
@@ -444,6 +462,13 @@ class Method:
     layer_kinds: tuple[str, ...] = ("linear", "conv1d")
     fused_form: str | None = None
     fused_magnitude: str | None = None
+    format_label: str = "PEFT"
+    strict_fields: bool = False
+    required_fields: tuple[str, ...] = ("r", "lora_alpha", "target_modules")
+    check_config: Callable[[dict], list[str]] = lambda raw: []
+    config_values: Callable[[dict], dict] = lambda raw: {}
+    synthetic_config: Callable[[dict], dict] = lambda settings: {}
+    synthetic_vectors: Callable[..., dict[str, torch.Tensor]] = lambda norms, gen: {}
 
     @property
     def factor_names(self) -> tuple[str, ...]:
@@ -472,6 +497,33 @@ def _weight_keys(*names: str) -> dict[str, str]:
 _EMBEDDING_KEYS = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
 
 
+def _d2lora_config_problems(raw: dict) -> list[str]:
+    """Format v1's own fields: ``tau`` a finite number (when given: its absence is a missing required field),
+    ``magnitude_axis`` ``"out"`` (the only axis format v1 defines)."""
+    import math
+
+    problems = []
+    tau = raw.get("tau")
+    if tau is not None:
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+            problems.append(f"field 'tau' must be a number, got {type(tau).__name__} {tau!r}")
+        elif not math.isfinite(tau):
+            problems.append(f"field 'tau' must be finite, got {tau}")
+    axis = raw.get("magnitude_axis", "out")
+    if axis != "out":
+        problems.append(
+            f"field 'magnitude_axis' is {axis!r}; only 'out' (norm per output row over in_features, "
+            "PEFT's DoRA axis) is defined in format v1"
+        )
+    return problems
+
+
+def _dora_vectors(norms: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A learned DoRA magnitude of a random adapter: the base row norms, each perturbed by up to ~10%."""
+    n = norms.float()
+    return {"lora_magnitude_vector": n * (1 + 0.1 * torch.randn(n.shape[0], generator=gen)).abs()}
+
+
 METHODS: dict[str, Method] = {
     "lora": Method("lora", "LORA", (("lora_A", "lora_B"),), lora_delta, lora_merged, lora_merge,
                    file_keys=_weight_keys("lora_A", "lora_B") | _EMBEDDING_KEYS, fold=lora_fold,
@@ -480,8 +532,8 @@ METHODS: dict[str, Method] = {
                    vectors=("lora_magnitude_vector",), selector="use_dora",
                    file_keys=_weight_keys("lora_A", "lora_B", "lora_magnitude_vector")
                    | {"lora_magnitude_vector": "lora_magnitude_vector"} | _EMBEDDING_KEYS,
-                   config_fields=("use_dora",), uses_base_norms=True, fold=dora_fold,
-                   fused_form="rescale", fused_magnitude="lora_magnitude_vector"),
+                   config_fields={"use_dora": "selects method dora"}, uses_base_norms=True, fold=dora_fold,
+                   fused_form="rescale", fused_magnitude="lora_magnitude_vector", synthetic_vectors=_dora_vectors),
     "d2lora": Method(
         "d2lora", "D2LORA",
         (("lora_A_plus", "lora_B_plus"), ("lora_A_minus", "lora_B_minus")),
@@ -491,10 +543,20 @@ METHODS: dict[str, Method] = {
         low_rank=d2lora_low_rank,
         file_keys=_weight_keys("lora_A_plus", "lora_B_plus", "lora_A_minus", "lora_B_minus"),
         tau_key="d2_tau", fingerprint_key="d2_magnitude",
-        config_fields=("tau", "magnitude_axis"), uses_base_norms=True, branches=("plus", "minus"),
+        config_fields={"tau": "D2-LoRA negative-branch weight", "magnitude_axis": "D2-LoRA norm axis ('out' only)"},
+        uses_base_norms=True, branches=("plus", "minus"),
         fold=d2lora_fold, as_dora=d2lora_as_dora, layer_kinds=("linear",), fused_form="rescale_add",
+        format_label="d2serve format v1", strict_fields=True,
+        required_fields=("r", "lora_alpha", "tau", "target_modules"),
+        check_config=_d2lora_config_problems,
+        config_values=lambda raw: {"tau": float(raw["tau"]), "magnitude_axis": raw.get("magnitude_axis", "out")},
+        synthetic_config=lambda settings: {"tau": settings["tau"]},
     ),
 }
+
+
+DEFAULT_METHOD = "d2lora"
+"""d2serve's own method: what a random adapter (d2serve.adapters.synthetic) is unless another is asked for."""
 
 
 def method_for(peft_type: str, config: dict) -> Method | None:
@@ -509,6 +571,23 @@ def method_for(peft_type: str, config: dict) -> Method | None:
 def peft_types() -> tuple[str, ...]:
     """Every ``peft_type`` some method reads, in registry order."""
     return tuple(dict.fromkeys(m.peft_type for m in METHODS.values()))
+
+
+def methods_of(peft_type: str) -> tuple[Method, ...]:
+    """The methods whose files carry ``peft_type``, in registry order (``LORA``: lora, dora)."""
+    return tuple(m for m in METHODS.values() if m.peft_type == peft_type)
+
+
+def format_fields(peft_type: str) -> tuple[str, ...]:
+    """The ``adapter_config.json`` fields the methods of ``peft_type`` add to the shared ones (their selectors
+    and ``config_fields``), in registry order: what ``AdapterConfig.to_json_dict`` writes for that format."""
+    return tuple(dict.fromkeys(f for m in methods_of(peft_type) for f in ((m.selector,) if m.selector else ())
+                               + tuple(m.config_fields)))
+
+
+def selector_fields() -> tuple[str, ...]:
+    """Every boolean field that selects a method among those of its ``peft_type`` (``use_dora``)."""
+    return tuple(dict.fromkeys(m.selector for m in METHODS.values() if m.selector))
 
 
 def get_method(name: str) -> Method:

@@ -13,7 +13,7 @@ import torch
 
 from d2serve.adapters.config import parse_config
 from d2serve.adapters.io import base_weight_name, linear_modules, save_adapter
-from d2serve.adapters.methods import LayerFactors, row_norm
+from d2serve.adapters.methods import DEFAULT_METHOD, LayerFactors, get_method, row_norm
 from d2serve.checkpoint import Checkpoint
 
 
@@ -21,7 +21,7 @@ def random_adapter(
     base: str | Path,
     out: str | Path,
     *,
-    method: str = "d2lora",
+    method: str = DEFAULT_METHOD,
     r: int = 4,
     lora_alpha: float = 6.0,
     tau: float = 0.7,
@@ -36,22 +36,26 @@ def random_adapter(
     Args:
         base: HF checkpoint directory (read lazily, one tensor at a time).
         out: adapter directory to write.
-        method: ``d2lora``, ``lora`` or ``dora``.
-        r, lora_alpha, tau, target_modules: adapter config fields.
-        std: standard deviation of every factor entry (A and B alike), float32.
+        method: a registry name (d2serve.adapters.methods: ``d2lora``, ``lora``, ``dora``); what its config and
+            tensors hold comes from its entry (``peft_type``, ``selector``, ``synthetic_config``, ``pairs``,
+            ``synthetic_vectors``, ``fingerprint_key``).
+        r, lora_alpha, tau, target_modules: adapter config fields (``tau`` where the method's config has one).
+        std: standard deviation of every A and B factor entry, float32.
         seed: torch RNG seed.
-        with_magnitude: D2LORA only: store ``d2_magnitude`` = ||W0|| rows (float32).
+        with_magnitude: methods with a base fingerprint (``fingerprint_key``, D2-LoRA's ``d2_magnitude``): store
+            ||W0|| rows (float32).
 
     Returns:
         ``out``.
+
+    Raises:
+        KeyError: unknown method name.
     """
+    m = get_method(method)
     ckpt = Checkpoint(base)
-    raw = {"peft_type": "D2LORA" if method == "d2lora" else "LORA", "r": r, "lora_alpha": lora_alpha,
-           "target_modules": list(target_modules), "base_model_name_or_path": str(base)}
-    if method == "d2lora":
-        raw["tau"] = tau
-    if method == "dora":
-        raw["use_dora"] = True
+    raw = {"peft_type": m.peft_type, "r": r, "lora_alpha": lora_alpha, "target_modules": list(target_modules),
+           "base_model_name_or_path": str(base)}
+    raw |= m.synthetic_config(dict(tau=tau)) | ({m.selector: True} if m.selector else {})
     config = parse_config(raw)
     gen = torch.Generator().manual_seed(seed)
     layers = {}
@@ -62,18 +66,14 @@ def random_adapter(
         def rnd(*shape):
             return torch.randn(*shape, generator=gen) * std
 
-        if method == "d2lora":
-            tensors = {"lora_A_plus": rnd(r, in_f), "lora_B_plus": rnd(out_f, r),
-                       "lora_A_minus": rnd(r, in_f), "lora_B_minus": rnd(out_f, r)}
-        else:
-            tensors = {"lora_A": rnd(r, in_f), "lora_B": rnd(out_f, r)}
+        tensors = {}
+        for a, b in m.pairs:  # A (r, in) then B (out, r) of every branch, in the registry's order
+            tensors[a], tensors[b] = rnd(r, in_f), rnd(out_f, r)
         magnitude = None
-        if method == "dora" or (method == "d2lora" and with_magnitude):
-            w0 = ckpt.get_tensor(base_weight_name(module, ckpt)).double()
-            norms = row_norm(w0).float()
-            if method == "dora":  # a learned magnitude: the base norm, perturbed
-                tensors["lora_magnitude_vector"] = norms * (1 + 0.1 * torch.randn(out_f, generator=gen)).abs()
-            else:
-                magnitude = norms
+        fingerprint = m.fingerprint_key is not None and with_magnitude
+        if m.vectors or fingerprint:
+            norms = row_norm(ckpt.get_tensor(base_weight_name(module, ckpt)).double()).float()
+            tensors |= m.synthetic_vectors(norms, gen)  # e.g. a learned magnitude: the base norm, perturbed
+            magnitude = norms if fingerprint else None
         layers[module] = LayerFactors(module, tensors, config.scale_for(module), config.tau, magnitude)
     return save_adapter(out, config, layers, overwrite=overwrite)
