@@ -17,6 +17,7 @@ from rich.markup import escape
 from typer.core import TyperCommand
 
 from d2serve.errors import CheckFailedError, InputError, InputNotFoundError
+from d2serve.bench.backends import backend_entry, backend_help, backend_names
 from d2serve.export.manifest import MERGE_MANIFEST
 from d2serve.export.targets import exit_code, get_target
 
@@ -314,8 +315,7 @@ def bench_cmd(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter directory (unmerged arms)" + _HUB_HELP
                                            + "."),
     merged: Optional[Path] = typer.Option(None, "--merged", help="Merged checkpoint from `d2serve merge`."),
-    backend: str = typer.Option("hf", "--backend", help="hf | vllm | onnx (vllm: base, merged and unmerged through "
-                                "d2serve's vLLM plugin; onnx: base and merged)."),
+    backend: str = typer.Option(backend_names()[0], "--backend", help=backend_help()),
     arms: Optional[str] = typer.Option(None, "--arms", help="Comma list of base,merged,unmerged,unmerged_cached,vanilla_lora (vanilla_lora, vLLM "
                                 "only, never by default: the unmerged arm's folded LoRA without row scales in vanilla vLLM "
                                 "with no plugin, the plugin-cost control)."),
@@ -364,10 +364,11 @@ def bench_cmd(
     try:
         from d2serve.models import resolve_device
 
+        entry = backend_entry(backend)  # the registry: d2serve.bench.backends
         base, adapter = _model(base, "base"), _model(adapter, "adapter")
-        if backend == "hf":
+        if entry.torch_device:
             device = resolve_device(device)
-        dtype = dtype or ("bfloat16" if backend == "hf" and device.startswith("cuda") else "float32")
+        dtype = dtype or entry.default_dtype(device)
         res = bench(
             base=base, report=report, adapter=adapter, merged=merged, backend=backend,
             arms=tuple(a.strip() for a in arms.split(",")) if arms else None, quick=quick, plan=plan,

@@ -1,12 +1,24 @@
 """``d2serve bench``: honest base / merged / unmerged benchmarks on the user's hardware.
 
 Public API: ``bench(...)`` (see ``d2serve.bench.api``), ``NotComparableError``, ``BenchPlan``,
-``QUICK_PLAN``, ``FULL_PLAN``, ``ARM_NAMES``.
+``QUICK_PLAN``, ``FULL_PLAN``, ``ARM_NAMES``. They are imported on first use (PEP 562), so that importing a
+light submodule (the backend registry the CLI reads, ``d2serve.bench.backends``) loads no torch.
 """
 
-from .api import bench
-from .arms import ARM_NAMES, ArmError
-from .comparability import NotComparableError
-from .workloads import FULL_PLAN, QUICK_PLAN, BenchPlan, WorkloadError
+from __future__ import annotations
 
-__all__ = ["bench", "ARM_NAMES", "ArmError", "NotComparableError", "BenchPlan", "QUICK_PLAN", "FULL_PLAN", "WorkloadError"]
+import importlib
+
+_PUBLIC = {"bench": ".api", "ARM_NAMES": ".arms", "ArmError": ".arms", "NotComparableError": ".comparability",
+           "BenchPlan": ".workloads", "QUICK_PLAN": ".workloads", "FULL_PLAN": ".workloads",
+           "WorkloadError": ".workloads"}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

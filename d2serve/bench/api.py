@@ -100,8 +100,8 @@ def bench(
     Args:
         base, adapter, merged: the base checkpoint, the adapter dir and the merged checkpoint.
         report: output directory (created; bench.json/bench.md/PNGs overwritten).
-        backend: ``"hf"`` (all arms), ``"vllm"`` (base, merged, unmerged through d2serve's vLLM plugin) or
-            ``"onnx"`` (base and merged only).
+        backend: a name of d2serve.bench.backends.BACKENDS: ``"hf"`` (all arms), ``"vllm"`` (base, merged,
+            unmerged through d2serve's vLLM plugin) or ``"onnx"`` (base and merged only).
         arms: subset of ``ARM_NAMES``; default all arms the inputs and backend allow, except the opt-in
             ``vanilla_lora`` (vLLM backend: the plugin-cost control, see d2serve.bench.arms).
         quick: the reduced sweep (~1 minute on SmolLM2, 2 CPU threads).
@@ -170,9 +170,9 @@ def bench(
             raise NotComparableError(f"the merged checkpoint {merged} was not made from base {base}"
                                      + (f" + adapter {adapter}" if adapter else "") + ":\n"
                                      + "\n".join(provenance["problems"]))
-    extra = ({"prefix_caching": vllm_prefix_caching, "compile": vllm_compile,
-              "eval_per_request": "vanilla_lora" in arms} if backend == "vllm" else {})
-    allowed = ALLOWED_TO_DIFFER | ({"compile_mode"} if backend == "vllm" and vllm_compile else set())
+    # the backend says what it takes and what may differ (d2serve.bench.backends.protocol); no branch on its name
+    extra = backend_cls.engine_options(prefix_caching=vllm_prefix_caching, compile=vllm_compile, arms=tuple(arms))
+    allowed = ALLOWED_TO_DIFFER | backend_cls.allowed_to_differ(extra)
     be = backend_cls(dtype=_DTYPES[dtype], device=device, tokenizer_dir=Path(base), **extra)
 
     try:
@@ -190,7 +190,7 @@ def bench(
         }
         eval_path = Path(eval_data) if eval_data else resolve_data_dir() / DEFAULT_EVAL_DATA
         requests, items = None, []
-        if "eval" in workloads and not getattr(be, "supports_eval", True):
+        if "eval" in workloads and not be.supports_eval:
             results["skipped"] = {"eval": f"the {backend} backend does not run the eval-throughput workload"}
         elif "eval" in workloads:
             items = load_mc_items(eval_path, limit=plan.eval_examples)
@@ -222,9 +222,9 @@ def bench(
             s |= (settings_override or {}).get(spec.name, {})
             results["arms"][spec.name] = s
         diffs = check_comparable({n: s for n, s in results["arms"].items()}, strict=strict, allowed=allowed)
-        if backend == "vllm":
-            results["comparison_mode"] = ("practical: each arm's default vLLM compilation (compile_mode per arm)"
-                                          if vllm_compile else "fair: every arm eager (one compilation mode)")
+        mode = backend_cls.comparison_mode(extra)
+        if mode is not None:
+            results["comparison_mode"] = mode
         results["comparability"] = {
             "comparable": all(d.comparable for d in diffs) and (provenance is None or provenance["matches"]),
             "diffs": [d.render() for d in diffs if not d.comparable]
@@ -262,8 +262,7 @@ def bench(
         write_report(report, results)
         return results
     finally:
-        if hasattr(be, "close"):
-            be.close()  # stop vLLM workers / delete ONNX exports even on errors
+        be.close()  # stop vLLM workers / delete ONNX exports even on errors
 
 
 def _loadavg() -> float | None:

@@ -17,6 +17,7 @@ from d2serve.models import resolve_device
 from ..arms import ARM_NAMES, OPT_IN_ARMS, ArmSpec, load_arm_model
 from ..timing import now
 from ..workloads import GenerationCase, ScoringRequest, prompt_ids
+from .protocol import Backend
 
 ARMS_SUPPORTED = tuple(a for a in ARM_NAMES if a not in OPT_IN_ARMS)
 
@@ -36,7 +37,7 @@ class _StepClock:
         pass
 
 
-class HFBackend:
+class HFBackend(Backend):
     """Runs arms as transformers models with identical settings.
 
     Args:

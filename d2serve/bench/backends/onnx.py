@@ -19,11 +19,12 @@ from d2serve.errors import InputError
 from ..arms import ArmSpec
 from ..timing import now
 from ..workloads import GenerationCase, prompt_ids
+from .protocol import Backend
 
 ARMS_SUPPORTED = ("base", "merged")
 
 
-class OnnxGenAIBackend:
+class OnnxGenAIBackend(Backend):
     """Runs base and merged as ORT-GenAI models with identical builder settings."""
 
     name = "onnx"

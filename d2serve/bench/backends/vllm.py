@@ -33,17 +33,35 @@ from d2serve.compare import finite_scalar
 
 from ..arms import ArmSpec
 from ..workloads import GenerationCase, ScoringRequest, prompt_ids
+from .protocol import Backend
 
 ARMS_SUPPORTED = ("base", "merged", "unmerged", "vanilla_lora")
 MAX_MODEL_LEN = 1024
 _WORKER = "d2serve.bench.backends._vllm_worker"
 
 
-class VLLMBackend:
+class VLLMBackend(Backend):
     """Runs base, merged and unmerged (LoRA + d2serve plugin) in vLLM workers with identical engine settings."""
 
     name = "vllm"
     arms_supported = ARMS_SUPPORTED
+
+    @classmethod
+    def engine_options(cls, *, prefix_caching: bool, compile: bool, arms: tuple[str, ...]) -> dict:
+        """Prefix caching and compilation as asked; with the ``vanilla_lora`` control every arm scores the eval
+        workload one request per call (vanilla vLLM's CPU LoRA cannot score several in one step)."""
+        return {"prefix_caching": prefix_caching, "compile": compile, "eval_per_request": "vanilla_lora" in arms}
+
+    @classmethod
+    def allowed_to_differ(cls, options: dict) -> set[str]:
+        """``compile_mode`` when each arm compiles as vLLM defaults (a LoRA engine on CPU runs eager)."""
+        return {"compile_mode"} if options.get("compile") else set()
+
+    @classmethod
+    def comparison_mode(cls, options: dict) -> str:
+        """Practical (each arm's default compilation) or fair (every arm eager)."""
+        return ("practical: each arm's default vLLM compilation (compile_mode per arm)" if options.get("compile")
+                else "fair: every arm eager (one compilation mode)")
 
     def __init__(self, *, dtype, device: str, tokenizer_dir, prefix_caching: bool = False, compile: bool = False,
                  eval_per_request: bool = False):
