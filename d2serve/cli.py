@@ -19,6 +19,7 @@ from typer.core import TyperCommand
 from d2serve.errors import CheckFailedError, InputError, InputNotFoundError
 from d2serve.bench.backends import backend_entry, backend_help, backend_names
 from d2serve.export.manifest import MERGE_MANIFEST
+from d2serve.runtimes import engine_help, engine_names
 from d2serve.export.targets import exit_code, get_target
 
 console = Console()
@@ -586,9 +587,7 @@ def verify_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --report folder."),
     device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP + " Same dtypes on every device."),
     threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
-    engine: str = typer.Option("hf", "--engine", help="hf (every check in transformers) or vllm (weights, then task "
-                               "accuracy through vLLM: the merged checkpoint vs the adapter served unmerged by "
-                               "d2serve's plugin; no logit/generation comparison)."),
+    engine: str = typer.Option(engine_names()[0], "--engine", help=engine_help()),
 ) -> None:
     """Verify a merged checkpoint against the unmerged adapter model (exit 0 pass, 1 fidelity fail, 2 bad input)."""
     from d2serve.verify import verify

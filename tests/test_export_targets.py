@@ -88,9 +88,7 @@ def test_the_export_manifest_name_is_spelled_in_one_module():
     spelled = {str(p.relative_to(pkg)) for p in pkg.rglob("*.py")
                if any(n in s for s in _string_literals(p) for n in names)}
     assert "export/manifest.py" in spelled
-    # verify/onnx_model.py still names its own copy until the runtime registry (issue 22 item 3, verify side)
-    # imports it from d2serve.export.manifest; nothing else may
-    assert spelled <= {"export/manifest.py", "verify/onnx_model.py"}, spelled
+    assert spelled == {"export/manifest.py"}, spelled
 
 
 def test_onnx_variants_and_precisions_come_from_the_registry():

@@ -132,7 +132,7 @@ def test_ort_lm_loglikelihoods_equal_hflm(gate_setup):
     """The lm-eval adapter over ORT-GenAI gives HFLM's log-likelihoods and greedy flags on the fp32 export."""
     from lm_eval.api.instance import Instance
 
-    from d2serve.verify.onnx_model import OrtGenaiLM, OrtGenaiModel
+    from d2serve.runtimes.ort_genai import OrtGenaiLM, OrtGenaiModel
 
     like = gate_setup["ref"].hf_like
     reqs = [Instance("loglikelihood", {}, (c, x), i) for i, (c, x) in enumerate([

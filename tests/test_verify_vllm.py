@@ -52,16 +52,16 @@ def test_verify_engine_vllm_merged_vs_plugin_unmerged(tmp_path, monkeypatch):
                              target_modules=ALL7)
     merged = tmp_path / "merged"
     merge(base=base, adapter=adapter, out=merged, dtype="float32")
-    import d2serve.verify.api as verify_api
+    import d2serve.runtimes.vllm as vllm_runtime  # the vLLM runtime under test scores every engine
 
     seen = {}
-    real = verify_api.score_merged_and_unmerged
+    real = vllm_runtime.score_merged_and_unmerged
 
     def spy(**kw):
         seen["scores"], settings = real(**kw)
         return seen["scores"], settings
 
-    monkeypatch.setattr(verify_api, "score_merged_and_unmerged", spy)
+    monkeypatch.setattr(vllm_runtime, "score_merged_and_unmerged", spy)
     r = CliRunner().invoke(app, ["verify", "--base", str(base), "--adapter", str(adapter), "--merged", str(merged),
                                  "--report", str(tmp_path / "r"), "--engine", "vllm", "--tasks", "arc_easy,boolq",
                                  "--limit", "8", "--no-base"])

@@ -12,7 +12,7 @@ Fidelity (reference: the merged checkpoint in transformers, float32; ONNX side: 
   agreement = matched prefix / reference length, pooled over prompts;
 * task accuracy: the verify tasks (:mod:`d2serve.verify.tasks`, zero-shot, first ``limit`` items) scored by
   lm-eval for both models with the same requests; the ONNX side through
-  :class:`d2serve.verify.onnx_model.OrtGenaiLM` (teacher-forced log-likelihood of each choice from
+  :class:`d2serve.runtimes.ort_genai.OrtGenaiLM` (teacher-forced log-likelihood of each choice from
   ORT-GenAI logits). The gate is on the pooled accuracy gap in percentage points.
 
 Gate defaults (:class:`QuantGate`, overridable with ``key=value``): ``min_top1_agreement`` 0.95,
@@ -184,7 +184,7 @@ def build_reference(
     like = hf_lm(model, tok, batch_size)
     scores = {}
     if names:
-        from d2serve.verify.api import without_progress_bars
+        from d2serve.verify.tasks import without_progress_bars
 
         scores = score_tasks(without_progress_bars(like), specs, ddir, limit)
     return Reference(
@@ -208,8 +208,8 @@ def measure_fidelity(folder: Path, ref: Reference) -> dict:
     (a NaN/inf in the ONNX logits: the metrics involved are then None) and ``seconds``.
     """
     from d2serve.export import onnx_genai
-    from d2serve.verify.api import without_progress_bars
-    from d2serve.verify.onnx_model import OrtGenaiLM, OrtGenaiModel
+    from d2serve.verify.tasks import without_progress_bars
+    from d2serve.runtimes.ort_genai import OrtGenaiLM, OrtGenaiModel
     from d2serve.verify.tasks import score_tasks
 
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ Modules (one job each): :mod:`.data` (locate the evaluation data),
 (greedy comparison), :mod:`.tasks` (multiple-choice tasks from local files,
 scored by lm-eval), :mod:`.stats` (McNemar / bootstrap), :mod:`.thresholds`
 (pass/fail rules), :mod:`.plots` and :mod:`.report` (report files),
-:mod:`.api` (the ``verify`` orchestration).
+:mod:`.api` (the ``verify`` orchestration, which asks the runtime under test: :mod:`d2serve.runtimes`).
 """
 
 from d2serve.verify.api import VerifyReport, verify

@@ -37,23 +37,14 @@ from d2serve.verify.logits import (
     read_text,
     text_windows,
 )
-from d2serve.verify.onnx_model import (
-    OrtGenaiLM,
-    OrtGenaiModel,
-    is_onnx_export,
-    onnx_label,
-)
 from d2serve.verify.stats import compare_paired
-from d2serve.verify.tasks import TASKS, hf_lm, load_tasks, parse_task_names, score_tasks
+from d2serve.runtimes import engine_names, select_runtime
+from d2serve.verify.tasks import TASKS, hf_lm, load_tasks, parse_task_names, score_tasks, without_progress_bars
 from d2serve.verify.thresholds import Thresholds, parse_thresholds
-from d2serve.verify.vllm_tasks import score_merged_and_unmerged
 from d2serve.verify.weights import check_merged_weights
 
 DEFAULT_LIMIT = 40
-ENGINES = ("hf", "vllm")
-#: what ``engine="vllm"`` does not compare (recorded in report.json settings.not_run and report.md)
-VLLM_NOT_RUN = ("logits: the teacher-forced logit comparison (KL, top-1 agreement) runs with --engine hf only",
-                "generation: the greedy generation comparison runs with --engine hf only")
+ENGINES = engine_names()  # the runtimes offered by --engine (d2serve.runtimes)
 DEFAULT_WINDOWS = 4
 DEFAULT_WINDOW_LEN = 256
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -191,15 +182,6 @@ def _task_section(scores: dict, names: tuple[str, ...], limit: int | None) -> di
     return {"limit": limit, "tasks": list(names), "per_task": per_task, "overall": overall}
 
 
-def without_progress_bars(lm):
-    """``lm`` (an lm-eval LM) with its log-likelihood calls drawing no tqdm bars (they would break the stage
-    display); returns the same object."""
-    import functools
-
-    lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
-    return lm
-
-
 @in_steps  # each progress message below is a stage with elapsed time (d2serve.console; shown by the CLI)
 def _verify(
     *,
@@ -286,8 +268,7 @@ def _verify(
             log(message)
     from d2serve.threads import check_requested, pick, record, torch_threads
 
-    if engine not in ENGINES:
-        raise InputError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    runtime = select_runtime(engine, merged)  # the runtime under test (d2serve.runtimes): asked, never named
     dev = resolve_device(device)
     threads = check_requested(threads)
     n_forward, n_generate = pick("forward", threads), pick("generate", threads)
@@ -296,21 +277,12 @@ def _verify(
     limit = None if not limit else int(limit)
     if limit is not None and limit < 0:
         raise InputError(f"limit must be >= 0, got {limit}")
-    # An ORT-GenAI export folder (genai_config.json) as ``merged``: the deployed artifact is the model under test.
-    onnx_under_test = is_onnx_export(merged)
     base_ck = Checkpoint(base)  # opened once: the fit, the weight check and every model built from the base use it
-    merged_ck = None if onnx_under_test else Checkpoint(merged)
+    merged_ck = Checkpoint(merged) if runtime.opens_merged_checkpoint else None
     adp = load_adapter(adapter)
     fitted = fit(base_ck, adp)  # every check of the adapter against the base, once (d2serve.fitting)
-    compute_dtype = None if onnx_under_test else _compute_dtype(merged_compute_dtype, merged_ck)
-    if engine == "vllm":
-        if onnx_under_test:
-            raise InputError(f"--engine vllm verifies a merged HF checkpoint; {merged} is an ONNX Runtime GenAI export")
-        if not specs:
-            raise InputError("--engine vllm compares task accuracy through vLLM; give at least one task (--tasks)")
-        from d2serve.extras import require
-
-        require("vllm", purpose="verify --engine vllm")
+    compute_dtype = _compute_dtype(merged_compute_dtype, merged_ck) if merged_ck is not None else None
+    runtime.check(merged=Path(merged), tasks=specs)
     needs_dir = wikitext or any(n in TASKS for n in specs)
     ddir = resolve_data_dir(data_dir) if needs_dir else None
     names = tuple(load_tasks(specs, ddir))  # every task's data checked before any model is loaded; groups expanded
@@ -334,12 +306,12 @@ def _verify(
         "d2serve_version": __version__,
         "inputs": {"base": str(base), "adapter": str(adapter), "merged": str(merged), "method": adp.method,
                    "n_adapted_layers": len(adp.layers), "base_dtype": str(base_ck.dtype).removeprefix("torch."),
-                   "merged_dtype": (onnx_label(merged) if onnx_under_test else str(merged_ck.dtype).removeprefix("torch.")),
+                   "merged_dtype": runtime.merged_dtype_label(Path(merged), merged_ck),
                    "data_dir": str(ddir) if ddir else None,
                    "data_source": (f"bundled sample ({BUNDLED_ITEMS_PER_TASK} items per built-in task)"
                                    if ddir and is_bundled(ddir) else ("folder" if ddir else None)),
                    "text_file": str(text_file) if text_file else None},
-        "settings": {"device": dev, "unmerged_dtype": "float32", "merged_compute_dtype": ("onnxruntime-genai (CPU)" if onnx_under_test else str(compute_dtype).removeprefix("torch.")),
+        "settings": {"device": dev, "unmerged_dtype": "float32", "merged_compute_dtype": runtime.compute_label(compute_dtype),
                      "limit": limit, "tasks": list(names), "windows": windows, "window_len": window_len,
                      "max_new_tokens": max_new_tokens, "lm_eval_batch_size": batch_size,
                      "threads": record(threads, forward=n_forward, generate=n_generate),
@@ -349,26 +321,22 @@ def _verify(
     }
 
     t = time.perf_counter()
-    if onnx_under_test:
+    if not runtime.checks_weights:
         data["weights"] = None
-        data["settings"]["weights_check"] = ("skipped: the model under test is an ONNX export (its weights may be "
-                                             "quantized and are not safetensors); logits, generation and tasks run "
-                                             "through ONNX Runtime GenAI")
+        data["settings"]["weights_check"] = runtime.weights_skipped
     else:
         say("weights: comparing every adapted tensor with a float64 recomputation")
         data["weights"] = check_merged_weights(fitted, merged_ck, tol_ulps=th.weight_tol_ulps,
                                                fp32_slack=th.weight_fp32_slack).to_json()
     timings["weights_s"] = time.perf_counter() - t
 
-    if engine == "vllm":
+    if runtime.scores_tasks_itself:
         t = time.perf_counter()
-        vllm_dtype = str(compute_dtype).removeprefix("torch.")
-        scores, engine_settings = score_merged_and_unmerged(
-            fitted=fitted, merged=Path(merged), names=specs, data_dir=ddir, limit=limit,
-            dtype=vllm_dtype, batch_size=batch_size, base_accuracy=base_accuracy, say=say)
-        timings["tasks_vllm_s"] = time.perf_counter() - t
-        data["settings"] |= engine_settings | {"unmerged_dtype": f"{vllm_dtype} (vLLM LoRA + d2serve plugin)",
-                                               "not_run": list(VLLM_NOT_RUN)}
+        scores, engine_settings = runtime.score_tasks(
+            fitted=fitted, merged=Path(merged), names=specs, data_dir=ddir, limit=limit, compute_dtype=compute_dtype,
+            batch_size=batch_size, base_accuracy=base_accuracy, say=say)
+        timings[f"tasks_{runtime.name}_s"] = time.perf_counter() - t
+        data["settings"] |= engine_settings
         data["logits"] = {"sources": [], "training_probe": None}
         data["generation"] = None
         data["tasks"] = _task_section(scores, names, limit)
@@ -377,7 +345,7 @@ def _verify(
         say("loading the unmerged (float32) and merged models")
         tok = load_tokenizer(base)
         unmerged_m = unmerged_model(fitted, dtype=torch.float32, device=dev)
-        merged_m = OrtGenaiModel(merged) if onnx_under_test else load_hf_model(merged_ck, dtype=compute_dtype, device=dev)
+        merged_m = runtime.load_merged(Path(merged), merged_ck, compute_dtype, dev)
         timings["load_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -420,8 +388,8 @@ def _verify(
             for label, model in (("unmerged", unmerged_m), ("merged", merged_m)):
                 t = time.perf_counter()
                 say(f"tasks: scoring the {label} model on {', '.join(names)} (limit {limit or 'none'})")
-                lm = (OrtGenaiLM(model, like=hf_lm(unmerged_m, tok, batch_size)) if isinstance(model, OrtGenaiModel)
-                      else hf_lm(model, tok, batch_size))
+                lm = (hf_lm(model, tok, batch_size) if model is unmerged_m
+                      else runtime.task_lm(model, unmerged_m, tok, batch_size))
                 scores[label] = score_tasks(without_progress_bars(lm), specs, ddir, limit)
                 timings[f"tasks_{label}_s"] = time.perf_counter() - t
             del unmerged_m, merged_m

@@ -497,3 +497,12 @@ def score_tasks(lm, names: tuple[str, ...], data_dir: Path | None, limit: int | 
             split=_split_note(name, task),
         )
     return out
+
+
+def without_progress_bars(lm):
+    """``lm`` (an lm-eval LM) with its log-likelihood calls drawing no tqdm bars (they would break the stage
+    display); returns the same object."""
+    import functools
+
+    lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
+    return lm

@@ -1,7 +1,7 @@
 """Task accuracy through vLLM for ``d2serve verify --engine vllm``: the merged checkpoint vs the adapter served
 unmerged (folded to a LoRA + row scales, d2serve's vLLM plugin), each in its own engine with the same settings.
 
-Each engine runs in a worker process (:mod:`d2serve.verify._vllm_tasks_worker`, one after another, each killed
+Each engine runs in a worker process (:mod:`d2serve.runtimes._vllm_tasks_worker`, one after another, each killed
 with this process) that scores the tasks with lm-eval's ``VLLM`` model and :func:`d2serve.verify.tasks.score_tasks`
 (zero-shot log-likelihood multiple choice, vLLM ``prompt_logprobs``). The paired comparison and its thresholds are
 verify's own (:mod:`d2serve.verify.api`).
@@ -18,6 +18,7 @@ from d2serve.childproc import WorkerError, child_env, run_json_worker
 from d2serve.errors import CheckFailedError
 from d2serve.fitting import Fit
 from d2serve.verify.tasks import TaskScores
+from d2serve.runtimes.protocol import RuntimeUnderTest
 
 MAX_MODEL_LEN = 2048  # upper bound on the engines' context (the model's own limit when smaller)
 
@@ -45,7 +46,7 @@ def score_tasks_vllm(model_dir: str | Path, names: tuple[str, ...], data_dir: Pa
                "tasks": list(names), "data_dir": str(data_dir) if data_dir else None, "limit": limit,
                "lora": str(lora_dir) if lora_dir else None, "max_lora_rank": max_lora_rank, "max_loras": max_loras}
     try:  # no time limit; an interrupted wait SIGKILLs the worker's group at once (grace_s=0)
-        out = run_json_worker("d2serve.verify._vllm_tasks_worker", request, log=log, grace_s=0,
+        out = run_json_worker("d2serve.runtimes._vllm_tasks_worker", request, log=log, grace_s=0,
                               env=child_env(kv_cache_gib=1, tokenizers_parallelism=False))
     except WorkerError as e:
         raise CheckFailedError(f"vLLM task scoring on {model_dir}{' + ' + str(lora_dir) if lora_dir else ''} "
@@ -87,3 +88,44 @@ def score_merged_and_unmerged(*, fitted: Fit, merged: Path, names: tuple[str, ..
                 "vllm_enforce_eager": True, "lora_max_rank": rank, "lora_max_loras": cpu_safe_max_loras(1),
                 "served_adapter_folder": str(folders["adapter"])}
     return scores, settings
+
+
+
+class VllmRuntime(RuntimeUnderTest):
+    """vLLM as the runtime under test (``verify --engine vllm``): the weight check, then task accuracy in vLLM
+    engines only (:func:`score_merged_and_unmerged`): how a 7B-70B model is verified on GPUs."""
+
+    name = "vllm"
+    description = ("weights, then task accuracy through vLLM: the merged checkpoint vs the adapter served unmerged "
+                   "by d2serve's plugin")
+    scores_tasks_itself = True
+    not_run = ("logits: the teacher-forced logit comparison (KL, top-1 agreement) runs with --engine hf only",
+               "generation: the greedy generation comparison runs with --engine hf only")
+
+    def check(self, *, merged, tasks) -> None:
+        """Tasks are what it compares (at least one), and the vllm extra must be installed.
+
+        Raises:
+            InputError: no task; MissingExtraError: vLLM is not installed.
+        """
+        from d2serve.errors import InputError
+        from d2serve.extras import require
+
+        if not tasks:
+            raise InputError("--engine vllm compares task accuracy through vLLM; give at least one task (--tasks)")
+        require("vllm", purpose="verify --engine vllm")
+
+    def compute_label(self, compute_dtype) -> str:
+        """The vLLM dtype of every engine (the merged compute dtype)."""
+        return str(compute_dtype).removeprefix("torch.")
+
+    def score_tasks(self, *, fitted, merged, names, data_dir, limit, compute_dtype, batch_size, base_accuracy,
+                    say) -> tuple[dict, dict]:
+        """:func:`score_merged_and_unmerged` in ``compute_dtype``; the settings also say how the unmerged side ran
+        and which sections were not run."""
+        dtype = str(compute_dtype).removeprefix("torch.")
+        scores, settings = score_merged_and_unmerged(fitted=fitted, merged=Path(merged), names=names,
+                                                     data_dir=data_dir, limit=limit, dtype=dtype,
+                                                     batch_size=batch_size, base_accuracy=base_accuracy, say=say)
+        return scores, settings | {"unmerged_dtype": f"{dtype} (vLLM LoRA + d2serve plugin)",
+                                   "not_run": list(self.not_run)}

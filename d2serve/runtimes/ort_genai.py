@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from d2serve.errors import InputError
+from d2serve.export.manifest import EXPORT_MANIFEST
+from d2serve.runtimes.protocol import RuntimeUnderTest
 
 GENAI_CONFIG = "genai_config.json"
-EXPORT_MANIFEST = "d2serve_export.json"
 
 
 def is_onnx_export(folder: str | Path) -> bool:
@@ -216,5 +217,44 @@ def onnx_label(folder: str | Path) -> str:
     elif man:
         parts.append(f"(export checks {'passed' if man.get('passed') else 'FAILED'})")
     else:
-        parts.append("(no d2serve_export.json)")
+        parts.append(f"(no {EXPORT_MANIFEST})")
     return " ".join(parts)
+
+
+
+class OrtGenaiRuntime(RuntimeUnderTest):
+    """An ORT-GenAI export folder (``d2serve export onnx --target genai``, any precision) as the merged model under
+    test: logits, generation and tasks through ONNX Runtime GenAI (CPU); no weight check (its weights may be
+    quantized and are not safetensors)."""
+
+    name = "ort-genai"
+    description = "an ONNX Runtime GenAI export folder as --merged (chosen by its genai_config.json)"
+    artifact = "ONNX Runtime GenAI export"
+    engine_option = False
+    opens_merged_checkpoint = False
+    checks_weights = False
+    weights_skipped = ("skipped: the model under test is an ONNX export (its weights may be quantized and are not "
+                       "safetensors); logits, generation and tasks run through ONNX Runtime GenAI")
+
+    @classmethod
+    def detects(cls, merged) -> bool:
+        """A folder with ``genai_config.json`` (:func:`is_onnx_export`)."""
+        return is_onnx_export(merged)
+
+    def merged_dtype_label(self, merged, merged_ck) -> str:
+        """:func:`onnx_label`, e.g. ``onnx genai int4 (recipe int4-acc1, gate passed)``."""
+        return onnx_label(merged)
+
+    def compute_label(self, compute_dtype) -> str:
+        """ORT-GenAI computes in the export's own precision, on the CPU."""
+        return "onnxruntime-genai (CPU)"
+
+    def load_merged(self, merged, merged_ck, dtype, device):
+        """:class:`OrtGenaiModel` of the folder (CPU execution provider)."""
+        return OrtGenaiModel(merged)
+
+    def task_lm(self, model, reference, tokenizer, batch_size):
+        """:func:`OrtGenaiLM`, tokenizing like the reference's lm-eval ``HFLM``."""
+        from d2serve.verify.tasks import hf_lm
+
+        return OrtGenaiLM(model, like=hf_lm(reference, tokenizer, batch_size))

@@ -1,6 +1,6 @@
 """Subprocess entry point: score lm-eval multiple-choice tasks with one vLLM engine (lm-eval's own ``VLLM`` model).
 
-Run as ``python -m d2serve.verify._vllm_tasks_worker REQUEST.json RESULT.json`` (a ``__main__`` guard because
+Run as ``python -m d2serve.runtimes._vllm_tasks_worker REQUEST.json RESULT.json`` (a ``__main__`` guard because
 vLLM spawns processes). The request: ``{"model", "dtype", "max_model_len", "batch_size", "tasks": [names],
 "data_dir", "limit", "lora": folder or null, "max_lora_rank", "max_loras"}``; with ``lora`` every request carries
 that adapter (served unmerged by vLLM's LoRA path and d2serve's plugin). The result: ``{"vllm": version,
@@ -69,7 +69,7 @@ def _run(req: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     """``REQUEST.json RESULT.json`` -> writes the result (or ``{"error": ...}``); exit 0/1."""
-    return json_worker_main(argv, "d2serve.verify._vllm_tasks_worker", _run)
+    return json_worker_main(argv, "d2serve.runtimes._vllm_tasks_worker", _run)
 
 
 if __name__ == "__main__":
