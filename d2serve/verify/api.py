@@ -7,9 +7,9 @@ the measurements into ``failures`` and the report is written atomically.
 
 from __future__ import annotations
 
-import functools
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,32 +182,273 @@ def _task_section(scores: dict, names: tuple[str, ...], limit: int | None) -> di
     return {"limit": limit, "tasks": list(names), "per_task": per_task, "overall": overall}
 
 
-@in_steps  # each progress message below is a stage with elapsed time (d2serve.console; shown by the CLI)
-def _verify(
-    *,
-    base: str | Path,
-    adapter: str | Path,
-    merged: str | Path,
-    report_dir: str | Path | None,
-    data_dir: str | Path | None = None,
-    text_file: str | Path | None = None,
-    limit: int | None = DEFAULT_LIMIT,
-    tasks: str | list[str] | tuple[str, ...] | None = None,
-    thresholds: Thresholds | dict | list[str] | None = None,
-    windows: int = DEFAULT_WINDOWS,
-    window_len: int = DEFAULT_WINDOW_LEN,
-    wikitext: bool = True,
-    prompts: list[str] | tuple[str, ...] | None = None,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    base_accuracy: bool = True,
-    merged_compute_dtype: str = "float32",
-    batch_size: int = 8,
-    overwrite: bool = False,
-    log=None,
-    device: str | None = None,
-    threads: int | None = None,
-    engine: str = "hf",
-) -> VerifyReport:
+@dataclass(frozen=True)
+class VerifySettings:
+    """Every option of one ``verify`` run (what :func:`verify` takes as keyword arguments; see its Args).
+
+    Validated once, by :func:`plan`; the stages after it (:func:`measure_weights`, :func:`measure_by_runtime` or
+    :func:`measure_in_process`, :func:`report`) read it and never re-check it.
+    """
+
+    base: str | Path
+    adapter: str | Path
+    merged: str | Path
+    report_dir: str | Path | None
+    data_dir: str | Path | None = None
+    text_file: str | Path | None = None
+    limit: int | None = DEFAULT_LIMIT
+    tasks: str | list[str] | tuple[str, ...] | None = None
+    thresholds: Thresholds | dict | list[str] | None = None
+    windows: int = DEFAULT_WINDOWS
+    window_len: int = DEFAULT_WINDOW_LEN
+    wikitext: bool = True
+    prompts: list[str] | tuple[str, ...] | None = None
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    base_accuracy: bool = True
+    merged_compute_dtype: str = "float32"
+    batch_size: int = 8
+    overwrite: bool = False
+    log: Callable[[str], None] | None = None
+    device: str | None = None
+    threads: int | None = None
+    engine: str = "hf"
+
+
+@dataclass
+class VerifyPlan:
+    """A validated run: the runtime under test, the inputs opened once, the data read, and the report being filled.
+
+    Attributes:
+        settings: the run's :class:`VerifySettings`.
+        runtime: the runtime under test (d2serve.runtimes).
+        device: where the models run (``cpu`` / ``cuda[:N]``).
+        n_forward / n_generate: torch threads of the batched steps / of the greedy generation.
+        thresholds: the parsed :class:`Thresholds`.
+        specs: the task names as given (groups unexpanded); names: the tasks scored, groups expanded.
+        limit: items per task (None: all).
+        base_ck / merged_ck: the checkpoints (merged_ck None when the runtime's artifact is no safetensors folder).
+        fitted: the adapter fitted to the base (d2serve.fitting.Fit).
+        compute_dtype: the merged model's torch dtype (None for a runtime that computes in its own precision).
+        data_dir: the evaluation data folder (None when no section needs it).
+        texts: (name, text) of each teacher-forced text; probe: the adapter's training probe or None.
+        data: report.json as it is filled; timings: seconds per stage.
+    """
+
+    settings: VerifySettings
+    runtime: object
+    device: str
+    n_forward: int
+    n_generate: int
+    thresholds: Thresholds
+    specs: tuple
+    names: tuple[str, ...]
+    limit: int | None
+    base_ck: Checkpoint
+    merged_ck: Checkpoint | None
+    fitted: object
+    compute_dtype: torch.dtype | None
+    data_dir: Path | None
+    texts: list[tuple[str, str]]
+    probe: dict | None
+    data: dict
+    timings: dict[str, float]
+
+    def say(self, message: str) -> None:
+        """A progress message: a stage with its elapsed time (d2serve.console) and the settings' ``log``."""
+        step(message)
+        if self.settings.log:
+            self.settings.log(message)
+
+
+def plan(s: VerifySettings) -> VerifyPlan:
+    """Validate every setting and input and open them once, before any model is loaded (bad input: exit 2).
+
+    Raises:
+        the errors listed by :func:`verify`.
+    """
+    from d2serve.models import resolve_device
+    from d2serve.threads import check_requested, pick, record
+
+    runtime = select_runtime(s.engine, s.merged)  # the runtime under test (d2serve.runtimes): asked, never named
+    dev = resolve_device(s.device)
+    threads = check_requested(s.threads)
+    n_forward, n_generate = pick("forward", threads), pick("generate", threads)
+    th = parse_thresholds(s.thresholds)
+    specs = parse_task_names(s.tasks)
+    limit = None if not s.limit else int(s.limit)
+    if limit is not None and limit < 0:
+        raise InputError(f"limit must be >= 0, got {limit}")
+    base_ck = Checkpoint(s.base)  # opened once: the fit, the weight check and every model built from the base use it
+    merged_ck = Checkpoint(s.merged) if runtime.opens_merged_checkpoint else None
+    adp = load_adapter(s.adapter)
+    fitted = fit(base_ck, adp)  # every check of the adapter against the base, once (d2serve.fitting)
+    compute_dtype = _compute_dtype(s.merged_compute_dtype, merged_ck) if merged_ck is not None else None
+    runtime.check(merged=Path(s.merged), tasks=specs)
+    needs_dir = s.wikitext or any(n in TASKS for n in specs)
+    ddir = resolve_data_dir(s.data_dir) if needs_dir else None
+    names = tuple(load_tasks(specs, ddir))  # every task's data checked before any model is loaded; groups expanded
+    texts: list[tuple[str, str]] = []
+    if s.wikitext:
+        texts.append(("wikitext2", read_text(data_file(ddir, WIKITEXT))))
+    if s.text_file is not None:
+        texts.append((Path(s.text_file).name, read_text(s.text_file)))
+    probe = read_probe(s.adapter)  # None when the adapter has no d2serve_probe.safetensors; a bad file raises here
+    if s.max_new_tokens < th.min_content_tokens_per_prompt:
+        raise InputError(f"max_new_tokens {s.max_new_tokens} < min_content_tokens_per_prompt "
+                         f"{th.min_content_tokens_per_prompt:g}: the greedy comparison could never compare enough "
+                         "content tokens; raise max_new_tokens or lower the threshold")
+    if s.report_dir is not None:
+        from d2serve.checkpoint import prepare_output_dir
+
+        prepare_output_dir(Path(s.report_dir), s.overwrite, (Path(s.base), Path(s.adapter), Path(s.merged)))
+
+    data: dict = {
+        "d2serve_version": __version__,
+        "inputs": {"base": str(s.base), "adapter": str(s.adapter), "merged": str(s.merged), "method": adp.method,
+                   "n_adapted_layers": len(adp.layers), "base_dtype": str(base_ck.dtype).removeprefix("torch."),
+                   "merged_dtype": runtime.merged_dtype_label(Path(s.merged), merged_ck),
+                   "data_dir": str(ddir) if ddir else None,
+                   "data_source": (f"bundled sample ({BUNDLED_ITEMS_PER_TASK} items per built-in task)"
+                                   if ddir and is_bundled(ddir) else ("folder" if ddir else None)),
+                   "text_file": str(s.text_file) if s.text_file else None},
+        "settings": {"device": dev, "unmerged_dtype": "float32", "merged_compute_dtype": runtime.compute_label(compute_dtype),
+                     "limit": limit, "tasks": list(names), "windows": s.windows, "window_len": s.window_len,
+                     "max_new_tokens": s.max_new_tokens, "lm_eval_batch_size": s.batch_size,
+                     "threads": record(threads, forward=n_forward, generate=n_generate),
+                     "decoding": {"greedy": True, "do_sample": False, "repetition_penalty": 1.0,
+                                  "generation_config": "ignored", "stop": "tokenizer eos or max_new_tokens"}},
+        "thresholds": th.to_json(),
+    }
+    return VerifyPlan(s, runtime, dev, n_forward, n_generate, th, specs, names, limit, base_ck, merged_ck, fitted,
+                      compute_dtype, ddir, texts, probe, data, {})
+
+
+def measure_weights(p: VerifyPlan) -> None:
+    """Every adapted tensor of the merged checkpoint against a float64 recomputation (report ``weights``), unless
+    the runtime's artifact has no such tensors (``settings.weights_check`` says why)."""
+    t = time.perf_counter()
+    if not p.runtime.checks_weights:
+        p.data["weights"] = None
+        p.data["settings"]["weights_check"] = p.runtime.weights_skipped
+    else:
+        p.say("weights: comparing every adapted tensor with a float64 recomputation")
+        p.data["weights"] = check_merged_weights(p.fitted, p.merged_ck, tol_ulps=p.thresholds.weight_tol_ulps,
+                                                 fp32_slack=p.thresholds.weight_fp32_slack).to_json()
+    p.timings["weights_s"] = time.perf_counter() - t
+
+
+def measure_by_runtime(p: VerifyPlan) -> None:
+    """Task accuracy scored by the runtime in its own engines (report ``tasks``; no logits or generation)."""
+    s = p.settings
+    t = time.perf_counter()
+    scores, engine_settings = p.runtime.score_tasks(
+        fitted=p.fitted, merged=Path(s.merged), names=p.specs, data_dir=p.data_dir, limit=p.limit,
+        compute_dtype=p.compute_dtype, batch_size=s.batch_size, base_accuracy=s.base_accuracy, say=p.say)
+    p.timings[f"tasks_{p.runtime.name}_s"] = time.perf_counter() - t
+    p.data["settings"] |= engine_settings
+    p.data["logits"] = {"sources": [], "training_probe": None}
+    p.data["generation"] = None
+    p.data["tasks"] = _task_section(scores, p.names, p.limit)
+
+
+def measure_in_process(p: VerifyPlan) -> None:
+    """The unmerged float32 reference and the merged model (loaded by the runtime) in this process: teacher-forced
+    logits, greedy generation, task accuracy, and the base's accuracy (report ``logits``, ``generation``,
+    ``tasks``)."""
+    from d2serve.models import load_hf_model, load_tokenizer, unmerged_model
+    from d2serve.threads import torch_threads
+
+    s, dev, say = p.settings, p.device, p.say
+    t = time.perf_counter()
+    say("loading the unmerged (float32) and merged models")
+    tok = load_tokenizer(s.base)
+    unmerged_m = unmerged_model(p.fitted, dtype=torch.float32, device=dev)
+    merged_m = p.runtime.load_merged(Path(s.merged), p.merged_ck, p.compute_dtype, dev)
+    p.timings["load_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sources: list[LogitComparison] = []
+    for name, text in p.texts:
+        say(f"logits: teacher-forced comparison on {name}")
+        win = text_windows(tok, text, s.windows, s.window_len, source=name)
+        sources.append(compare_logits(unmerged_m, merged_m, win, name))
+    probe_section = None
+    if p.probe is not None:
+        say("logits: the adapter's training probe")
+        ids = p.probe["input_ids"].to(torch.long)
+        sources.append(compare_logits(unmerged_m, merged_m, ids, "training_probe"))
+        with torch.inference_mode():
+            ours = unmerged_m(input_ids=ids.to(dev)).logits.float().cpu()
+        probe_section = {"n_sequences": int(ids.shape[0]), "n_tokens": int(ids.shape[1]),
+                         "max_abs_logit_diff_trainer_vs_unmerged": None, "nonfinite": None}
+        try:
+            probe_section["max_abs_logit_diff_trainer_vs_unmerged"] = max_abs_diff(
+                p.probe["logits"], ours, where="logits[training_probe]", names=("trainer", "unmerged"),
+                dims=("sequence", "position", "vocab"))
+        except NonFiniteError as e:
+            probe_section["nonfinite"] = e.to_json()
+    p.data["logits"] = {"sources": [x.to_json() for x in sources], "training_probe": probe_section}
+    p.timings["logits_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    plist = list(s.prompts) if s.prompts is not None else list(DEFAULT_PROMPTS)
+    say(f"generation: greedy, {len(plist)} prompts x {s.max_new_tokens} tokens")
+    with torch_threads(p.n_generate):  # decoding small steps: fewer threads than cores (d2serve.threads)
+        gens = compare_generation(unmerged_m, merged_m, tok, plist, s.max_new_tokens)
+    p.data["generation"] = {"max_new_tokens": s.max_new_tokens, "n_prompts": len(gens),
+                            "n_identical": sum(g.identical for g in gens),
+                            "n_content_tokens_compared": sum(g.n_content_compared for g in gens),
+                            "prompts": [g.to_json() for g in gens]}
+    p.timings["generation_s"] = time.perf_counter() - t
+
+    if p.names:
+        scores: dict[str, dict] = {}
+        for label, model in (("unmerged", unmerged_m), ("merged", merged_m)):
+            t = time.perf_counter()
+            say(f"tasks: scoring the {label} model on {', '.join(p.names)} (limit {p.limit or 'none'})")
+            lm = (hf_lm(model, tok, s.batch_size) if model is unmerged_m
+                  else p.runtime.task_lm(model, unmerged_m, tok, s.batch_size))
+            scores[label] = score_tasks(without_progress_bars(lm), p.specs, p.data_dir, p.limit)
+            p.timings[f"tasks_{label}_s"] = time.perf_counter() - t
+        del unmerged_m, merged_m
+        gc.collect()
+        if s.base_accuracy:
+            t = time.perf_counter()
+            say("tasks: scoring the base model")
+            base_m = load_hf_model(p.base_ck, dtype=torch.float32, device=dev)
+            scores["base"] = score_tasks(without_progress_bars(hf_lm(base_m, tok, s.batch_size)), p.specs,
+                                         p.data_dir, p.limit)
+            p.timings["tasks_base_s"] = time.perf_counter() - t
+            del base_m
+        p.data["tasks"] = _task_section(scores, p.names, p.limit)
+
+
+def report(p: VerifyPlan) -> VerifyReport:
+    """Thresholds -> failures, then report.json / report.md / report.html written atomically (when asked)."""
+    data = p.data
+    data["timings_s"] = p.timings
+    failures = evaluate_thresholds(data, p.thresholds)
+    data["passed"] = not failures
+    data["failures"] = failures
+    rep = VerifyReport(not failures, failures, data)
+    if p.settings.report_dir is not None:
+        from d2serve.verify.report import write_report
+
+        p.say(f"writing the report to {p.settings.report_dir}")
+        rep.report_dir = write_report(data, Path(p.settings.report_dir), overwrite=p.settings.overwrite)
+    return rep
+
+
+@in_steps  # each progress message is a stage with elapsed time (d2serve.console; shown by the CLI)
+def _verify(**kwargs) -> VerifyReport:
+    """plan -> measure (weights, then the runtime's own engines or this process) -> report."""
+    p = plan(VerifySettings(**kwargs))
+    measure_weights(p)
+    (measure_by_runtime if p.runtime.scores_tasks_itself else measure_in_process)(p)
+    return report(p)
+
+
+def verify(**kwargs) -> VerifyReport:
     """Verify that ``merged`` behaves like ``base`` + ``adapter`` (unmerged, float32) and write the report.
 
     Args:
@@ -255,168 +496,6 @@ def _verify(
             or that is not multiple-choice with ``acc`` (raised before any model is loaded).
         InputError: ``device`` is unknown or not available on this machine.
     """
-    from d2serve.models import (
-        load_hf_model,
-        load_tokenizer,
-        resolve_device,
-        unmerged_model,
-    )
-
-    def say(message: str) -> None:
-        step(message)
-        if log:
-            log(message)
-    from d2serve.threads import check_requested, pick, record, torch_threads
-
-    runtime = select_runtime(engine, merged)  # the runtime under test (d2serve.runtimes): asked, never named
-    dev = resolve_device(device)
-    threads = check_requested(threads)
-    n_forward, n_generate = pick("forward", threads), pick("generate", threads)
-    th = parse_thresholds(thresholds)
-    specs = parse_task_names(tasks)
-    limit = None if not limit else int(limit)
-    if limit is not None and limit < 0:
-        raise InputError(f"limit must be >= 0, got {limit}")
-    base_ck = Checkpoint(base)  # opened once: the fit, the weight check and every model built from the base use it
-    merged_ck = Checkpoint(merged) if runtime.opens_merged_checkpoint else None
-    adp = load_adapter(adapter)
-    fitted = fit(base_ck, adp)  # every check of the adapter against the base, once (d2serve.fitting)
-    compute_dtype = _compute_dtype(merged_compute_dtype, merged_ck) if merged_ck is not None else None
-    runtime.check(merged=Path(merged), tasks=specs)
-    needs_dir = wikitext or any(n in TASKS for n in specs)
-    ddir = resolve_data_dir(data_dir) if needs_dir else None
-    names = tuple(load_tasks(specs, ddir))  # every task's data checked before any model is loaded; groups expanded
-    texts: list[tuple[str, str]] = []
-    if wikitext:
-        texts.append(("wikitext2", read_text(data_file(ddir, WIKITEXT))))
-    if text_file is not None:
-        texts.append((Path(text_file).name, read_text(text_file)))
-    probe = read_probe(adapter)  # None when the adapter has no d2serve_probe.safetensors; a bad file raises here
-    if max_new_tokens < th.min_content_tokens_per_prompt:
-        raise InputError(f"max_new_tokens {max_new_tokens} < min_content_tokens_per_prompt "
-                         f"{th.min_content_tokens_per_prompt:g}: the greedy comparison could never compare enough "
-                         "content tokens; raise max_new_tokens or lower the threshold")
-    if report_dir is not None:
-        from d2serve.checkpoint import prepare_output_dir
-
-        prepare_output_dir(Path(report_dir), overwrite, (Path(base), Path(adapter), Path(merged)))
-
-    timings: dict[str, float] = {}
-    data: dict = {
-        "d2serve_version": __version__,
-        "inputs": {"base": str(base), "adapter": str(adapter), "merged": str(merged), "method": adp.method,
-                   "n_adapted_layers": len(adp.layers), "base_dtype": str(base_ck.dtype).removeprefix("torch."),
-                   "merged_dtype": runtime.merged_dtype_label(Path(merged), merged_ck),
-                   "data_dir": str(ddir) if ddir else None,
-                   "data_source": (f"bundled sample ({BUNDLED_ITEMS_PER_TASK} items per built-in task)"
-                                   if ddir and is_bundled(ddir) else ("folder" if ddir else None)),
-                   "text_file": str(text_file) if text_file else None},
-        "settings": {"device": dev, "unmerged_dtype": "float32", "merged_compute_dtype": runtime.compute_label(compute_dtype),
-                     "limit": limit, "tasks": list(names), "windows": windows, "window_len": window_len,
-                     "max_new_tokens": max_new_tokens, "lm_eval_batch_size": batch_size,
-                     "threads": record(threads, forward=n_forward, generate=n_generate),
-                     "decoding": {"greedy": True, "do_sample": False, "repetition_penalty": 1.0,
-                                  "generation_config": "ignored", "stop": "tokenizer eos or max_new_tokens"}},
-        "thresholds": th.to_json(),
-    }
-
-    t = time.perf_counter()
-    if not runtime.checks_weights:
-        data["weights"] = None
-        data["settings"]["weights_check"] = runtime.weights_skipped
-    else:
-        say("weights: comparing every adapted tensor with a float64 recomputation")
-        data["weights"] = check_merged_weights(fitted, merged_ck, tol_ulps=th.weight_tol_ulps,
-                                               fp32_slack=th.weight_fp32_slack).to_json()
-    timings["weights_s"] = time.perf_counter() - t
-
-    if runtime.scores_tasks_itself:
-        t = time.perf_counter()
-        scores, engine_settings = runtime.score_tasks(
-            fitted=fitted, merged=Path(merged), names=specs, data_dir=ddir, limit=limit, compute_dtype=compute_dtype,
-            batch_size=batch_size, base_accuracy=base_accuracy, say=say)
-        timings[f"tasks_{runtime.name}_s"] = time.perf_counter() - t
-        data["settings"] |= engine_settings
-        data["logits"] = {"sources": [], "training_probe": None}
-        data["generation"] = None
-        data["tasks"] = _task_section(scores, names, limit)
-    else:
-        t = time.perf_counter()
-        say("loading the unmerged (float32) and merged models")
-        tok = load_tokenizer(base)
-        unmerged_m = unmerged_model(fitted, dtype=torch.float32, device=dev)
-        merged_m = runtime.load_merged(Path(merged), merged_ck, compute_dtype, dev)
-        timings["load_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        sources: list[LogitComparison] = []
-        for name, text in texts:
-            say(f"logits: teacher-forced comparison on {name}")
-            win = text_windows(tok, text, windows, window_len, source=name)
-            sources.append(compare_logits(unmerged_m, merged_m, win, name))
-        probe_section = None
-        if probe is not None:
-            say("logits: the adapter's training probe")
-            ids = probe["input_ids"].to(torch.long)
-            sources.append(compare_logits(unmerged_m, merged_m, ids, "training_probe"))
-            with torch.inference_mode():
-                ours = unmerged_m(input_ids=ids.to(dev)).logits.float().cpu()
-            probe_section = {"n_sequences": int(ids.shape[0]), "n_tokens": int(ids.shape[1]),
-                             "max_abs_logit_diff_trainer_vs_unmerged": None, "nonfinite": None}
-            try:
-                probe_section["max_abs_logit_diff_trainer_vs_unmerged"] = max_abs_diff(
-                    probe["logits"], ours, where="logits[training_probe]", names=("trainer", "unmerged"),
-                    dims=("sequence", "position", "vocab"))
-            except NonFiniteError as e:
-                probe_section["nonfinite"] = e.to_json()
-        data["logits"] = {"sources": [s.to_json() for s in sources], "training_probe": probe_section}
-        timings["logits_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        plist = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
-        say(f"generation: greedy, {len(plist)} prompts x {max_new_tokens} tokens")
-        with torch_threads(n_generate):  # decoding small steps: fewer threads than cores (d2serve.threads)
-            gens = compare_generation(unmerged_m, merged_m, tok, plist, max_new_tokens)
-        data["generation"] = {"max_new_tokens": max_new_tokens, "n_prompts": len(gens),
-                              "n_identical": sum(g.identical for g in gens),
-                              "n_content_tokens_compared": sum(g.n_content_compared for g in gens),
-                              "prompts": [g.to_json() for g in gens]}
-        timings["generation_s"] = time.perf_counter() - t
-
-        if names:
-            scores: dict[str, dict] = {}
-            for label, model in (("unmerged", unmerged_m), ("merged", merged_m)):
-                t = time.perf_counter()
-                say(f"tasks: scoring the {label} model on {', '.join(names)} (limit {limit or 'none'})")
-                lm = (hf_lm(model, tok, batch_size) if model is unmerged_m
-                      else runtime.task_lm(model, unmerged_m, tok, batch_size))
-                scores[label] = score_tasks(without_progress_bars(lm), specs, ddir, limit)
-                timings[f"tasks_{label}_s"] = time.perf_counter() - t
-            del unmerged_m, merged_m
-            gc.collect()
-            if base_accuracy:
-                t = time.perf_counter()
-                say("tasks: scoring the base model")
-                base_m = load_hf_model(base_ck, dtype=torch.float32, device=dev)
-                scores["base"] = score_tasks(without_progress_bars(hf_lm(base_m, tok, batch_size)), specs, ddir, limit)
-                timings["tasks_base_s"] = time.perf_counter() - t
-                del base_m
-            data["tasks"] = _task_section(scores, names, limit)
-    data["timings_s"] = timings
-    failures = evaluate_thresholds(data, th)
-    data["passed"] = not failures
-    data["failures"] = failures
-    report = VerifyReport(not failures, failures, data)
-    if report_dir is not None:
-        from d2serve.verify.report import write_report
-
-        say(f"writing the report to {report_dir}")
-        report.report_dir = write_report(data, Path(report_dir), overwrite=overwrite)
-    return report
-
-
-@functools.wraps(_verify)
-def verify(**kwargs) -> VerifyReport:
     from d2serve.threads import check_requested, pick, torch_threads
 
     with torch_threads(pick("forward", check_requested(kwargs.get("threads")))):  # generation picks its own
