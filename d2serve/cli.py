@@ -17,7 +17,7 @@ from rich.markup import escape
 from typer.core import TyperCommand
 
 from d2serve.errors import CheckFailedError, InputError, InputNotFoundError
-from d2serve.bench.backends import backend_entry, backend_help, backend_names
+from d2serve.bench.backends import backend_help, backend_names
 from d2serve.export.manifest import MERGE_MANIFEST
 from d2serve.runtimes import engine_help, engine_names
 from d2serve.export.targets import exit_code, get_target
@@ -301,14 +301,6 @@ def demo_cmd(
         raise typer.Exit(1)
 
 
-def _eval_file(data: Optional[Path]) -> Optional[Path]:
-    """bench --data DIR: the eval workload's file in that folder (None: the bench default folder)."""
-    from d2serve.bench.workloads import DEFAULT_EVAL_DATA
-    from d2serve.verify.data import resolve_data_dir
-
-    return None if data is None else resolve_data_dir(data) / DEFAULT_EVAL_DATA
-
-
 @bench_app.command("run")
 def bench_cmd(
     base: Path = typer.Option(..., "--base", help="Base HF checkpoint directory" + _HUB_HELP + "."),
@@ -345,37 +337,17 @@ def bench_cmd(
 ) -> None:
     """Benchmark base / merged / unmerged arms (eval throughput, generation latency) with identical settings.
     Online serving under load (vLLM server + vLLM's load generator): `d2serve bench serve --help`."""
-    from dataclasses import replace
+    from d2serve.bench.api import bench_run
+    from d2serve.bench.settings import BenchSettings
 
-    from d2serve.bench import FULL_PLAN, QUICK_PLAN, bench
-
-    def ints(s: Optional[str], name: str):
-        try:
-            return tuple(int(x) for x in s.split(",") if x.strip()) if s else None
-        except ValueError as e:
-            raise InputError(f"{name} expects comma-separated integers, got {s!r}") from e
-
-    plan = QUICK_PLAN if quick else FULL_PLAN
-    over = {
-        "repeats": repeats, "warmup": warmup, "batches": ints(batches, "--batches"),
-        "prompt_lens": ints(prompt_lens, "--prompt-lens"), "max_new_tokens": max_new_tokens,
-        "eval_examples": eval_examples, "eval_batch": eval_batch,
-    }
-    plan = replace(plan, **{k: v for k, v in over.items() if v is not None})
+    settings = BenchSettings.from_options(  # the CLI only parses; defaults and comma lists: d2serve.bench.settings
+        base=_model(base, "base"), report=report, adapter=_model(adapter, "adapter"), merged=merged, backend=backend,
+        arms=arms, workloads=workloads, quick=quick, repeats=repeats, warmup=warmup, batches=batches,
+        prompt_lens=prompt_lens, max_new_tokens=max_new_tokens, eval_examples=eval_examples, eval_batch=eval_batch,
+        data=data, threads=threads, dtype=dtype, device=device, allow_not_comparable=allow_not_comparable,
+        vllm_compile=vllm_compile)
     try:
-        from d2serve.models import resolve_device
-
-        entry = backend_entry(backend)  # the registry: d2serve.bench.backends
-        base, adapter = _model(base, "base"), _model(adapter, "adapter")
-        if entry.torch_device:
-            device = resolve_device(device)
-        dtype = dtype or entry.default_dtype(device)
-        res = bench(
-            base=base, report=report, adapter=adapter, merged=merged, backend=backend,
-            arms=tuple(a.strip() for a in arms.split(",")) if arms else None, quick=quick, plan=plan,
-            workloads=tuple(w.strip() for w in workloads.split(",") if w.strip()), threads=threads, dtype=dtype,
-            device=device, eval_data=_eval_file(data), strict=not allow_not_comparable, vllm_compile=vllm_compile,
-        )
+        res = bench_run(settings)
     except KeyboardInterrupt as e:
         err_console.print(f"[yellow]interrupted; completed results saved in {report}[/yellow]")
         raise typer.Exit(130) from e
@@ -437,44 +409,24 @@ def bench_serve_cmd(
 ) -> None:
     """Online serving benchmark: each arm behind `d2serve serve` on loopback, driven by vLLM's `bench serve`
     (Poisson request-rate sweep + max-concurrency sweep); TTFT/ITL/TPOT/E2EL, throughput, goodput, ratios."""
-    import shlex
+    from d2serve.bench.settings import ServeBenchSettings
 
-    from d2serve.bench.online import EngineOptions, OnlinePlan, bench_serve
-
-    def nums(text: str, name: str, cast):
-        try:
-            return tuple(cast(x) for x in text.split(",") if x.strip())
-        except ValueError as e:
-            raise InputError(f"{name} expects comma-separated numbers, got {text!r}") from e
-
-    slo = {}
-    for pair in " ".join(goodput or []).replace(",", " ").split():
-        k, _, v = pair.partition(":")
-        try:
-            slo[k] = float(v)
-        except ValueError as e:
-            raise InputError(f"--goodput expects KEY:MS pairs (ttft, tpot, e2el), got {pair!r}") from e
-    plan = OnlinePlan(request_rates=nums(request_rates, "--request-rates", float),
-                      concurrencies=nums(concurrencies, "--concurrencies", int), num_prompts=num_prompts,
-                      input_len=input_len, output_len=output_len, repeats=repeats, warmups=warmups, goodput=slo,
-                      slo_attainment=slo_attainment, seed=seed)
-    if endpoint:
-        if merged is not None or adapter is not None or arms:
-            raise InputError("--endpoint drives running servers: --merged, --adapter and --arms do not apply")
-        from d2serve.bench.endpoints import bench_endpoints
-
-        res = bench_endpoints(endpoints=endpoint, tokenizer=base, report=report, plan=plan, data_dir=data,
-                              strict=not allow_not_comparable, log=lambda m: err_console.print(escape(m)))
-    elif merged is None:
-        raise InputError("--merged is required (or drive running servers with --endpoint NAME=URL)")
-    engine = EngineOptions(dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                           kv_cache_gib=kv_cache_gib, prefix_caching=prefix_caching, enforce_eager=enforce_eager,
-                           extra_args=tuple(a for x in server_arg or [] for a in shlex.split(x)))
+    settings = ServeBenchSettings.from_options(  # the CLI only parses; lists, SLOs, server args: bench.settings
+        base=base, report=report, merged=merged, adapter=adapter, endpoint=endpoint, arms=arms,
+        request_rates=request_rates, concurrencies=concurrencies, num_prompts=num_prompts, input_len=input_len,
+        output_len=output_len, repeats=repeats, warmups=warmups, goodput=goodput, slo_attainment=slo_attainment,
+        dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib,
+        prefix_caching=prefix_caching, enforce_eager=enforce_eager, server_arg=server_arg, data=data, seed=seed,
+        allow_not_comparable=allow_not_comparable, log=lambda m: err_console.print(escape(m)))
     try:
-        if not endpoint:
-            res = bench_serve(base=base, merged=merged, adapter=adapter, report=report, plan=plan, engine=engine,
-                              arms=tuple(a.strip() for a in arms.split(",")) if arms else None, data_dir=data,
-                              strict=not allow_not_comparable, log=lambda m: err_console.print(escape(m)))
+        if settings.endpoints:
+            from d2serve.bench.endpoints import endpoints_run
+
+            res = endpoints_run(settings)
+        else:
+            from d2serve.bench.online import serve_run
+
+            res = serve_run(settings)
     except KeyboardInterrupt as e:
         err_console.print(f"[yellow]interrupted; servers stopped, completed results saved in {report}[/yellow]")
         raise typer.Exit(130) from e

@@ -22,9 +22,8 @@ from d2serve.bench.online import (
     arm_settings,
     bench_serve,
     plan_arms,
-    summarize_point,
-    max_sustainable_rate,
 )
+from d2serve.bench.sweep import max_sustainable_rate, summarize_point
 from d2serve.bench.online_data import build_prompts, write_prompts
 from d2serve.cli import app
 

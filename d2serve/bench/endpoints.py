@@ -4,8 +4,9 @@ Where :func:`d2serve.bench.online.bench_serve` starts every arm itself on loopba
 else started (a multi-GPU vLLM deployment with TP/PP, another machine, ``d2serve serve`` with adapters):
 ``--endpoint NAME=URL[#MODEL]`` per arm (``MODEL``: the served model name the requests ask for; default: the
 endpoint's only model). The load generator, the sweep, the fixed-work check (exact prompt and output token counts
-from the servers' usage) and the report are ``bench_serve``'s; repeats re-run the sweep on the same servers, arm
-order rotated.
+from the servers' usage) and the report are ``bench_serve``'s (one loop: :mod:`d2serve.bench.sweep`); repeats re-run
+the sweep on the same servers, arm order rotated. Stages: :func:`plan_endpoints` (probe) -> :func:`load_endpoints`
+(prompts, fairness record) -> the sweep.
 
 Fairness record, per endpoint, before any load: ``/v1/models`` (served model names, the chosen one's
 ``max_model_len`` (an adapter's: its parent's, vLLM lists none for LoRA cards), ``root``/``parent``), ``/version`` (vLLM's version), ``/metrics`` (vLLM's
@@ -28,17 +29,9 @@ from pathlib import Path
 from d2serve.errors import InputError
 
 from .comparability import NotComparableError
-from .online import (
-    _PER_REQUEST,
-    SCHEMA_VERSION,
-    OnlinePlan,
-    _loadavg,
-    check_work,
-    finalize,
-    run_vllm_bench,
-    vllm_bench_argv,
-)
-from .online_data import build_prompts, write_prompts
+from .online_plan import OnlinePlan
+from .settings import ServeBenchSettings
+from .sweep import SCHEMA_VERSION, Sweep, loadavg, run_sweep, running_server, write_sweep_prompts
 
 #: what an OpenAI-compatible endpoint does not expose, so this harness cannot check it is equal between arms
 NOT_CHECKED = ("tensor/pipeline parallel size", "max-num-seqs and other scheduler options", "compile mode / CUDA graphs",
@@ -181,56 +174,47 @@ def compare_endpoints(records: dict[str, dict]) -> tuple[list[str], list[str]]:
     return diffs, unchecked
 
 
-def bench_endpoints(*, endpoints: list[str] | tuple[str, ...], tokenizer: str | Path, report: str | Path,
-                    plan: OnlinePlan | None = None, data_dir: str | Path | None = None, strict: bool = True,
-                    log=print) -> dict:
-    """Run the online sweep against running servers and write ``online.json``, ``online.md``, plots, ``raw/``.
-
-    Args:
-        endpoints: ``NAME=URL[#MODEL]`` per arm (:func:`parse_endpoints`); names ``base``/``merged``/``unmerged``
-            get the merged/base and merged/unmerged ratios.
-        tokenizer: the tokenizer folder the prompts are built with (the served model's; the servers' own token
-            counts are checked against the plan, :func:`d2serve.bench.online.check_work`).
-        plan: the load sweep (:class:`OnlinePlan`); ``repeats`` re-run it on the same servers.
-        data_dir: evaluation data folder with ``text/wiki.test.raw`` (default: bundled samples).
-        strict: refuse arms whose exposed settings differ (else the report says NOT COMPARABLE).
+def plan_endpoints(s: ServeBenchSettings) -> tuple[list[EndpointArm], dict[str, dict], list[str], list[str]]:
+    """Parse the endpoint specs and probe every server before any load: (arms with their model resolved, the
+    fairness record per arm, differences between arms, fields not checked). No prompt is built yet.
 
     Raises:
-        InputError: bad endpoint specs, a server that does not answer, an unknown model, bad plan values.
+        InputError: bad plan values or endpoint specs, a server that does not answer, an unknown model.
+        MissingExtraError: vLLM (its load generator) is not installed.
         NotComparableError: ``strict`` and the endpoints' exposed settings differ (the message lists them).
-        CheckFailedError: a request did not do the fixed work.
     """
-    from transformers import AutoTokenizer
-
     from d2serve.extras import require
 
-    from .environment import environment
-    from .online_report import write_online_report
-
-    plan = plan or OnlinePlan()
-    plan.validate()
-    arms = parse_endpoints(endpoints)
+    s.plan.validate()
+    arms = parse_endpoints(s.endpoints or ())
     require("vllm", purpose="d2serve bench serve --endpoint (vLLM's load generator)")
     probed = [probe_endpoint(a) for a in arms]
-    arms = [a for a, _ in probed]
     records = {a.name: rec for a, rec in probed}
     diffs, unchecked = compare_endpoints(records)
-    if diffs and strict:
+    if diffs and s.strict:
         raise NotComparableError("the endpoints' settings differ:\n" + "\n".join(diffs)
                                  + "\n(pass strict=False / --no-strict to run and label the report NOT COMPARABLE)")
-    tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
-    prompts = build_prompts(tok, input_len=plan.input_len, num_prompts=plan.num_prompts, data_dir=data_dir)
-    report = Path(report)
-    report.mkdir(parents=True, exist_ok=True)
-    prompt_file = report / "prompts.jsonl"
-    prompts_sha = write_prompts(prompt_file, prompts)
+    return [a for a, _ in probed], records, diffs, unchecked
+
+
+def load_endpoints(s: ServeBenchSettings, arms: list[EndpointArm], records: dict[str, dict], diffs: list[str],
+                   unchecked: list[str]) -> Sweep:
+    """The prompt file (built with ``s.base``, the tokenizer) and the report's skeleton with the fairness record.
+
+    Raises:
+        InputError: too little text for the prompts, a tokenizer folder that does not load.
+    """
+    from .environment import environment
+
+    report = Path(s.report)
+    prompt_file, prompts_sha = write_sweep_prompts(s.base, s.plan, s.data_dir, report)
     results: dict = {
         "schema_version": SCHEMA_VERSION,
         "kind": "online_serving_endpoints",
         "status": "running",
-        "inputs": {"endpoints": list(endpoints), "tokenizer": str(tokenizer)},
-        "plan": asdict(plan) | {"points": [p.key for p in plan.points()]},
-        "environment": environment() | {"load_avg_start": _loadavg(),
+        "inputs": {"endpoints": list(s.endpoints or ()), "tokenizer": str(s.base)},
+        "plan": asdict(s.plan) | {"points": [p.key for p in s.plan.points()]},
+        "environment": environment() | {"load_avg_start": loadavg(),
                                         "note": "the load generator's machine (the servers' may differ)"},
         "arms": {a.name: records[a.name] | {"arm": a.name, "served_model_name": a.model, "prompts_sha256": prompts_sha,
                                             "server_args": [], "server_env": {}} for a in arms},
@@ -240,45 +224,50 @@ def bench_endpoints(*, endpoints: list[str] | tuple[str, ...], tokenizer: str | 
         "rounds": [],
         "points": {a.name: {} for a in arms},
     }
-    raw = report / "raw"
-    raw.mkdir(exist_ok=True)
-    import tempfile
+    return Sweep(s.plan, report, Path(s.base), prompt_file, arms, results, s.log)
 
-    logs = Path(tempfile.mkdtemp(prefix="d2serve-bench-endpoints-"))
 
-    def save():
-        finalize(results, plan)
-        write_online_report(report, results, plots=False)
+def running_endpoints(sw: Sweep):
+    """The sweep's ``open_arm`` for servers someone else runs: nothing started or stopped; the round records the
+    URL."""
 
-    try:
-        for r in range(plan.repeats):
-            k = r % len(arms)
-            for arm in arms[k:] + arms[:k]:
-                rnd = {"repeat": r, "arm": arm.name, "load_avg_before": _loadavg(), "url": arm.url}
-                results["rounds"].append(rnd)
-                log(f"repeat {r + 1}/{plan.repeats}, arm {arm.name}: {arm.url} model {arm.model}")
-                for p in plan.points():
-                    fname = f"{arm.name}-{p.key}-r{r}.json"
-                    res = run_vllm_bench(vllm_bench_argv(arm=arm, base_url=arm.url, tokenizer=Path(tokenizer),
-                                                         prompts=prompt_file, point=p, plan=plan, result_dir=raw,
-                                                         result_file=fname, repeat=r),
-                                         logs / f"bench-{arm.name}-r{r}.log")
-                    check_work(res, arm=arm.name, point=p.key, plan=plan)
-                    slim = {k2: v for k2, v in res.items() if k2 not in _PER_REQUEST} | {"raw_file": f"raw/{fname}"}
-                    results["points"][arm.name].setdefault(p.key, {"kind": p.kind, "value": p.value,
-                                                                   "repeats": []})["repeats"].append(slim)
-                    log(f"  {p.key}: {res['completed']}/{plan.num_prompts} ok, {res['output_throughput']:.1f} "
-                        f"output tok/s, median TTFT {res['median_ttft_ms']:.0f} ms")
-                    save()
-                rnd["load_avg_after"] = _loadavg()
-        results["status"] = "complete"
-    except KeyboardInterrupt:
-        results["status"] = "interrupted"
-        raise
-    finally:
-        if results["status"] == "running":
-            results["status"] = "failed"
-        results["environment"]["load_avg_end"] = _loadavg()
-        finalize(results, plan)
-        write_online_report(report, results, plots=True)
-    return results
+    def open_arm(arm: EndpointArm, r: int, rnd: dict, logs: Path):
+        rnd["url"] = arm.url
+        sw.log(f"repeat {r + 1}/{sw.plan.repeats}, arm {arm.name}: {arm.url} model {arm.model}")
+        return running_server(arm.url)
+
+    return open_arm
+
+
+def endpoints_run(s: ServeBenchSettings) -> dict:
+    """:func:`bench_endpoints` over settings already built (the CLI's entry): :func:`plan_endpoints` ->
+    :func:`load_endpoints` -> the load sweep (:func:`d2serve.bench.sweep.run_sweep`, which writes the report
+    whatever happens) over :func:`running_endpoints`."""
+    sw = load_endpoints(s, *plan_endpoints(s))
+    return run_sweep(sw, running_endpoints(sw))
+
+
+def bench_endpoints(*, endpoints: list[str] | tuple[str, ...], tokenizer: str | Path, report: str | Path,
+                    plan: OnlinePlan | None = None, data_dir: str | Path | None = None, strict: bool = True,
+                    log=print) -> dict:
+    """Run the online sweep against running servers and write ``online.json``, ``online.md``, plots, ``raw/``.
+
+    Args:
+        endpoints: ``NAME=URL[#MODEL]`` per arm (:func:`parse_endpoints`); names ``base``/``merged``/``unmerged``
+            get the merged/base and merged/unmerged ratios.
+        tokenizer: the tokenizer folder the prompts are built with (the served model's; the servers' own token
+            counts are checked against the plan, :func:`d2serve.bench.sweep.check_work`).
+        plan: the load sweep (:class:`OnlinePlan`); ``repeats`` re-run it on the same servers.
+        data_dir: evaluation data folder with ``text/wiki.test.raw`` (default: bundled samples).
+        strict: refuse arms whose exposed settings differ (else the report says NOT COMPARABLE).
+
+    Returns:
+        The dict written to ``online.json`` (``status`` complete | interrupted | failed).
+
+    Raises:
+        InputError: bad endpoint specs, a server that does not answer, an unknown model, bad plan values.
+        NotComparableError: ``strict`` and the endpoints' exposed settings differ (the message lists them).
+        CheckFailedError: a request did not do the fixed work.
+    """
+    return endpoints_run(ServeBenchSettings(base=tokenizer, report=report, endpoints=tuple(endpoints),
+                                            plan=plan or OnlinePlan(), data_dir=data_dir, strict=strict, log=log))

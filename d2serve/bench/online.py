@@ -1,36 +1,33 @@
 """``bench_serve(...)``: base / merged (/ unmerged) behind vLLM's OpenAI-compatible server, under load.
 
-For every repeat and every arm (arm order rotates per repeat) the harness starts ``d2serve serve`` on a
-free loopback port in its own process group, waits for ``/health``, drives it with vLLM's own load
-generator (``vllm.benchmarks.serve``, the code behind ``vllm bench serve``: a Poisson request-rate
-sweep, then a max-concurrency sweep, the same prompt file, greedy, EOS ignored, fixed output length),
-and stops the server's whole process group (also on Ctrl-C or an error). vLLM's result file of every
-(arm, load point, repeat) is kept as vLLM wrote it (``raw/``, per-request lists included).
-
-Fairness: every arm's settings (engine options, dtype, KV cache size, max-num-seqs, compile mode,
-prompt hash, tokenizer hash, generation settings, versions, CPU) are recorded and diffed before any
-server starts; a difference beyond the adapter refuses the run (or labels it NOT COMPARABLE).
+Stages over one :class:`d2serve.bench.settings.ServeBenchSettings`: :func:`plan_serve` (validate, arms, the merged
+checkpoint's provenance; nothing started) -> :func:`load_serve` (the prompt file, every arm's settings recorded and
+diffed before any server starts: engine options, dtype, KV cache size, max-num-seqs, compile mode, prompt hash,
+tokenizer hash, generation settings, versions, CPU; a difference beyond the adapter refuses the run or labels it
+NOT COMPARABLE) -> the load sweep (:mod:`d2serve.bench.sweep`, shared with the running-endpoint mode) over
+:func:`started_servers`: for every repeat and every arm (arm order rotates per repeat) ``d2serve serve`` starts on
+a free loopback port in its own process group, answers ``/health``, is driven by vLLM's own load generator
+(``vllm.benchmarks.serve``, the code behind ``vllm bench serve``: a Poisson request-rate sweep, then a
+max-concurrency sweep, the same prompt file, greedy, EOS ignored, fixed output length), and its whole process group
+is stopped (also on Ctrl-C or an error). vLLM's result file of every (arm, load point, repeat) is kept as vLLM
+wrote it (``raw/``, per-request lists included).
 """
-
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import math
 import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from d2serve.childproc import child_env, start_tied, stop_group
-from d2serve.errors import CheckFailedError, InputError
+from d2serve.errors import InputError
 
 from .comparability import (
     NotComparableError,
@@ -39,133 +36,17 @@ from .comparability import (
     merged_provenance,
 )
 from .environment import _PACKAGES, cpu_model, environment, versions
-from .online_data import build_prompts, tokenizer_sha256, write_prompts
-from .ratios import pairwise_ratios
-from .timing import median
+from .online_data import tokenizer_sha256
+from .online_plan import GOODPUT_KEYS, EngineOptions, LoadPoint, OnlinePlan  # noqa: F401 (public here too)
+from .settings import ServeBenchSettings
+from .sweep import SCHEMA_VERSION, Sweep, loadavg, run_sweep, write_sweep_prompts
 
-SCHEMA_VERSION = 1
-GOODPUT_KEYS = ("ttft", "tpot", "e2el")
-LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
-STATS = ("mean", "median", "p90", "p99")  # vLLM's key prefixes: mean_ttft_ms, median_ttft_ms, p90_ttft_ms, ...
-THROUGHPUTS = ("request_throughput", "output_throughput", "total_token_throughput", "request_goodput")
-# metrics whose merged/base and merged/unmerged ratios are reported per load point (throughputs: > 1 is better
-# for merged; latencies: < 1 is better for merged)
-RATIO_METRICS = ("output_throughput", "request_throughput", "request_goodput", "median_ttft_ms", "p99_ttft_ms",
-                 "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "median_e2el_ms", "p99_e2el_ms")
 # keys allowed to differ between arms: what the arm is, plus each arm's generation_config.json (recorded, but not
 # applied: the servers run with --generation-config vllm)
 ALLOWED_TO_DIFFER = frozenset({"adapter_mode", "arm", "model_dir", "adapter_dir", "served_model_name",
                                "generation_config_file"})
 ENV_KEYS_RECORDED = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU",
                      "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
-
-
-@dataclass(frozen=True)
-class LoadPoint:
-    """One load point: Poisson arrivals at ``request_rate`` req/s (no cap), or ``max_concurrency`` in flight
-    with every request sent at time 0 (``request_rate`` inf)."""
-
-    kind: str  # "rate" | "concurrency"
-    value: float
-
-    @property
-    def key(self) -> str:
-        """Stable name: ``rate_2`` / ``concurrency_4``."""
-        v = int(self.value) if float(self.value).is_integer() else self.value
-        return f"{self.kind}_{v}"
-
-    @property
-    def request_rate(self) -> float:
-        return self.value if self.kind == "rate" else math.inf
-
-    @property
-    def max_concurrency(self) -> int | None:
-        return int(self.value) if self.kind == "concurrency" else None
-
-
-@dataclass(frozen=True)
-class OnlinePlan:
-    """The load sweep (the same for every arm).
-
-    Attributes:
-        request_rates: Poisson arrival rates, requests/s.
-        concurrencies: max-concurrency points (all requests queued at t=0, at most this many in flight).
-        num_prompts: requests per load point (vLLM ``--num-prompts``).
-        input_len, output_len: prompt tokens (exact) and generated tokens (exact: EOS ignored).
-        repeats: each arm's server is started ``repeats`` times; every load point runs once per start.
-        warmups: requests vLLM's load generator sends (and discards) before each load point.
-        goodput: SLOs in ms, keys ``ttft``/``tpot``/``e2el`` (vLLM ``--goodput``); empty = no goodput.
-        slo_attainment: fraction of requests meeting every SLO for a request rate to count as sustainable.
-        seed: vLLM's ``--seed`` (arrival times), the same for every arm.
-    """
-
-    request_rates: tuple[float, ...] = (1.0, 2.0, 4.0)
-    concurrencies: tuple[int, ...] = (1, 4)
-    num_prompts: int = 32
-    input_len: int = 128
-    output_len: int = 32
-    repeats: int = 2
-    warmups: int = 2
-    goodput: dict = field(default_factory=dict)
-    slo_attainment: float = 0.9
-    seed: int = 0
-
-    def points(self) -> list[LoadPoint]:
-        """The rate sweep, then the concurrency sweep."""
-        return [LoadPoint("rate", float(r)) for r in self.request_rates] + [
-            LoadPoint("concurrency", float(c)) for c in self.concurrencies]
-
-    def validate(self) -> None:
-        """Raises InputError naming the field that is out of range."""
-        if not self.request_rates and not self.concurrencies:
-            raise InputError("request_rates and concurrencies are both empty: no load point to run")
-        if any(not (r > 0 and math.isfinite(r)) for r in self.request_rates):
-            raise InputError(f"request_rates must be finite and > 0, got {list(self.request_rates)}")
-        if any(c < 1 for c in self.concurrencies):
-            raise InputError(f"concurrencies must be >= 1, got {list(self.concurrencies)}")
-        for name in ("num_prompts", "input_len", "output_len", "repeats"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmups < 0:
-            raise InputError(f"warmups must be >= 0, got {self.warmups}")
-        bad = set(self.goodput) - set(GOODPUT_KEYS)
-        if bad or any(not (v > 0 and math.isfinite(v)) for v in self.goodput.values()):
-            raise InputError(f"goodput SLOs must be {'/'.join(GOODPUT_KEYS)} with a positive number of ms, "
-                             f"got {self.goodput}")
-        if not 0 < self.slo_attainment <= 1:
-            raise InputError(f"slo_attainment must be within (0, 1], got {self.slo_attainment}")
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """Server options given identically to every arm.
-
-    Attributes:
-        dtype: vLLM ``--dtype``; ``auto`` records each arm's config dtype (a difference refuses the run).
-        max_model_len: ``--max-model-len`` (None: input_len + output_len + 16).
-        max_num_seqs: ``--max-num-seqs`` (the scheduler's batch limit).
-        kv_cache_gib: ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB of KV cache on the CPU backend; ignored on GPUs).
-        prefix_caching: ``--enable-prefix-caching`` (off by default: every request pays its prefill).
-        enforce_eager: ``--enforce-eager`` (no graph compilation / CUDA graphs; the compile mode).
-        extra_args: further vLLM server options, passed unchanged to every arm (e.g. ``--gpu-memory-utilization 0.8``).
-    """
-
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 16
-    kv_cache_gib: int = 1
-    prefix_caching: bool = False
-    enforce_eager: bool = True
-    extra_args: tuple[str, ...] = ()
-
-    def server_args(self, dtype: str, max_model_len: int) -> list[str]:
-        """The vLLM options every arm's server gets (after model/host/port/name)."""
-        args = ["--dtype", dtype, "--max-model-len", str(max_model_len), "--max-num-seqs", str(self.max_num_seqs),
-                "--generation-config", "vllm", "--seed", "0",
-                "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching"]
-        if self.enforce_eager:
-            args.append("--enforce-eager")
-        return args + list(self.extra_args)
 
 
 @dataclass(frozen=True)
@@ -331,155 +212,146 @@ class Server:
             stop_group(self.proc, grace_s=15.0)
 
 
-def vllm_bench_argv(*, arm: ServeArm, base_url: str, tokenizer: Path, prompts: Path, point: LoadPoint,
-                    plan: OnlinePlan, result_dir: Path, result_file: str, repeat: int) -> list[str]:
-    """Arguments of ``vllm bench serve`` for one load point (the same for every arm but the model name)."""
-    argv = [
-        "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
-        "--model", arm.served_model_name, "--served-model-name", arm.served_model_name,
-        "--tokenizer", str(tokenizer),
-        "--dataset-name", "custom", "--dataset-path", str(prompts), "--skip-chat-template", "--disable-shuffle",
-        "--custom-output-len", str(plan.output_len), "--num-prompts", str(plan.num_prompts),
-        "--request-rate", "inf" if math.isinf(point.request_rate) else str(point.request_rate),
-        "--burstiness", "1.0", "--seed", str(plan.seed), "--ignore-eos", "--temperature", "0",
-        "--num-warmups", str(plan.warmups),
-        "--percentile-metrics", ",".join(LATENCY_METRICS), "--metric-percentiles", "50,90,99",
-        "--save-result", "--save-detailed", "--result-dir", str(result_dir), "--result-filename", result_file,
-        "--label", arm.name, "--disable-tqdm",
-        "--metadata", f"d2serve_arm={arm.name}", f"d2serve_point={point.key}", f"d2serve_repeat={repeat}",
-    ]
-    if point.max_concurrency is not None:
-        argv += ["--max-concurrency", str(point.max_concurrency)]
-    if plan.goodput:
-        argv += ["--goodput", *(f"{k}:{v:g}" for k, v in plan.goodput.items())]
-    return argv
+@dataclass
+class ServeRun:
+    """A validated ``bench serve`` run of servers d2serve starts (before any server or tokenizer is loaded).
+
+    Attributes:
+        settings: the run's :class:`d2serve.bench.settings.ServeBenchSettings`.
+        plan / engine: the load sweep and the server options (validated).
+        base / merged / adapter: the input folders (checked to exist).
+        arms: the arms to start; skipped: ``{arm: reason}`` of the default arms that cannot run here.
+        provenance: the merged checkpoint's manifest checked against this base (+ adapter), or None.
+    """
+
+    settings: ServeBenchSettings
+    plan: OnlinePlan
+    engine: EngineOptions
+    base: Path
+    merged: Path
+    adapter: Path | None
+    arms: list[ServeArm]
+    skipped: dict
+    provenance: dict | None
 
 
-def run_vllm_bench(argv: list[str], log: Path) -> dict:
-    """Run vLLM's load generator in this process (``vllm.benchmarks.serve.main``); its printout goes to ``log``."""
-    from vllm.benchmarks.serve import add_cli_args, main
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser()
-    add_cli_args(parser)
-    args = parser.parse_args(argv)
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            return main(args)
-    finally:
-        with open(log, "a") as f:
-            f.write(buf.getvalue())
-
-
-_PER_REQUEST = ("input_lens", "output_lens", "ttfts", "itls", "start_times", "generated_texts", "errors",
-                "latencies", "queue_times")
-
-
-def check_work(res: dict, *, arm: str, point: str, plan: OnlinePlan) -> None:
-    """Every completed request read exactly ``input_len`` prompt tokens and produced exactly ``output_len`` tokens
-    (token counts from the server's usage report).
+def plan_serve(s: ServeBenchSettings) -> ServeRun:
+    """Validate every setting and input, choose the arms and check the merged checkpoint's provenance; no server
+    starts and no tokenizer loads (bad input: exit 2, before anything runs).
 
     Raises:
-        CheckFailedError: naming the arm, load point and the counts seen.
+        the errors listed by :func:`bench_serve`.
     """
-    ins = [n for n, e in zip(res.get("input_lens", []), res.get("errors", [])) if not e]
-    outs = [n for n in res.get("output_lens", []) if n]
-    bad_in = sorted({n for n in ins if n != plan.input_len})
-    bad_out = sorted({n for n in outs if n != plan.output_len})
-    if bad_in or bad_out:
-        raise CheckFailedError(
-            f"arm {arm!r}, load {point}: requests did not do the fixed work (prompt tokens {bad_in or 'ok'} "
-            f"instead of {plan.input_len}, output tokens {bad_out or 'ok'} instead of {plan.output_len}); "
-            "the arms would not be measured on the same work")
+    from d2serve.extras import require
+
+    plan = s.plan or OnlinePlan()
+    engine = s.engine or EngineOptions()
+    plan.validate()
+    if engine.max_num_seqs < 1 or not isinstance(engine.kv_cache_gib, int) or engine.kv_cache_gib < 1:
+        raise InputError(f"max_num_seqs must be >= 1 and kv_cache_gib a whole number of GiB >= 1 (vLLM reads "
+                         f"VLLM_CPU_KVCACHE_SPACE as an integer), got {engine.max_num_seqs}, "
+                         f"{engine.kv_cache_gib}")
+    if s.merged is None:
+        raise InputError("merged is required: the merged checkpoint from `d2serve merge` of this base")
+    base, merged = Path(s.base), Path(s.merged)
+    adapter = Path(s.adapter) if s.adapter is not None else None
+    for what, d in (("base", base), ("merged", merged)) + ((("adapter", adapter),) if adapter else ()):
+        if not d.is_dir():
+            raise InputError(f"{what} directory {d} does not exist")
+    require("vllm", purpose="d2serve bench serve")
+    specs, skipped = plan_arms(base=base, merged=merged, adapter=adapter, arms=s.arms)
+    provenance = None
+    if any(a.name == "merged" for a in specs):
+        provenance = merged_provenance(base, adapter, merged)
+        if not provenance["matches"] and s.strict:
+            raise NotComparableError(f"the merged checkpoint {merged} was not made from base {base}"
+                                     + (f" + adapter {adapter}" if adapter else "") + ":\n"
+                                     + "\n".join(provenance["problems"]))
+    return ServeRun(s, plan, engine, base, merged, adapter, specs, skipped, provenance)
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+def load_serve(run: ServeRun) -> Sweep:
+    """The prompt file, every arm's settings diffed before any server starts (refused or labelled), and the
+    report's skeleton.
+
+    Raises:
+        NotComparableError: ``strict`` and the arms' settings differ beyond the adapter (the diff in the message).
+        InputError: too little text for the prompts.
+    """
+    s, plan, engine = run.settings, run.plan, run.engine
+    report = Path(s.report)
+    prompt_file, prompts_sha = write_sweep_prompts(run.base, plan, s.data_dir, report)
+    settings = {a.name: arm_settings(a, plan=plan, engine=engine, prompts_sha256=prompts_sha) for a in run.arms}
+    diffs = check_comparable(settings, strict=s.strict, allowed=ALLOWED_TO_DIFFER)
+    prov = run.provenance
+    results: dict = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "online_serving",
+        "status": "running",
+        "inputs": {"base": str(run.base), "merged": str(run.merged), "adapter": run.adapter and str(run.adapter)},
+        "plan": asdict(plan) | {"points": [p.key for p in plan.points()]},
+        "engine": asdict(engine),
+        "environment": environment() | {"load_avg_start": loadavg()},
+        "arms": settings,
+        "skipped_arms": run.skipped,
+        "comparability": {
+            "comparable": all(d.comparable for d in diffs) and (prov is None or prov["matches"]),
+            "diffs": [d.render() for d in diffs if not d.comparable]
+            + ([] if prov is None or prov["matches"] else
+               ["merged checkpoint not made from this base + adapter:\n" + "\n".join(prov["problems"])]),
+            "merged_provenance": prov,
+        },
+        "load_generator": "vllm bench serve (vllm.benchmarks.serve), in-process, same machine as the server",
+        "rounds": [],
+        "points": {a.name: {} for a in run.arms},
+    }
+    return Sweep(plan, report, run.base, prompt_file, list(run.arms), results, s.log)
 
 
-def summarize_point(repeats: list[dict], plan: OnlinePlan) -> dict:
-    """Aggregate one arm's load point over repeats: the median of each of vLLM's statistics (and min/max of the
-    throughputs), plus the SLO attainment (good requests / completed requests)."""
-    out: dict = {"n_repeats": len(repeats), "latency_ms": {}, "throughput": {}}
-    for m in LATENCY_METRICS:
-        out["latency_ms"][m] = {s: median([r[f"{s}_{m}_ms"] for r in repeats]) for s in STATS
-                                if all(f"{s}_{m}_ms" in r for r in repeats)}
-    for t in THROUGHPUTS:
-        vals = [r.get(t) for r in repeats]
-        if all(v is not None for v in vals):
-            out["throughput"][t] = {"median": median(vals), "min": min(vals), "max": max(vals)}
-    att = [r["request_goodput"] / r["request_throughput"] for r in repeats
-           if r.get("request_goodput") is not None and r.get("request_throughput")]
-    out["slo_attainment"] = median(att) if plan.goodput and att else None
-    out["failed"] = sum(int(r.get("failed", 0)) for r in repeats)
-    out["completed"] = sum(int(r.get("completed", 0)) for r in repeats)
-    return out
+def started_servers(run: ServeRun, sw: Sweep):
+    """The sweep's ``open_arm`` for servers d2serve starts: each round starts the arm's ``d2serve serve`` on a free
+    loopback port in its own process group with exactly the recorded environment, waits for ``/health`` (start-up
+    seconds recorded in the round) and stops the whole group when the round ends (also on Ctrl-C or an error)."""
+    server_env = child_env(kv_cache_gib=run.engine.kv_cache_gib, keep_user_values=False)  # what settings record
+
+    @contextlib.contextmanager
+    def open_arm(arm: ServeArm, r: int, rnd: dict, logs: Path):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = serve_argv(arm, sw.results["arms"][arm.name], port)
+        rnd |= {"port": port, "server_argv": argv[3:]}
+        sw.log(f"repeat {r + 1}/{run.plan.repeats}, arm {arm.name}: starting the server on {url}")
+        with Server(argv, server_env, logs / f"{arm.name}-r{r}.log") as srv:
+            rnd["startup_s"] = round(srv.wait_healthy(url, run.settings.startup_timeout_s), 2)
+            sw.log(f"  ready after {rnd['startup_s']:.0f} s")
+            yield url
+
+    return open_arm
 
 
-def max_sustainable_rate(points: dict, plan: OnlinePlan) -> dict:
-    """The highest request rate at which an arm met the SLOs (no failed request and median SLO attainment >=
-    ``plan.slo_attainment``) with every lower rate tried meeting them too; None when the lowest rate did not
-    (or no SLO was given)."""
-    if not plan.goodput:
-        return {"rate": None, "note": "no goodput SLO given"}
-    rates = sorted((p for p in points.values() if p["kind"] == "rate"), key=lambda p: p["value"])
-    ok = [p["value"] for p in rates if p["summary"]["failed"] == 0
-          and (p["summary"]["slo_attainment"] or 0) >= plan.slo_attainment - 1e-9]
-    best = None
-    for p in rates:  # the highest rate below which every tried rate was sustainable too
-        if p["value"] not in ok:
-            break
-        best = p["value"]
-    return {"rate": best, "sustainable_rates": ok, "rates_tried": [p["value"] for p in rates],
-            "slo_attainment_required": plan.slo_attainment}
-
-
-def point_ratios(points_by_arm: dict[str, dict], key: str) -> dict:
-    """merged/base and merged/unmerged ratios of ``RATIO_METRICS`` at load point ``key``, per repeat (repeat i of
-    every arm ran in the same round), as median with min/max over repeats."""
-    out = {}
-    for m in RATIO_METRICS:
-        per_repeat = {a: [r.get(m) for r in pts[key]["repeats"]] for a, pts in points_by_arm.items() if key in pts}
-        per_repeat = {a: v for a, v in per_repeat.items() if v and all(x is not None for x in v)}
-        n = min((len(v) for v in per_repeat.values()), default=0)
-        out[m] = pairwise_ratios({a: v[:n] for a, v in per_repeat.items()}, m)
-    return out
-
-
-def bench_serve(
-    *,
-    base: str | Path,
-    merged: str | Path,
-    report: str | Path,
-    adapter: str | Path | None = None,
-    arms: tuple[str, ...] | None = None,
-    plan: OnlinePlan | None = None,
-    engine: EngineOptions | None = None,
-    data_dir: str | Path | None = None,
-    strict: bool = True,
-    startup_timeout_s: float = 900.0,
-    log=print,
-) -> dict:
+def bench_serve(**kwargs) -> dict:
     """Run the online serving benchmark and write ``online.json``, ``online.md``, plots and ``raw/`` to ``report``.
 
-    Args:
+    Stages: :func:`plan_serve` -> :func:`load_serve` -> the load sweep (:func:`d2serve.bench.sweep.run_sweep`,
+    which writes the report whatever happens) over :func:`started_servers`.
+
+    Args (keyword only; the fields of :class:`d2serve.bench.settings.ServeBenchSettings`):
         base, merged: checkpoints (merged: the output of ``d2serve merge`` of this base, checked by sha256).
-        adapter: the adapter the merged checkpoint was made from (provenance check; the unmerged arm when
-            ``d2serve serve`` supports adapters).
+        report: output folder.
+        adapter: the adapter the merged checkpoint was made from (provenance check; the unmerged arm, served
+            unmerged by ``d2serve serve --adapter``).
         arms: subset of base, merged, unmerged (default: all the inputs allow).
         plan: load sweep (default :class:`OnlinePlan`); engine: server options (default :class:`EngineOptions`).
         data_dir: evaluation data folder holding ``text/wiki.test.raw`` (default: bundled samples).
         strict: refuse arms whose settings differ beyond the adapter (else label NOT COMPARABLE).
+        startup_timeout_s: seconds each server may take to answer ``/health``.
         log: progress printer (one line per server start and load point).
 
     Returns:
-        The dict written to ``online.json`` (``status`` complete | interrupted).
+        The dict written to ``online.json`` (``status`` complete | interrupted | failed).
 
     Raises:
+        TypeError: an unknown keyword.
         InputError: bad inputs (missing directories, bad plan values, unknown arm, too little text).
         MissingExtraError: vLLM is not installed.
         NotComparableError: ``strict`` and the arms differ beyond the adapter, or the merged checkpoint was not
@@ -488,125 +360,11 @@ def bench_serve(
         RuntimeError/TimeoutError: a server did not start (log tail in the message).
         KeyboardInterrupt: re-raised after the servers are stopped and the completed results saved.
     """
-    from d2serve.extras import require
-
-    from .online_report import write_online_report
-
-    plan = plan or OnlinePlan()
-    engine = engine or EngineOptions()
-    plan.validate()
-    if engine.max_num_seqs < 1 or not isinstance(engine.kv_cache_gib, int) or engine.kv_cache_gib < 1:
-        raise InputError(f"max_num_seqs must be >= 1 and kv_cache_gib a whole number of GiB >= 1 (vLLM reads "
-                         f"VLLM_CPU_KVCACHE_SPACE as an integer), got {engine.max_num_seqs}, "
-                         f"{engine.kv_cache_gib}")
-    base, merged, report = Path(base), Path(merged), Path(report)
-    adapter = Path(adapter) if adapter is not None else None
-    for what, d in (("base", base), ("merged", merged)) + ((("adapter", adapter),) if adapter else ()):
-        if not d.is_dir():
-            raise InputError(f"{what} directory {d} does not exist")
-    require("vllm", purpose="d2serve bench serve")
-    specs, skipped = plan_arms(base=base, merged=merged, adapter=adapter, arms=arms)
-
-    provenance = None
-    if any(s.name == "merged" for s in specs):
-        provenance = merged_provenance(base, adapter, merged)
-        if not provenance["matches"] and strict:
-            raise NotComparableError(f"the merged checkpoint {merged} was not made from base {base}"
-                                     + (f" + adapter {adapter}" if adapter else "") + ":\n"
-                                     + "\n".join(provenance["problems"]))
-
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
-    prompts = build_prompts(tok, input_len=plan.input_len, num_prompts=plan.num_prompts, data_dir=data_dir)
-    report.mkdir(parents=True, exist_ok=True)
-    prompt_file = report / "prompts.jsonl"
-    prompts_sha = write_prompts(prompt_file, prompts)
-
-    settings = {s.name: arm_settings(s, plan=plan, engine=engine, prompts_sha256=prompts_sha) for s in specs}
-    diffs = check_comparable(settings, strict=strict, allowed=ALLOWED_TO_DIFFER)
-    comparable = all(d.comparable for d in diffs) and (provenance is None or provenance["matches"])
-    results: dict = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "online_serving",
-        "status": "running",
-        "inputs": {"base": str(base), "merged": str(merged), "adapter": adapter and str(adapter)},
-        "plan": asdict(plan) | {"points": [p.key for p in plan.points()]},
-        "engine": asdict(engine),
-        "environment": environment() | {"load_avg_start": _loadavg()},
-        "arms": settings,
-        "skipped_arms": skipped,
-        "comparability": {
-            "comparable": comparable,
-            "diffs": [d.render() for d in diffs if not d.comparable]
-            + ([] if provenance is None or provenance["matches"] else
-               ["merged checkpoint not made from this base + adapter:\n" + "\n".join(provenance["problems"])]),
-            "merged_provenance": provenance,
-        },
-        "load_generator": "vllm bench serve (vllm.benchmarks.serve), in-process, same machine as the server",
-        "rounds": [],
-        "points": {s.name: {} for s in specs},
-    }
-    raw = report / "raw"
-    raw.mkdir(exist_ok=True)
-    server_env = child_env(kv_cache_gib=engine.kv_cache_gib, keep_user_values=False)  # exactly what settings record
-    logs = Path(tempfile.mkdtemp(prefix="d2serve-bench-serve-"))
-    points = plan.points()
-
-    def save():
-        finalize(results, plan)
-        write_online_report(report, results, plots=False)
-
-    try:
-        for r in range(plan.repeats):
-            k = r % len(specs)
-            for spec in specs[k:] + specs[:k]:
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                rnd = {"repeat": r, "arm": spec.name, "load_avg_before": _loadavg(), "port": port}
-                results["rounds"].append(rnd)
-                argv = serve_argv(spec, settings[spec.name], port)
-                rnd["server_argv"] = argv[3:]
-                log(f"repeat {r + 1}/{plan.repeats}, arm {spec.name}: starting the server on {url}")
-                with Server(argv, server_env, logs / f"{spec.name}-r{r}.log") as srv:
-                    rnd["startup_s"] = round(srv.wait_healthy(url, startup_timeout_s), 2)
-                    log(f"  ready after {rnd['startup_s']:.0f} s")
-                    for p in points:
-                        fname = f"{spec.name}-{p.key}-r{r}.json"
-                        res = run_vllm_bench(
-                            vllm_bench_argv(arm=spec, base_url=url, tokenizer=base, prompts=prompt_file, point=p,
-                                            plan=plan, result_dir=raw, result_file=fname, repeat=r),
-                            logs / f"bench-{spec.name}-r{r}.log")
-                        check_work(res, arm=spec.name, point=p.key, plan=plan)
-                        slim = {k2: v for k2, v in res.items() if k2 not in _PER_REQUEST} | {"raw_file": f"raw/{fname}"}
-                        entry = results["points"][spec.name].setdefault(
-                            p.key, {"kind": p.kind, "value": p.value, "repeats": []})
-                        entry["repeats"].append(slim)
-                        log(f"  {p.key}: {res['completed']}/{plan.num_prompts} ok, "
-                            f"{res['output_throughput']:.1f} output tok/s, median TTFT {res['median_ttft_ms']:.0f} ms, "
-                            f"median TPOT {res['median_tpot_ms']:.1f} ms")
-                        save()
-                rnd["load_avg_after"] = _loadavg()
-                save()
-        results["status"] = "complete"
-    except KeyboardInterrupt:
-        results["status"] = "interrupted"
-        raise
-    finally:
-        if results["status"] == "running":  # an error other than Ctrl-C: keep what completed, say so
-            results["status"] = "failed"
-        results["environment"]["load_avg_end"] = _loadavg()
-        finalize(results, plan)
-        write_online_report(report, results, plots=True)
-    return results
+    return serve_run(ServeBenchSettings(**kwargs))
 
 
-def finalize(results: dict, plan: OnlinePlan) -> None:
-    """Fill the aggregated parts of ``results`` (per-point summaries, ratios, max sustainable rate) in place."""
-    pts = results["points"]
-    for arm_pts in pts.values():
-        for p in arm_pts.values():
-            p["summary"] = summarize_point(p["repeats"], plan)
-    keys = [p.key for p in plan.points()]
-    results["ratios"] = {k: point_ratios(pts, k) for k in keys if sum(k in v for v in pts.values()) > 1}
-    results["max_sustainable_rate"] = {a: max_sustainable_rate(v, plan) for a, v in pts.items()}
+def serve_run(s: ServeBenchSettings) -> dict:
+    """:func:`bench_serve` over settings already built (the CLI's entry)."""
+    run = plan_serve(s)
+    sw = load_serve(run)
+    return run_sweep(sw, started_servers(run, sw))
