@@ -87,8 +87,11 @@ def test_serve_settings_from_options(tmp_path):
 
 
 def test_settings_take_exactly_the_api_s_options(tmp_path):
+    import d2serve.bench
     from d2serve.bench import bench
     from d2serve.bench.online import bench_serve
+
+    assert (d2serve.bench.BenchSettings, d2serve.bench.ServeBenchSettings) == (BenchSettings, ServeBenchSettings)
 
     with pytest.raises(TypeError, match="repeets"):
         bench(base=tmp_path, report=tmp_path, repeets=3)
